@@ -1,0 +1,1 @@
+"""State: the database models, sessions, settings, storage and the job state machine."""

@@ -1,0 +1,59 @@
+"""API keys: created with a tenant, stored hashed, shown in plain text exactly once."""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from db.models import ApiKey, Role, Tenant, utcnow
+
+KEY_PREFIX = "gpj_"
+
+
+def hash_key(plaintext: str) -> str:
+    return hashlib.sha256(plaintext.encode()).hexdigest()
+
+
+def generate_key() -> str:
+    return KEY_PREFIX + secrets.token_urlsafe(32)
+
+
+def create_key(
+    session: Session, name: str, role: Role, tenant_id: str | None = None, plaintext: str | None = None
+) -> tuple[ApiKey, str]:
+    """Create a key (in a new tenant of its own unless ``tenant_id`` is given); returns the row and the key."""
+    if tenant_id is None:
+        tenant = Tenant(name=name)
+        session.add(tenant)
+        session.flush()
+        tenant_id = tenant.id
+    plaintext = plaintext or generate_key()
+    key = ApiKey(tenant_id=tenant_id, name=name, role=role.value, key_hash=hash_key(plaintext))
+    session.add(key)
+    session.flush()
+    return key, plaintext
+
+
+def find_active_key(session: Session, plaintext: str) -> ApiKey | None:
+    return session.scalars(
+        select(ApiKey).where(ApiKey.key_hash == hash_key(plaintext), ApiKey.revoked_at.is_(None))
+    ).one_or_none()
+
+
+def ensure_admin_key(session: Session, plaintext: str, name: str = "bootstrap admin") -> ApiKey:
+    """Make ``plaintext`` a working admin key (used for ``GPUJOBS_ADMIN_KEY``); idempotent."""
+    existing = session.scalars(select(ApiKey).where(ApiKey.key_hash == hash_key(plaintext))).one_or_none()
+    if existing is not None:
+        existing.role = Role.ADMIN.value
+        existing.revoked_at = None
+        return existing
+    key, _ = create_key(session, name, Role.ADMIN, plaintext=plaintext)
+    return key
+
+
+def revoke(session: Session, key: ApiKey) -> None:
+    if key.revoked_at is None:
+        key.revoked_at = utcnow()

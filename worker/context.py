@@ -1,0 +1,145 @@
+"""The context a running job sees: progress, cancel/deadline checks, artifacts.
+
+A control thread renews the job's lease every ``control_poll_seconds``, saves the
+latest progress with the same UPDATE and reads the cancel flag back, so ``check()``
+and ``progress()`` cost no database round trip however fast the steps are.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Any
+
+from db import transitions
+from db.models import Artifact as ArtifactRow
+from db.models import utcnow
+from db.session import session_scope
+from db.settings import Settings
+from db.storage import get_storage
+from worker.jobs.base import Artifact
+
+log = logging.getLogger(__name__)
+
+
+class JobError(Exception):
+    """A failure the user can act on: becomes the job's ``error`` with this code and message."""
+
+    code = "job_failed"
+
+    def __init__(self, message: str, code: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        if code:
+            self.code = code
+
+
+class Stop(BaseException):
+    """Ends a run early. A BaseException, so a job's ``except Exception`` cannot swallow it."""
+
+
+class Canceled(Stop):
+    pass
+
+
+class LeaseLost(Stop):
+    """This worker no longer owns the job (its lease expired and the job was requeued)."""
+
+
+class DeadlineExceeded(Stop):
+    pass
+
+
+class JobContext:
+    def __init__(self, *, job_id: str, attempt: int, worker_id: str, deadline_seconds: float, settings: Settings):
+        self.job_id = job_id
+        self.attempt = attempt
+        self.worker_id = worker_id
+        self.settings = settings
+        self.deadline = time.monotonic() + deadline_seconds
+        self.deadline_seconds = deadline_seconds
+        self.stored: list[str] = []
+        self._progress: dict[str, Any] = {"step": 0, "total": None, "fraction": 0.0, "message": None}
+        self._dirty = False
+        self._milestone: str | None = None
+        self._cancel_requested = False
+        self._lease_lost = False
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    # --- what jobs call -----------------------------------------------------
+    def progress(self, step: int, total: int | None = None, message: str | None = None, **extra: Any) -> None:
+        """Report progress; saved by the control thread (throttled), a new ``message`` is a timeline milestone."""
+        fraction = round(min(max(step / total, 0.0), 1.0), 4) if total else 0.0
+        with self._lock:
+            self._progress = {"step": step, "total": total, "fraction": fraction, "message": message, **extra}
+            self._dirty = True
+            new_stage = message is not None and message != self._milestone
+            self._milestone = message if message is not None else self._milestone
+        if new_stage:
+            with session_scope() as session:
+                transitions.progress_milestone(session, self.job_id, self.attempt, message, {"step": step})
+
+    def check(self) -> None:
+        """Raise if the job was canceled, lost its lease or ran past its deadline."""
+        if self._cancel_requested:
+            raise Canceled()
+        if self._lease_lost:
+            raise LeaseLost()
+        if time.monotonic() > self.deadline:
+            raise DeadlineExceeded()
+
+    @property
+    def cancel_requested(self) -> bool:
+        return self._cancel_requested or self._lease_lost
+
+    def store(self, name: str, data: bytes, content_type: str) -> Artifact:
+        """Upload an output to ``jobs/<job id>/<name>`` and record its size and sha256."""
+        obj = get_storage(self.settings).put(f"jobs/{self.job_id}/{name}", data, content_type)
+        with session_scope() as session:
+            row = session.query(ArtifactRow).filter_by(job_id=self.job_id, name=name).one_or_none()
+            if row is None:  # a re-run overwrites its earlier attempt's object under the same key
+                row = ArtifactRow(job_id=self.job_id, name=name)
+                session.add(row)
+            row.content_type, row.size, row.sha256, row.storage_key = content_type, obj.size, obj.sha256, obj.key
+            row.created_at = utcnow()
+        self.stored.append(name)
+        return Artifact(name=name, content_type=content_type, size=obj.size, sha256=obj.sha256)
+
+    # --- what the runner calls ------------------------------------------------
+    def snapshot(self) -> dict[str, Any]:
+        with self._lock:
+            return dict(self._progress)
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._control_loop, name=f"control-{self.job_id}", daemon=True)
+        self._thread.start()
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+
+    def _control_loop(self) -> None:
+        while not self._stop.wait(self.settings.control_poll_seconds):
+            with self._lock:
+                progress = dict(self._progress) if self._dirty else None
+                self._dirty = False
+            try:
+                with session_scope() as session:
+                    state = transitions.renew_lease(
+                        session, self.job_id, self.attempt, self.settings.lease_seconds, progress
+                    )
+            except Exception:  # the database may blip; the lease has slack for a few missed renewals
+                log.exception("could not renew the lease of %s", self.job_id)
+                with self._lock:
+                    self._dirty = self._dirty or progress is not None
+                continue
+            if not state.owned:
+                log.warning("job %s attempt %d lost its lease", self.job_id, self.attempt)
+                self._lease_lost = True
+                return
+            if state.cancel_requested:
+                self._cancel_requested = True

@@ -1,0 +1,15 @@
+"""The job-type registry: one module per type; adding a type is one line here."""
+
+from __future__ import annotations
+
+from worker.jobs import diagnostic
+from worker.jobs.base import JobType
+
+REGISTRY: dict[str, JobType] = {
+    module.JOB_TYPE.name: module.JOB_TYPE
+    for module in (diagnostic,)
+}
+
+
+def get_job_type(name: str) -> JobType | None:
+    return REGISTRY.get(name)

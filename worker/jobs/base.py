@@ -1,0 +1,54 @@
+"""What every job type declares: its input, output, queue, deadline and ``run``.
+
+Nothing here imports torch: the API imports these specs to validate requests and
+to build the OpenAPI document. Heavy imports happen inside each type's ``run``.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+if TYPE_CHECKING:
+    from worker.context import JobContext
+
+
+class Queue(str, enum.Enum):
+    """Queues by resource class, so capacity scales by adding workers, not code."""
+
+    GPU = "gpu"
+    TRAIN = "train"
+    WEBHOOKS = "webhooks"
+    MAINTENANCE = "maintenance"
+
+
+class JobInput(BaseModel):
+    """Base of every job type's ``Input``: unknown fields are an error, not silently dropped."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class Artifact(BaseModel):
+    """A stored output file. ``url`` is a presigned GET URL added when the job is read."""
+
+    name: str = Field(description="File name within the job, e.g. `image-0.png`.")
+    content_type: str
+    size: int = Field(description="Bytes.")
+    sha256: str = Field(description="Hex SHA-256 of the stored bytes.")
+    url: str | None = Field(None, description="Presigned download URL (expires).")
+
+
+@dataclass(frozen=True)
+class JobType:
+    name: str
+    summary: str
+    Input: type[JobInput]
+    Output: type[BaseModel]
+    queue: Queue
+    run: Callable[[JobContext, Any], BaseModel]
+    deadline_seconds: float | None = None  # None: the configured default
+    admin_only: bool = False

@@ -1,0 +1,74 @@
+"""The reconciler (on beat): repairs what a crash or a lost message left behind.
+
+- running jobs whose lease expired (their worker died) are requeued, or failed once
+  they used up ``max_attempts``; a dead job whose cancel was asked is canceled;
+- queued jobs whose message was never sent (the broker refused it) or is presumed lost
+  are dispatched again. A duplicate message is harmless: only one claim can win.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+from db import notify, transitions
+from db.session import session_scope
+from db.settings import get_settings
+from worker.celery_app import dispatch
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Report:
+    requeued: list[str] = field(default_factory=list)
+    failed: list[str] = field(default_factory=list)
+    canceled: list[str] = field(default_factory=list)
+    dispatched: list[str] = field(default_factory=list)
+    undeliverable: list[str] = field(default_factory=list)
+
+
+def reconcile() -> Report:
+    settings = get_settings()
+    report = Report()
+
+    with session_scope() as session:
+        expired = [(job.id, job.attempts, job.max_attempts, job.cancel_requested_at) for job in transitions.expired_leases(session)]
+    for job_id, attempt, max_attempts, cancel_requested_at in expired:
+        with session_scope() as session:
+            if cancel_requested_at is not None:
+                if transitions.cancel(session, job_id, attempt, "canceled: its worker stopped responding"):
+                    report.canceled.append(job_id)
+            elif attempt >= max_attempts:
+                message = (
+                    f"The job's worker stopped responding on each of its {attempt} attempts "
+                    f"(max_attempts={max_attempts}); it was not retried again."
+                )
+                if transitions.give_up(session, job_id, attempt, message):
+                    report.failed.append(job_id)
+            elif transitions.requeue(
+                session, job_id, attempt, f"attempt {attempt} lost its worker (lease expired); requeued"
+            ):
+                report.requeued.append(job_id)
+    for job_id in report.failed + report.canceled:
+        notify.job_finished(job_id)
+
+    with session_scope() as session:
+        pending = [
+            (job.id, job.queue)
+            for job in transitions.undispatched(session, settings.dispatch_grace_seconds, settings.redispatch_seconds)
+        ]
+    for job_id, queue in pending:
+        try:
+            dispatch(job_id, queue)
+        except Exception as exc:  # broker still down: try again on the next beat
+            log.warning("could not dispatch %s: %s", job_id, exc)
+            report.undeliverable.append(job_id)
+            continue
+        with session_scope() as session:
+            transitions.mark_dispatched(session, job_id, redispatch=True)
+        report.dispatched.append(job_id)
+
+    if any((report.requeued, report.failed, report.canceled, report.dispatched, report.undeliverable)):
+        log.info("reconcile: %s", report)
+    return report

@@ -1,0 +1,108 @@
+"""Runs one job: claim → run → store → record. The Celery task is a thin shell around ``execute``."""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import traceback
+import uuid
+
+from pydantic import ValidationError
+
+from db import notify, transitions
+from db.session import session_scope
+from db.settings import get_settings
+from db.storage import StorageError
+from worker.context import Canceled, DeadlineExceeded, JobContext, JobError, LeaseLost
+from worker.jobs import get_job_type
+
+log = logging.getLogger(__name__)
+
+WORKER_ID = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+
+
+def worker_id() -> str:
+    # Recomputed after a fork so that each process has its own identity.
+    global WORKER_ID
+    if f":{os.getpid()}:" not in WORKER_ID:
+        WORKER_ID = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+    return WORKER_ID
+
+
+def execute(job_id: str) -> str:
+    """Run the job if this worker can claim it; returns what happened (for logs and tests)."""
+    settings = get_settings()
+    me = worker_id()
+    with session_scope() as session:
+        claim = transitions.claim(session, job_id, me, settings.lease_seconds)
+    if claim is None:
+        log.info("job %s not claimed (already taken, finished or unknown)", job_id)
+        return "not_claimed"
+
+    job, attempt = claim.job, claim.attempt
+    job_type = get_job_type(job.type)
+    ctx = JobContext(
+        job_id=job_id,
+        attempt=attempt,
+        worker_id=me,
+        deadline_seconds=job.deadline_seconds,
+        settings=settings,
+    )
+    log.info("job %s (%s) attempt %d started on %s", job_id, job.type, attempt, me)
+    ctx.start()
+    try:
+        if job_type is None:
+            raise JobError(f"this worker does not know the job type {job.type!r}", "unknown_type")
+        params = job_type.Input.model_validate(job.input)
+        output = job_type.run(ctx, params)
+        ctx.check()  # a cancel that arrived during the last step still wins over success
+        result = output.model_dump(mode="json")
+    except Canceled:
+        return _finish(job_id, "canceled", lambda s: transitions.cancel(s, job_id, attempt))
+    except LeaseLost:
+        log.warning("job %s attempt %d: lease lost, leaving it to its new owner", job_id, attempt)
+        return "lease_lost"
+    except DeadlineExceeded:
+        message = f"The job ran longer than its deadline of {job.deadline_seconds:g} seconds and was stopped."
+        return _finish(job_id, "failed", lambda s: transitions.fail(s, job_id, attempt, "deadline_exceeded", message))
+    except ValidationError as exc:
+        message = f"The job's input is no longer valid for this worker: {exc.errors()[0]['msg']}"
+        return _finish(job_id, "failed", lambda s: transitions.fail(s, job_id, attempt, "invalid_input", message))
+    except JobError as exc:
+        tb = traceback.format_exc()
+        return _finish(job_id, "failed", lambda s: transitions.fail(s, job_id, attempt, exc.code, exc.message, tb))
+    except StorageError as exc:
+        log.exception("job %s: storage failed", job_id)
+        message = "The job's outputs could not be stored; it can be retried."
+        tb = f"{traceback.format_exc()}\n{exc}"
+        return _finish(job_id, "failed", lambda s: transitions.fail(s, job_id, attempt, "storage_error", message, tb))
+    except Exception:
+        log.exception("job %s failed", job_id)
+        message = "The job failed because of an internal error in the worker; operators can see the details."
+        tb = traceback.format_exc()
+        return _finish(job_id, "failed", lambda s: transitions.fail(s, job_id, attempt, "internal_error", message, tb))
+    finally:
+        ctx.close()
+
+    progress = ctx.snapshot()
+    if progress.get("total"):
+        progress.update(step=progress["total"], fraction=1.0)
+
+    def succeed(session):  # type: ignore[no-untyped-def]
+        if ctx.stored:
+            transitions.stored(session, job_id, attempt, ctx.stored)
+        return transitions.succeed(session, job_id, attempt, result, progress)
+
+    return _finish(job_id, "succeeded", succeed)
+
+
+def _finish(job_id: str, outcome: str, transition) -> str:  # type: ignore[no-untyped-def]
+    with session_scope() as session:
+        done = transition(session)
+    if not done:
+        log.warning("job %s: could not record %s (the job moved on without this worker)", job_id, outcome)
+        return "lease_lost"
+    notify.job_finished(job_id)
+    log.info("job %s %s", job_id, outcome)
+    return outcome
