@@ -196,7 +196,7 @@ def request_cancel(session: Session, job_id: str) -> JobStatus:
         return JobStatus.RUNNING
     status = session.execute(select(Job.status).where(Job.id == job_id)).scalar_one()
     if JobStatus(status).finished:
-        raise TransitionError(f"the job has already {status}")
+        raise TransitionError(f"it has already finished ({status})")
     return JobStatus(status)  # running, cancel already requested
 
 

@@ -1,0 +1,44 @@
+"""The HTTP API: a Flask app factory, one blueprint per resource.
+
+``import api`` never imports torch, transformers or diffusers (a test keeps it so).
+"""
+
+from __future__ import annotations
+
+import logging
+
+from flask import Flask, g, request
+from PIL import Image
+
+from db.session import session_factory
+from db.settings import Settings, get_settings
+
+
+def create_app(settings: Settings | None = None) -> Flask:
+    from api import auth, errors, files, health, jobs, keys, openapi
+
+    settings = settings or get_settings()
+    app = Flask(__name__)
+    app.config.update(MAX_CONTENT_LENGTH=settings.max_body_bytes, GPUJOBS_SETTINGS=settings)
+    app.json.sort_keys = False  # type: ignore[attr-defined]
+    # Pillow raises DecompressionBombError past twice this; our upload check refuses anything past it.
+    Image.MAX_IMAGE_PIXELS = settings.max_image_pixels
+    sessions = session_factory(settings.database_url)
+
+    @app.before_request
+    def _open_session() -> None:
+        g.db = sessions()
+        if request.path.startswith("/v1/"):
+            auth.authenticate()
+
+    @app.teardown_appcontext
+    def _close_session(_exc: BaseException | None) -> None:
+        session = g.pop("db", None)
+        if session is not None:
+            session.close()
+
+    errors.register(app)
+    for blueprint in (health.bp, files.bp, jobs.bp, keys.bp, openapi.bp):
+        app.register_blueprint(blueprint)
+    logging.getLogger(__name__).debug("gpujobs API ready")
+    return app

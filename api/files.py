@@ -1,0 +1,184 @@
+"""/v1/files: upload job inputs (images, dataset zips), read them back."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+import os
+import re
+import warnings
+import zipfile
+from dataclasses import dataclass
+
+from flask import Blueprint, Response, g, jsonify, redirect, request
+from PIL import Image, UnidentifiedImageError
+from sqlalchemy import select
+
+from api.auth import current_key, is_admin
+from api.errors import ApiError, validation_error
+from api.openapi import document
+from api.presenters import file_json
+from db.models import File, new_id
+from db.settings import get_settings
+from db.storage import StorageError, get_storage
+
+log = logging.getLogger(__name__)
+
+bp = Blueprint("files", __name__, url_prefix="/v1/files")
+
+PURPOSES = ("input", "dataset")
+MAX_DATASET_MEMBERS = 10_000
+MAX_DATASET_RATIO = 200  # uncompressed / compressed: more than this is a zip bomb
+
+
+@dataclass(frozen=True)
+class CheckedImage:
+    content_type: str
+    width: int
+    height: int
+
+
+def check_image(data: bytes) -> CheckedImage:
+    """Decode the image fully; refuse unknown formats, undecodable data and decompression bombs (422)."""
+    settings = get_settings()
+    loc = ["body", "file"]
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as image:
+                fmt = image.format or "unknown"
+                if fmt not in settings.image_formats:
+                    raise validation_error(
+                        loc, f"{fmt} images are not accepted; send one of {', '.join(settings.image_formats)}"
+                    )
+                width, height = image.size
+                if width * height > settings.max_image_pixels:
+                    raise _too_many_pixels(width, height)
+                image.load()
+                content_type = Image.MIME.get(fmt, "application/octet-stream")
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise validation_error(
+            loc, f"the image has more pixels than the limit of {settings.max_image_pixels} (a decompression bomb?)"
+        ) from None
+    except UnidentifiedImageError:
+        raise validation_error(loc, "is not an image in a known format") from None
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise validation_error(loc, f"the image could not be decoded: {exc}") from None
+    return CheckedImage(content_type=content_type, width=width, height=height)
+
+
+def _too_many_pixels(width: int, height: int) -> ApiError:
+    limit = get_settings().max_image_pixels
+    return validation_error(
+        ["body", "file"], f"the image is {width}×{height} = {width * height} pixels, more than the limit of {limit}"
+    )
+
+
+def check_dataset(data: bytes) -> None:
+    """A dataset is a zip of plain files with safe names and a sane size (deep checks at job submit)."""
+    loc = ["body", "file"]
+    if not zipfile.is_zipfile(io.BytesIO(data)):
+        raise validation_error(loc, "a dataset must be a .zip file")
+    try:
+        with zipfile.ZipFile(io.BytesIO(data)) as archive:
+            members = archive.infolist()
+    except (zipfile.BadZipFile, OSError) as exc:
+        raise validation_error(loc, f"the zip could not be read: {exc}") from None
+    if len(members) > MAX_DATASET_MEMBERS:
+        raise validation_error(loc, f"the zip has {len(members)} entries; at most {MAX_DATASET_MEMBERS} are allowed")
+    total = 0
+    for member in members:
+        name = member.filename
+        if name.startswith(("/", "\\")) or ".." in re.split(r"[\\/]", name) or re.match(r"^[A-Za-z]:", name):
+            raise validation_error(loc, f"the zip entry {name!r} has an unsafe path")
+        total += member.file_size
+    if total > max(len(data), 1) * MAX_DATASET_RATIO:
+        raise validation_error(loc, "the zip expands to far more than its size (a zip bomb?)")
+
+
+def _safe_filename(name: str | None) -> str:
+    base = os.path.basename((name or "").replace("\\", "/")).strip()
+    base = re.sub(r"[\x00-\x1f\x7f\"]", "", base)
+    return base[:255] or "upload"
+
+
+@bp.post("")
+@document(
+    "Upload a file (an input image, or a zip dataset)",
+    form={
+        "type": "object",
+        "required": ["file"],
+        "properties": {
+            "file": {"type": "string", "format": "binary"},
+            "purpose": {"type": "string", "enum": list(PURPOSES), "default": "input"},
+        },
+    },
+    responses={201: "File"},
+)
+def upload() -> tuple[Response, int, dict[str, str]]:
+    if not (request.mimetype or "").startswith("multipart/form-data"):
+        raise ApiError(415, "Upload with `Content-Type: multipart/form-data` and the file in the `file` field.")
+    purpose = request.form.get("purpose", "input")
+    if purpose not in PURPOSES:
+        raise validation_error(["body", "purpose"], f"must be one of {', '.join(PURPOSES)}")
+    upload = request.files.get("file")
+    if upload is None:
+        raise validation_error(["body", "file"], "is required (a multipart field named `file`)")
+    data = upload.read()
+    if not data:
+        raise validation_error(["body", "file"], "is empty")
+
+    width = height = None
+    if purpose == "input":
+        image = check_image(data)
+        content_type, width, height = image.content_type, image.width, image.height
+    else:
+        check_dataset(data)
+        content_type = "application/zip"
+
+    file_id = new_id("file")
+    storage_key = f"inputs/{file_id}"
+    try:
+        get_storage().put(storage_key, data, content_type, attempts=2)
+    except StorageError as exc:
+        log.error("upload of %s failed: %s", file_id, exc)
+        raise ApiError(503, "Storage is unavailable; the file was not saved. Try again.") from None
+    row = File(
+        id=file_id,
+        tenant_id=current_key().tenant_id,
+        purpose=purpose,
+        filename=_safe_filename(upload.filename),
+        content_type=content_type,
+        size=len(data),
+        sha256=hashlib.sha256(data).hexdigest(),
+        width=width,
+        height=height,
+        storage_key=storage_key,
+    )
+    g.db.add(row)
+    g.db.commit()
+    return jsonify(file_json(row)), 201, {"Location": f"/v1/files/{file_id}"}
+
+
+def load_file(file_id: str) -> File:
+    query = select(File).where(File.id == file_id)
+    if not is_admin():
+        query = query.where(File.tenant_id == current_key().tenant_id)
+    file = g.db.scalars(query).one_or_none()
+    if file is None:
+        raise ApiError(404, f"No file {file_id!r}.")
+    return file
+
+
+@bp.get("/<file_id>")
+@document("Get a file's description", responses={200: "File"})
+def get_file(file_id: str) -> Response:
+    return jsonify(file_json(load_file(file_id)))
+
+
+@bp.get("/<file_id>/content")
+@document("Download a file (a redirect to a presigned URL)", responses={302: "object"})
+def get_content(file_id: str) -> Response:
+    file = load_file(file_id)
+    return redirect(get_storage().presigned_url(file.storage_key), code=302)

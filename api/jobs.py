@@ -1,0 +1,268 @@
+"""/v1/jobs: create (idempotent, optionally waiting), read, list, cancel."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import re
+import time
+from typing import Any, Literal
+
+import redis
+from flask import Blueprint, Response, g, jsonify, request
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import selectinload
+
+from api.auth import current_key, is_admin
+from api.errors import ApiError, from_pydantic, validation_error
+from api.openapi import document
+from api.presenters import job_json, page_params, paginate
+from db import notify, transitions
+from db.models import Job, JobStatus
+from db.settings import get_settings
+from worker.celery_app import dispatch
+from worker.jobs import REGISTRY, get_job_type
+
+log = logging.getLogger(__name__)
+
+bp = Blueprint("jobs", __name__, url_prefix="/v1/jobs")
+
+WebhookEvent = Literal["start", "progress", "completed"]
+
+
+class JobCreate(BaseModel):
+    """The body of ``POST /v1/jobs``; ``input`` is checked against the type's own ``Input``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    type: str = Field(description="A job type, e.g. `text_to_image`; see the per-type input schemas.")
+    input: dict[str, Any] = Field(default_factory=dict, description="The type's input.")
+    webhook: str | None = Field(None, max_length=2048, description="An http(s) URL that receives events.")
+    webhook_events_filter: list[WebhookEvent] = Field(
+        default_factory=lambda: ["completed"], description="Which events to send (default: `completed`)."
+    )
+    metadata: dict[str, Any] = Field(default_factory=dict, description="Client data, returned as is.")
+
+    @field_validator("webhook")
+    @classmethod
+    def _http_url(cls, value: str | None) -> str | None:
+        if value is not None and not re.match(r"^https?://[^\s/?#]+", value, re.IGNORECASE):
+            raise ValueError("must be an http:// or https:// URL")
+        return value
+
+    @field_validator("webhook_events_filter")
+    @classmethod
+    def _unique(cls, value: list[str]) -> list[str]:
+        return list(dict.fromkeys(value))
+
+
+def _json_body() -> dict[str, Any]:
+    if not request.is_json:
+        raise ApiError(415, "Send the body as JSON with `Content-Type: application/json`.")
+    body = request.get_json(silent=True)
+    if body is None:
+        raise ApiError(400, "The body is not valid JSON.")
+    if not isinstance(body, dict):
+        raise validation_error(["body"], "must be a JSON object")
+    return body
+
+
+def _visible(query: Any) -> Any:
+    return query if is_admin() else query.where(Job.tenant_id == current_key().tenant_id)
+
+
+def _load(job_id: str) -> Job:
+    query = _visible(select(Job).where(Job.id == job_id)).options(selectinload(Job.artifacts))
+    job = g.db.scalars(query.execution_options(populate_existing=True)).one_or_none()
+    if job is None:
+        raise ApiError(404, f"No job {job_id!r}.")
+    return job
+
+
+def _prefer_wait() -> float | None:
+    prefer = request.headers.get("Prefer")
+    if not prefer:
+        return None
+    for token in prefer.split(","):
+        name, _, value = token.strip().partition("=")
+        if name.strip().lower() == "wait":
+            try:
+                seconds = int(value.strip().strip('"'))
+            except ValueError:
+                raise validation_error(["header", "Prefer"], "wait must be a whole number of seconds") from None
+            if seconds < 0:
+                raise validation_error(["header", "Prefer"], "wait must not be negative")
+            return float(min(seconds, get_settings().max_wait_seconds))
+    return None
+
+
+def _wait_for_finish(job_id: str, seconds: float) -> None:
+    """Block until the job finishes or ``seconds`` pass: Redis pub/sub, with the database as the truth."""
+    deadline = time.monotonic() + seconds
+    client = notify.redis_client()
+    pubsub = None
+    try:
+        if client is not None:
+            pubsub = client.pubsub(ignore_subscribe_messages=True)
+            pubsub.subscribe(notify.channel(job_id))
+    except redis.RedisError:
+        pubsub = None
+    try:
+        while True:
+            g.db.expire_all()
+            status = g.db.execute(select(Job.status).where(Job.id == job_id)).scalar_one()
+            remaining = deadline - time.monotonic()
+            if JobStatus(status).finished or remaining <= 0:
+                return
+            if pubsub is not None:
+                try:
+                    pubsub.get_message(timeout=min(remaining, 1.0))
+                    continue
+                except redis.RedisError:
+                    pubsub = None
+            time.sleep(min(remaining, 0.1))
+    finally:
+        if pubsub is not None:
+            try:
+                pubsub.close()
+            except redis.RedisError:
+                pass
+        g.db.rollback()  # end the read transaction so the final read sees the latest row
+
+
+@bp.post("")
+@document("Create a job", body=JobCreate, responses={202: "Job", 200: "Job"})
+def create_job() -> tuple[Response, int, dict[str, str]]:
+    settings = get_settings()
+    body = _json_body()
+    try:
+        spec = JobCreate.model_validate(body)
+    except ValidationError as exc:
+        raise from_pydantic(exc, ["body"]) from None
+    job_type = get_job_type(spec.type)
+    if job_type is None:
+        known = ", ".join(sorted(n for n, t in REGISTRY.items() if is_admin() or not t.admin_only))
+        raise validation_error(["body", "type"], f"unknown job type {spec.type!r}; known types: {known}")
+    if job_type.admin_only and not is_admin():
+        raise ApiError(403, f"`{spec.type}` jobs need an admin key.")
+    try:
+        params = job_type.Input.model_validate(spec.input)
+    except ValidationError as exc:
+        raise from_pydantic(exc, ["body", "input"]) from None
+    if len(json.dumps(spec.metadata)) > settings.max_json_field_bytes:
+        raise validation_error(["body", "metadata"], f"must be at most {settings.max_json_field_bytes} bytes of JSON")
+    wait = _prefer_wait()
+
+    idempotency_key = request.headers.get("Idempotency-Key")
+    request_hash = None
+    if idempotency_key is not None:
+        if not 1 <= len(idempotency_key) <= 255:
+            raise validation_error(["header", "Idempotency-Key"], "must be 1 to 255 characters")
+        request_hash = hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+        existing = _by_idempotency_key(idempotency_key)
+        if existing is not None:
+            return _repeat(existing, request_hash)
+
+    tenant_id = current_key().tenant_id
+    job = Job(
+        tenant_id=tenant_id,
+        type=job_type.name,
+        queue=job_type.queue.value,
+        input=params.model_dump(mode="json"),
+        meta=spec.metadata,
+        max_attempts=settings.max_attempts,
+        deadline_seconds=job_type.deadline_seconds or settings.job_deadline_seconds,
+        idempotency_key=idempotency_key,
+        request_hash=request_hash,
+        webhook=spec.webhook,
+        webhook_events_filter=spec.webhook_events_filter,
+    )
+    try:
+        transitions.create(g.db, job)
+        g.db.commit()
+    except IntegrityError:
+        g.db.rollback()
+        existing = _by_idempotency_key(idempotency_key) if idempotency_key else None
+        if existing is None:
+            raise
+        return _repeat(existing, request_hash)
+
+    # Commit first, then send: if the broker refuses, the reconciler sends it later.
+    try:
+        dispatch(job.id, job.queue)
+    except Exception as exc:
+        log.warning("job %s stays queued until the broker is back: %s", job.id, exc)
+    else:
+        transitions.mark_dispatched(g.db, job.id)
+        g.db.commit()
+
+    headers = {"Location": f"/v1/jobs/{job.id}"}
+    if wait:
+        _wait_for_finish(job.id, wait)
+        headers["Preference-Applied"] = f"wait={int(wait)}"
+        job = _load(job.id)
+    return jsonify(job_json(job)), 202, headers
+
+
+def _by_idempotency_key(key: str) -> Job | None:
+    return g.db.scalars(
+        select(Job).where(Job.tenant_id == current_key().tenant_id, Job.idempotency_key == key)
+    ).one_or_none()
+
+
+def _repeat(existing: Job, request_hash: str | None) -> tuple[Response, int, dict[str, str]]:
+    if existing.request_hash != request_hash:
+        raise validation_error(
+            ["header", "Idempotency-Key"],
+            "was already used with a different request body",
+            detail=f"This Idempotency-Key was used for job {existing.id} with a different body.",
+        )
+    return jsonify(job_json(_load(existing.id))), 200, {"Location": f"/v1/jobs/{existing.id}"}
+
+
+@bp.get("")
+@document("List jobs, newest first", query=["status", "type", "limit", "cursor"], responses={200: "JobList"})
+def list_jobs() -> Response:
+    limit, cursor = page_params()
+    query = _visible(select(Job)).options(selectinload(Job.artifacts))
+    status = request.args.get("status")
+    if status:
+        if status not in {s.value for s in JobStatus}:
+            raise validation_error(["query", "status"], f"must be one of {', '.join(s.value for s in JobStatus)}")
+        query = query.where(Job.status == status)
+    job_type = request.args.get("type")
+    if job_type:
+        if job_type not in REGISTRY:
+            raise validation_error(["query", "type"], f"unknown job type {job_type!r}")
+        query = query.where(Job.type == job_type)
+    jobs, next_cursor = paginate(query, Job, limit, cursor)
+    return jsonify({"items": [job_json(job) for job in jobs], "next_cursor": next_cursor})
+
+
+@bp.get("/<job_id>")
+@document("Get a job", responses={200: "Job"})
+def get_job(job_id: str) -> Response:
+    _load(job_id)
+    wait = _prefer_wait()
+    if wait:
+        _wait_for_finish(job_id, wait)
+    return jsonify(job_json(_load(job_id)))
+
+
+@bp.post("/<job_id>/cancel")
+@document("Cancel a job", responses={202: "Job", 409: "Problem"})
+def cancel_job(job_id: str) -> tuple[Response, int]:
+    _load(job_id)
+    try:
+        status = transitions.request_cancel(g.db, job_id)
+    except transitions.TransitionError as exc:
+        g.db.rollback()
+        raise ApiError(409, f"The job cannot be canceled: {exc}.") from None
+    g.db.commit()
+    if status == JobStatus.CANCELED:
+        notify.job_finished(job_id)
+    g.db.expire_all()
+    return jsonify(job_json(_load(job_id))), 202

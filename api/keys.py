@@ -1,0 +1,68 @@
+"""/v1/keys (admin): create, list, revoke API keys."""
+
+from __future__ import annotations
+
+from flask import Blueprint, Response, g, jsonify, request
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from sqlalchemy import select
+
+from api.auth import require_admin
+from api.errors import ApiError, from_pydantic, validation_error
+from api.openapi import document
+from api.presenters import key_json, page_params, paginate
+from db import keys
+from db.models import ApiKey, Role, Tenant
+
+
+class KeyCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(min_length=1, max_length=200, description="Who or what uses the key.")
+    role: Role = Field(Role.USER, description="`user` or `admin`.")
+    tenant: str | None = Field(
+        None, max_length=40, description="An existing tenant id to share; without it the key gets a new tenant."
+    )
+
+
+bp = Blueprint("keys", __name__, url_prefix="/v1/keys")
+
+
+@bp.post("")
+@require_admin
+@document("Create an API key (admin); the key is shown this once", body=KeyCreate, responses={201: "Key"})
+def create_key() -> tuple[Response, int]:
+    if not request.is_json:
+        raise ApiError(415, "Send the body as JSON with `Content-Type: application/json`.")
+    body = request.get_json(silent=True)
+    if not isinstance(body, dict):
+        raise ApiError(400, "The body is not a JSON object.")
+    try:
+        spec = KeyCreate.model_validate(body)
+    except ValidationError as exc:
+        raise from_pydantic(exc, ["body"]) from None
+    if spec.tenant is not None and g.db.get(Tenant, spec.tenant) is None:
+        raise validation_error(["body", "tenant"], f"no tenant {spec.tenant!r}")
+    key, plaintext = keys.create_key(g.db, spec.name, spec.role, spec.tenant)
+    g.db.commit()
+    return jsonify(key_json(key, plaintext)), 201
+
+
+@bp.get("")
+@require_admin
+@document("List API keys (admin)", query=["limit", "cursor"], responses={200: "KeyList"})
+def list_keys() -> Response:
+    limit, cursor = page_params()
+    rows, next_cursor = paginate(select(ApiKey), ApiKey, limit, cursor)
+    return jsonify({"items": [key_json(k) for k in rows], "next_cursor": next_cursor})
+
+
+@bp.delete("/<key_id>")
+@require_admin
+@document("Revoke an API key (admin); it is refused at once", responses={200: "Key"})
+def revoke_key(key_id: str) -> Response:
+    key = g.db.get(ApiKey, key_id)
+    if key is None:
+        raise ApiError(404, f"No key {key_id!r}.")
+    keys.revoke(g.db, key)
+    g.db.commit()
+    return jsonify(key_json(key))

@@ -1,0 +1,254 @@
+"""The OpenAPI document, generated from the real routes and each job type's models."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from flask import Blueprint, Flask, Response, current_app, jsonify, render_template
+from pydantic import BaseModel
+
+from worker.jobs import REGISTRY
+from worker.jobs.base import Artifact
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+bp = Blueprint("openapi", __name__)
+
+QUERY_PARAMS: dict[str, dict[str, Any]] = {
+    "limit": {"schema": {"type": "integer", "minimum": 1, "maximum": 100, "default": 20}},
+    "cursor": {"schema": {"type": "string"}, "description": "`next_cursor` of the previous page."},
+    "status": {"schema": {"type": "string", "enum": ["queued", "running", "succeeded", "failed", "canceled"]}},
+    "type": {"schema": {"type": "string"}, "description": "A job type."},
+}
+
+STATUS_TEXT = {200: "OK", 201: "Created", 202: "Accepted", 204: "No content", 302: "Redirect", 409: "Conflict"}
+
+
+def document(
+    summary: str,
+    *,
+    body: type[BaseModel] | None = None,
+    form: dict[str, Any] | None = None,
+    query: list[str] | None = None,
+    responses: dict[int, str] | None = None,
+    public: bool = False,
+) -> Callable[[F], F]:
+    """Attach what the OpenAPI document says about a view; the path and method come from the route."""
+
+    def attach(view: F) -> F:
+        view._openapi = {  # type: ignore[attr-defined]
+            "summary": summary,
+            "body": body,
+            "form": form,
+            "query": query or [],
+            "responses": responses or {200: "object"},
+            "public": public,
+        }
+        return view
+
+    return attach
+
+
+def _schema_ref(name: str) -> dict[str, Any]:
+    if name == "object":
+        return {"type": "object"}
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def _components() -> dict[str, Any]:
+    schemas: dict[str, Any] = {
+        "Problem": {
+            "type": "object",
+            "required": ["type", "title", "status", "detail"],
+            "properties": {
+                "type": {"type": "string"},
+                "title": {"type": "string"},
+                "status": {"type": "integer"},
+                "detail": {"type": "string"},
+                "errors": {
+                    "type": "array",
+                    "items": {
+                        "type": "object",
+                        "properties": {"loc": {"type": "array", "items": {}}, "msg": {"type": "string"}},
+                    },
+                },
+            },
+        },
+        "Artifact": Artifact.model_json_schema(),
+        "Progress": {
+            "type": "object",
+            "properties": {
+                "step": {"type": "integer"},
+                "total": {"type": ["integer", "null"]},
+                "fraction": {"type": "number"},
+                "message": {"type": ["string", "null"]},
+            },
+        },
+        "Job": {
+            "type": "object",
+            "properties": {
+                "id": {"type": "string"},
+                "type": {"type": "string", "enum": sorted(REGISTRY)},
+                "status": {"type": "string", "enum": ["queued", "running", "succeeded", "failed", "canceled"]},
+                "input": {"type": "object"},
+                "metadata": {"type": "object"},
+                "output": {"oneOf": [{"$ref": f"#/components/schemas/{n}Output"} for n in sorted(REGISTRY)]
+                + [{"type": "null"}]},
+                "error": {
+                    "oneOf": [
+                        {"type": "object", "properties": {"code": {"type": "string"}, "message": {"type": "string"}}},
+                        {"type": "null"},
+                    ]
+                },
+                "progress": {"$ref": "#/components/schemas/Progress"},
+                "attempts": {"type": "integer"},
+                "created_at": {"type": "string", "format": "date-time"},
+                "started_at": {"type": ["string", "null"], "format": "date-time"},
+                "finished_at": {"type": ["string", "null"], "format": "date-time"},
+                "metrics": {
+                    "type": "object",
+                    "properties": {
+                        "queue_seconds": {"type": ["number", "null"]},
+                        "run_seconds": {"type": ["number", "null"]},
+                    },
+                },
+                "webhook": {"type": ["string", "null"]},
+                "webhook_events_filter": {"type": "array", "items": {"type": "string"}},
+                "urls": {"type": "object", "additionalProperties": {"type": "string"}},
+            },
+        },
+        "File": {
+            "type": "object",
+            "properties": {
+                name: {"type": kind}
+                for name, kind in [
+                    ("id", "string"),
+                    ("filename", "string"),
+                    ("purpose", "string"),
+                    ("content_type", "string"),
+                    ("size", "integer"),
+                    ("sha256", "string"),
+                    ("width", "integer"),
+                    ("height", "integer"),
+                    ("created_at", "string"),
+                ]
+            },
+        },
+        "Key": {
+            "type": "object",
+            "properties": {
+                name: {"type": "string"}
+                for name in ["id", "name", "role", "tenant", "key", "created_at", "revoked_at"]
+            },
+        },
+    }
+    for list_name, item in [("JobList", "Job"), ("KeyList", "Key")]:
+        schemas[list_name] = {
+            "type": "object",
+            "properties": {
+                "items": {"type": "array", "items": _schema_ref(item)},
+                "next_cursor": {"type": ["string", "null"]},
+            },
+        }
+    for name, job_type in sorted(REGISTRY.items()):
+        for suffix, model in [("Input", job_type.Input), ("Output", job_type.Output)]:
+            schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
+            for def_name, definition in schema.pop("$defs", {}).items():
+                schemas.setdefault(def_name, definition)
+            schema["title"] = f"{name} {suffix.lower()}"
+            if suffix == "Input":
+                schema["description"] = job_type.summary + (" Admin keys only." if job_type.admin_only else "")
+            schemas[f"{name}{suffix}"] = schema
+    return schemas
+
+
+def _job_create_schema(model: type[BaseModel]) -> dict[str, Any]:
+    """``POST /v1/jobs``: the envelope, with ``input`` chosen by ``type``."""
+    base = model.model_json_schema()
+    variants = []
+    for name in sorted(REGISTRY):
+        variant = {
+            **base,
+            "title": f"Create a {name} job",
+            "properties": {
+                **base["properties"],
+                "type": {"const": name},
+                "input": {"$ref": f"#/components/schemas/{name}Input"},
+            },
+        }
+        variants.append(variant)
+    return {"oneOf": variants, "discriminator": {"propertyName": "type"}}
+
+
+def build(app: Flask) -> dict[str, Any]:
+    paths: dict[str, Any] = {}
+    for rule in sorted(app.url_map.iter_rules(), key=lambda r: r.rule):
+        view = app.view_functions.get(rule.endpoint)
+        meta = getattr(view, "_openapi", None)
+        if meta is None:
+            continue
+        path = re.sub(r"<(?:[^:<>]+:)?([^<>]+)>", r"{\1}", rule.rule)
+        for method in sorted((rule.methods or set()) - {"HEAD", "OPTIONS"}):
+            op: dict[str, Any] = {"summary": meta["summary"], "operationId": rule.endpoint.replace(".", "_")}
+            params = [
+                {"name": arg, "in": "path", "required": True, "schema": {"type": "string"}} for arg in rule.arguments
+            ]
+            params += [{"name": q, "in": "query", "required": False, **QUERY_PARAMS[q]} for q in meta["query"]]
+            if rule.rule.startswith("/v1/jobs") and method in {"GET", "POST"}:
+                params.append(
+                    {"name": "Prefer", "in": "header", "required": False, "schema": {"type": "string"},
+                     "description": "`wait=N` (N ≤ 60): hold the answer until the job finishes or N seconds pass."}
+                )
+            if rule.rule == "/v1/jobs" and method == "POST":
+                params.append(
+                    {"name": "Idempotency-Key", "in": "header", "required": False,
+                     "schema": {"type": "string", "maxLength": 255}}
+                )
+            if params:
+                op["parameters"] = params
+            if meta["body"] is not None:
+                schema = (
+                    _job_create_schema(meta["body"]) if rule.rule == "/v1/jobs" else meta["body"].model_json_schema()
+                )
+                op["requestBody"] = {"required": True, "content": {"application/json": {"schema": schema}}}
+            if meta["form"] is not None:
+                op["requestBody"] = {"required": True, "content": {"multipart/form-data": {"schema": meta["form"]}}}
+            responses: dict[str, Any] = {}
+            for status, name in meta["responses"].items():
+                media = "application/problem+json" if name == "Problem" else "application/json"
+                responses[str(status)] = {
+                    "description": STATUS_TEXT.get(status, str(status)),
+                    **({"content": {media: {"schema": _schema_ref(name)}}} if status not in (204, 302) else {}),
+                }
+            responses["default"] = {
+                "description": "An error (RFC 9457)",
+                "content": {"application/problem+json": {"schema": _schema_ref("Problem")}},
+            }
+            op["responses"] = responses
+            if not meta["public"]:
+                op["security"] = [{"bearer": []}]
+            paths.setdefault(path, {})[method.lower()] = op
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "gpujobs", "version": "1", "description": "Self-hosted computer-vision jobs on GPU workers."},
+        "paths": paths,
+        "components": {
+            "schemas": _components(),
+            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+        },
+    }
+
+
+@bp.get("/openapi.json")
+@document("This document", public=True)
+def openapi_json() -> Response:
+    return jsonify(build(current_app))
+
+
+@bp.get("/docs")
+@document("Human-readable API reference", public=True, responses={200: "object"})
+def docs() -> str:
+    spec = build(current_app)
+    return render_template("docs.html", spec=spec, job_types=sorted(REGISTRY.items()))
