@@ -18,21 +18,11 @@ from db.models import utcnow
 from db.session import session_scope
 from db.settings import Settings
 from db.storage import get_storage
-from worker.jobs.base import Artifact
+from worker.jobs.base import Artifact, JobError
+
+__all__ = ["Canceled", "DeadlineExceeded", "JobContext", "JobError", "LeaseLost", "Stop"]
 
 log = logging.getLogger(__name__)
-
-
-class JobError(Exception):
-    """A failure the user can act on: becomes the job's ``error`` with this code and message."""
-
-    code = "job_failed"
-
-    def __init__(self, message: str, code: str | None = None) -> None:
-        super().__init__(message)
-        self.message = message
-        if code:
-            self.code = code
 
 
 class Stop(BaseException):

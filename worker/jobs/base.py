@@ -26,6 +26,18 @@ class Queue(str, enum.Enum):
     MAINTENANCE = "maintenance"
 
 
+class JobError(Exception):
+    """A failure the user can act on: becomes the job's ``error`` with this code and message."""
+
+    code = "job_failed"
+
+    def __init__(self, message: str, code: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        if code:
+            self.code = code
+
+
 class JobInput(BaseModel):
     """Base of every job type's ``Input``: unknown fields are an error, not silently dropped."""
 

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import json
 import time
+from typing import TYPE_CHECKING
 
 from pydantic import BaseModel, Field
 
-from worker.context import JobContext
-from worker.jobs.base import Artifact, JobInput, JobType, Queue
+from worker.jobs.base import Artifact, JobError, JobInput, JobType, Queue
+
+if TYPE_CHECKING:
+    from worker.context import JobContext
 
 
 class Input(JobInput):
@@ -22,8 +25,10 @@ class Output(BaseModel):
     artifact: Artifact
 
 
-class DiagnosticFailure(Exception):
+class DiagnosticFailure(JobError):
     """The failure a client asked for with ``fail: true``."""
+
+    code = "diagnostic_failure"
 
 
 def run(ctx: JobContext, params: Input) -> Output:
