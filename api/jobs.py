@@ -21,10 +21,11 @@ from api.errors import ApiError, from_pydantic, validation_error
 from api.openapi import document
 from api.presenters import job_json, page_params, paginate
 from db import notify, transitions
-from db.models import Job, JobStatus
+from db.models import File, Job, JobStatus
 from db.settings import get_settings
 from worker.celery_app import dispatch
 from worker.jobs import REGISTRY, get_job_type
+from worker.jobs.base import JobInput, file_fields
 
 log = logging.getLogger(__name__)
 
@@ -152,6 +153,7 @@ def create_job() -> tuple[Response, int, dict[str, str]]:
         params = job_type.Input.model_validate(spec.input)
     except ValidationError as exc:
         raise from_pydantic(exc, ["body", "input"]) from None
+    _check_files(params)
     if len(json.dumps(spec.metadata)) > settings.max_json_field_bytes:
         raise validation_error(["body", "metadata"], f"must be at most {settings.max_json_field_bytes} bytes of JSON")
     wait = _prefer_wait()
@@ -205,6 +207,29 @@ def create_job() -> tuple[Response, int, dict[str, str]]:
         headers["Preference-Applied"] = f"wait={int(wait)}"
         job = _load(job.id)
     return jsonify(job_json(job)), 202, headers
+
+
+def _check_files(params: JobInput) -> None:
+    """Every file id in the input names an upload of this tenant, with the right purpose (else 422)."""
+    wanted: dict[str, tuple[str, str]] = {}
+    for field, purpose in file_fields(type(params)).items():
+        value = getattr(params, field)
+        for file_id in value if isinstance(value, list) else [value]:
+            if file_id is not None:
+                wanted[file_id] = (field, purpose)
+    if not wanted:
+        return
+    rows = g.db.execute(
+        select(File.id, File.purpose).where(File.id.in_(wanted), File.tenant_id == current_key().tenant_id)
+    ).all()
+    found = dict(rows)
+    for file_id, (field, purpose) in wanted.items():
+        if file_id not in found:
+            raise validation_error(["body", "input", field], f"no file {file_id!r} (upload it with POST /v1/files)")
+        if found[file_id] != purpose:
+            raise validation_error(
+                ["body", "input", field], f"file {file_id!r} was uploaded as {found[file_id]}, not as {purpose}"
+            )
 
 
 def _by_idempotency_key(key: str) -> Job | None:

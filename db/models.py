@@ -218,3 +218,20 @@ class Artifact(Base):
     def describe(self) -> dict[str, Any]:
         """The Artifact as stored in a job's output (the API adds a fresh presigned ``url``)."""
         return {"name": self.name, "content_type": self.content_type, "size": self.size, "sha256": self.sha256}
+
+
+class WorkerProcess(Base):
+    """A worker process as its heartbeat last described it (silent for too long = lost)."""
+
+    __tablename__ = "workers"
+
+    id: Mapped[str] = mapped_column(String(200), primary_key=True)
+    hostname: Mapped[str] = mapped_column(String(255))
+    pid: Mapped[int] = mapped_column(Integer)
+    queues: Mapped[list[Any]]
+    device: Mapped[dict[str, Any]]
+    models: Mapped[dict[str, Any]]
+    current_jobs: Mapped[list[Any]]
+    started_at: Mapped[datetime] = mapped_column(default=utcnow)
+    last_seen_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
+    stopped_at: Mapped[datetime | None]

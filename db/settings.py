@@ -63,6 +63,29 @@ class Settings(BaseSettings):
     worker_concurrency: int = Field(2, ge=1, le=64, description="Jobs one worker process runs at once (threads).")
     upload_attempts: int = Field(4, ge=1, le=20, description="Tries to store one artifact before the job fails.")
 
+    heartbeat_seconds: float = Field(5.0, gt=0, description="How often each worker process records its heartbeat.")
+    worker_lost_seconds: float = Field(30.0, gt=0, description="A worker silent this long is shown as lost.")
+
+    # --- models ---------------------------------------------------------------
+    model_catalog: Path | None = Field(
+        None, description="TOML model catalog; unset means the built-in one naming the real public checkpoints."
+    )
+    model_dir: Path | None = Field(None, description="Where models from S3 are cached; default `<var_dir>/models`.")
+    device: str = Field("auto", description="`auto` (CUDA when present), `cpu`, `cuda` or `cuda:N`.")
+    dtype: str = Field("auto", description="`auto` (fp16 on CUDA, fp32 on CPU), `float32`, `float16`, `bfloat16`.")
+    model_memory_mb: int = Field(
+        0, ge=0, description="Memory budget of the model cache; 0 = 90% of GPU memory on CUDA, 8192 MB on CPU."
+    )
+    preload_models: list[str] = Field([], description="Catalog names a worker loads at start (JSON list).")
+    segmentation_max_batch_size: int = Field(8, ge=1, le=64, description="Most images in one segmentation batch.")
+    segmentation_image_size: int = Field(
+        384, ge=64, le=2048, multiple_of=32,
+        description="Images are resized to fit an N×N canvas and padded to it, so concurrent jobs batch exactly.",
+    )
+    segmentation_max_wait_ms: float = Field(
+        10.0, ge=0, le=5000, description="How long a segmentation batch waits for more images before it runs."
+    )
+
     @property
     def effective_redis_url(self) -> str | None:
         if self.redis_url:

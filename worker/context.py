@@ -14,6 +14,7 @@ from typing import Any
 
 from db import transitions
 from db.models import Artifact as ArtifactRow
+from db.models import File
 from db.models import utcnow
 from db.session import session_scope
 from db.settings import Settings
@@ -84,6 +85,15 @@ class JobContext:
     @property
     def cancel_requested(self) -> bool:
         return self._cancel_requested or self._lease_lost
+
+    def input_file(self, file_id: str) -> bytes:
+        """The bytes of an uploaded input (checked to be the tenant's when the job was submitted)."""
+        with session_scope() as session:
+            file = session.get(File, file_id)
+            key = file.storage_key if file is not None else None
+        if key is None:
+            raise JobError(f"the input file {file_id!r} no longer exists", "input_missing")
+        return get_storage(self.settings).get(key)
 
     def store(self, name: str, data: bytes, content_type: str) -> Artifact:
         """Upload an output to ``jobs/<job id>/<name>`` and record its size and sha256."""

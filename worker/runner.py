@@ -14,6 +14,7 @@ from db import notify, transitions
 from db.session import session_scope
 from db.settings import get_settings
 from db.storage import StorageError
+from worker import heartbeat
 from worker.context import Canceled, DeadlineExceeded, JobContext, JobError, LeaseLost
 from worker.jobs import get_job_type
 
@@ -51,6 +52,7 @@ def execute(job_id: str) -> str:
     )
     log.info("job %s (%s) attempt %d started on %s", job_id, job.type, attempt, me)
     ctx.start()
+    heartbeat.job_started(job_id)
     try:
         if job_type is None:
             raise JobError(f"this worker does not know the job type {job.type!r}", "unknown_type")
@@ -84,6 +86,7 @@ def execute(job_id: str) -> str:
         return _finish(job_id, "failed", lambda s: transitions.fail(s, job_id, attempt, "internal_error", message, tb))
     finally:
         ctx.close()
+        heartbeat.job_ended(job_id)
 
     progress = ctx.snapshot()
     if progress.get("total"):

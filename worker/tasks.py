@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import logging
 
-from celery.signals import worker_process_init, worker_ready
+from celery.signals import celeryd_after_setup, worker_process_init, worker_ready, worker_shutdown
 from sqlalchemy import text
 
 from db import notify
 from db.session import dispose_engines, get_engine
+from db.settings import get_settings
 from db.storage import get_storage
 from worker import reconciler, runner
+from worker.heartbeat import Heartbeat
 from worker.celery_app import RECONCILE, RUN_JOB, app
 
 
@@ -18,6 +20,15 @@ from worker.celery_app import RECONCILE, RUN_JOB, app
 def _fresh_connections(**_: object) -> None:
     # A forked pool child must not share its parent's database sockets.
     dispose_engines()
+
+
+_heartbeat: Heartbeat | None = None
+_queues: list[str] = []
+
+
+@celeryd_after_setup.connect
+def _remember_queues(sender: str, instance, **_: object) -> None:  # type: ignore[no-untyped-def]
+    _queues[:] = sorted(instance.app.amqp.queues.consume_from or instance.app.amqp.queues)
 
 
 @worker_ready.connect
@@ -32,6 +43,25 @@ def _warm_up(**_: object) -> None:
             client.ping()
     except Exception as exc:  # not fatal: jobs retry these connections themselves
         logging.getLogger(__name__).warning("warm-up incomplete: %s", exc)
+    _preload()
+    global _heartbeat
+    _heartbeat = Heartbeat(runner.worker_id(), _queues)
+    _heartbeat.start()
+
+
+def _preload() -> None:
+    names = get_settings().preload_models
+    if not names:
+        return
+    from worker.models.preload import preload
+
+    preload(names)
+
+
+@worker_shutdown.connect
+def _goodbye(**_: object) -> None:
+    if _heartbeat is not None:
+        _heartbeat.stop()
 
 
 @app.task(name=RUN_JOB, acks_late=True, reject_on_worker_lost=True)

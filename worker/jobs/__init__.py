@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from worker.jobs import diagnostic
+from worker.jobs import diagnostic, segmentation
 from worker.jobs.base import JobType
 
 REGISTRY: dict[str, JobType] = {
     module.JOB_TYPE.name: module.JOB_TYPE
-    for module in (diagnostic,)
+    for module in (diagnostic, segmentation)
 }
 
 

@@ -9,7 +9,8 @@ from __future__ import annotations
 import enum
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+import typing
+from typing import TYPE_CHECKING, Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -36,6 +37,42 @@ class JobError(Exception):
         self.message = message
         if code:
             self.code = code
+
+
+FILE_KIND = "x-gpujobs-file"
+
+ImageFile = Annotated[
+    str,
+    Field(
+        pattern=r"^file_[A-Za-z0-9_-]{1,64}$",
+        description="The id of an uploaded image (`POST /v1/files`).",
+        json_schema_extra={FILE_KIND: "input"},
+    ),
+]
+DatasetFile = Annotated[
+    str,
+    Field(
+        pattern=r"^file_[A-Za-z0-9_-]{1,64}$",
+        description="The id of an uploaded zip (`POST /v1/files` with `purpose=dataset`).",
+        json_schema_extra={FILE_KIND: "dataset"},
+    ),
+]
+
+
+def file_fields(model: type[BaseModel]) -> dict[str, str]:
+    """Input fields that hold file ids (or lists of them), with the upload purpose each needs."""
+    found = {}
+    for name, info in model.model_fields.items():
+        annotations = [info]
+        for arg in typing.get_args(info.annotation):  # list[ImageFile], ImageFile | None
+            annotations += [m for m in getattr(arg, "__metadata__", ())]
+            for inner in typing.get_args(arg):
+                annotations += [m for m in getattr(inner, "__metadata__", ())]
+        for item in annotations:
+            extra = getattr(item, "json_schema_extra", None)
+            if isinstance(extra, dict) and FILE_KIND in extra:
+                found[name] = str(extra[FILE_KIND])
+    return found
 
 
 class JobInput(BaseModel):

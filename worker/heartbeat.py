@@ -1,0 +1,102 @@
+"""Each worker process records who it is and what it holds every few seconds.
+
+Host, pid, queues, device (GPU name and memory), loaded models (with load and batch
+counters), current jobs. The dashboard and ``/metrics`` read it; a worker silent for
+longer than ``worker_lost_seconds`` shows as lost.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import sys
+import threading
+from typing import Any
+
+from db.models import WorkerProcess, utcnow
+from db.session import session_scope
+from db.settings import get_settings
+
+log = logging.getLogger(__name__)
+
+_running: set[str] = set()
+_running_lock = threading.Lock()
+
+
+def job_started(job_id: str) -> None:
+    with _running_lock:
+        _running.add(job_id)
+
+
+def job_ended(job_id: str) -> None:
+    with _running_lock:
+        _running.discard(job_id)
+
+
+def device_info() -> dict[str, Any]:
+    """The accelerator, without importing torch if no job has (the API-like diagnostic worker stays light)."""
+    torch = sys.modules.get("torch")
+    if torch is None:
+        return {"type": "cpu", "note": "torch not loaded yet"}
+    if not torch.cuda.is_available():
+        return {"type": "cpu"}
+    index = torch.cuda.current_device()
+    free, total = torch.cuda.mem_get_info(index)
+    return {
+        "type": "cuda",
+        "name": torch.cuda.get_device_name(index),
+        "memory_used_mb": round((total - free) / 2**20),
+        "memory_total_mb": round(total / 2**20),
+        "memory_allocated_mb": round(torch.cuda.memory_allocated(index) / 2**20),
+    }
+
+
+def loaded_models() -> dict[str, Any]:
+    cache_module = sys.modules.get("worker.models.cache")
+    if cache_module is None or cache_module._cache is None:
+        return {}
+    return cache_module._cache.loaded()
+
+
+class Heartbeat:
+    def __init__(self, worker_id: str, queues: list[str]) -> None:
+        self.worker_id = worker_id
+        self.queues = queues
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="heartbeat", daemon=True)
+
+    def start(self) -> None:
+        self.beat()
+        self._thread.start()
+
+    def beat(self, stopped: bool = False) -> None:
+        now = utcnow()
+        with _running_lock:
+            current = sorted(_running)
+        with session_scope() as session:
+            row = session.get(WorkerProcess, self.worker_id)
+            if row is None:
+                row = WorkerProcess(id=self.worker_id, hostname=socket.gethostname(), pid=os.getpid(), started_at=now)
+                session.add(row)
+            row.queues = self.queues
+            row.device = device_info()
+            row.models = loaded_models()
+            row.current_jobs = current
+            row.last_seen_at = now
+            row.stopped_at = now if stopped else None
+
+    def stop(self) -> None:
+        self._stop.set()
+        try:
+            self.beat(stopped=True)
+        except Exception as exc:
+            log.warning("could not record the worker's stop: %s", exc)
+
+    def _loop(self) -> None:
+        interval = get_settings().heartbeat_seconds
+        while not self._stop.wait(interval):
+            try:
+                self.beat()
+            except Exception as exc:  # the database may blip; the next beat tries again
+                log.warning("heartbeat failed: %s", exc)

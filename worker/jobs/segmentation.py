@@ -1,0 +1,80 @@
+"""``segmentation``: COCO instance segmentation with Mask2Former.
+
+Concurrent jobs in one worker process run as one padded batch (``worker.models.segmentation``);
+each job keeps its own progress, cancel and failure.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from pydantic import BaseModel, Field, field_validator
+
+from worker.jobs.base import Artifact, ImageFile, JobInput, JobType, Queue
+from worker.models.coco import COCO_LABELS
+
+if TYPE_CHECKING:
+    from worker.context import JobContext
+
+
+class Input(JobInput):
+    image: ImageFile
+    threshold: float = Field(0.5, ge=0, le=1, description="Minimum instance score to keep.")
+    mask_threshold: float = Field(0.5, ge=0, le=1, description="Mask probability above which a pixel is in.")
+    overlap_mask_area_threshold: float = Field(
+        0.8, ge=0, le=1, description="Drop an instance when less than this share of its mask is left after overlaps."
+    )
+    labels: list[str] | None = Field(
+        None, min_length=1, max_length=80, description="Keep only these COCO categories (e.g. `[\"person\", \"dog\"]`)."
+    )
+    model: str | None = Field(None, max_length=200, description="A segmentation model of the catalog.")
+
+    @field_validator("labels")
+    @classmethod
+    def _coco_names(cls, labels: list[str] | None) -> list[str] | None:
+        if labels is None:
+            return None
+        unknown = [label for label in labels if label not in COCO_LABELS]
+        if unknown:
+            raise ValueError(f"not COCO categories: {', '.join(map(repr, unknown))}")
+        return list(dict.fromkeys(labels))
+
+
+class RleMask(BaseModel):
+    size: list[int] = Field(description="[height, width]")
+    counts: str = Field(description="COCO compressed RLE (pycocotools).")
+
+
+class Instance(BaseModel):
+    id: int = Field(description="The instance's pixel value in `instance_map` (1…n).")
+    label: str
+    label_id: int
+    score: float
+    bbox: list[float] = Field(description="[x, y, width, height] in pixels, COCO style.")
+    area: int = Field(description="Pixels in the mask.")
+    mask: RleMask
+
+
+class Output(BaseModel):
+    width: int
+    height: int
+    instances: list[Instance]
+    instance_map: Artifact
+    overlay: Artifact
+
+
+def run(ctx: JobContext, params: Input) -> Output:
+    from worker.models.segmentation import segment
+
+    return segment(ctx, params)
+
+
+JOB_TYPE = JobType(
+    name="segmentation",
+    summary="Instance segmentation (Mask2Former, COCO): masks as COCO RLE, boxes, scores, an instance map and an overlay.",
+    Input=Input,
+    Output=Output,
+    queue=Queue.GPU,
+    run=run,
+    deadline_seconds=600,
+)
