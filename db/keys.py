@@ -44,11 +44,12 @@ def find_active_key(session: Session, plaintext: str) -> ApiKey | None:
 
 
 def ensure_admin_key(session: Session, plaintext: str, name: str = "bootstrap admin") -> ApiKey:
-    """Make ``plaintext`` a working admin key (used for ``GPUJOBS_ADMIN_KEY``); idempotent."""
+    """Create ``plaintext`` as an admin key if it does not exist (``GPUJOBS_ADMIN_KEY``); idempotent.
+
+    A key that exists is left as it is: an operator's revocation or role change stands.
+    """
     existing = session.scalars(select(ApiKey).where(ApiKey.key_hash == hash_key(plaintext))).one_or_none()
     if existing is not None:
-        existing.role = Role.ADMIN.value
-        existing.revoked_at = None
         return existing
     key, _ = create_key(session, name, Role.ADMIN, plaintext=plaintext)
     return key

@@ -23,11 +23,17 @@ log = logging.getLogger(__name__)
 WORKER_ID = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
 
 
+def name_worker(node: str) -> None:
+    """Use the Celery node name (``name@host``) in this process's id, so operators recognise it."""
+    global WORKER_ID
+    WORKER_ID = f"{node}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+
+
 def worker_id() -> str:
     # Recomputed after a fork so that each process has its own identity.
     global WORKER_ID
     if f":{os.getpid()}:" not in WORKER_ID:
-        WORKER_ID = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+        WORKER_ID = f"{WORKER_ID.split(':')[0]}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
     return WORKER_ID
 
 

@@ -29,6 +29,7 @@ _queues: list[str] = []
 @celeryd_after_setup.connect
 def _remember_queues(sender: str, instance, **_: object) -> None:  # type: ignore[no-untyped-def]
     _queues[:] = sorted(instance.app.amqp.queues.consume_from or instance.app.amqp.queues)
+    runner.name_worker(sender)
 
 
 @worker_ready.connect
