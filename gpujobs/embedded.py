@@ -29,8 +29,8 @@ __all__ = [
     "EmbeddedRedis",
     "EmbeddedS3",
     "ServiceError",
-    "s3_client",
     "free_port",
+    "s3_client",
     "start_process",
     "start_redis",
     "start_s3",
@@ -95,10 +95,14 @@ except (OSError, AttributeError):  # pragma: no cover - exotic libc
     _prctl = None
 
 
-def _die_with_parent() -> None:
-    # Runs in the child between fork and exec: the kernel sends SIGTERM when the parent dies.
-    if _prctl is not None:
+def _die_with(parent_pid: int):  # type: ignore[no-untyped-def]
+    def arrange() -> None:
+        # Runs in the child between fork and exec: the kernel sends SIGTERM when the parent dies.
         _prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+        if os.getppid() != parent_pid:  # the parent died before the line above took effect
+            os._exit(1)
+
+    return arrange
 
 
 _children: weakref.WeakSet[subprocess.Popen] = weakref.WeakSet()
@@ -113,6 +117,7 @@ def start_process(
     threads: Linux ties that signal to the thread that started the child).
     """
     log_path.parent.mkdir(parents=True, exist_ok=True)
+    on_main_thread = threading.current_thread() is threading.main_thread()
     with open(log_path, "ab") as log:
         proc = subprocess.Popen(
             args,
@@ -122,7 +127,7 @@ def start_process(
             env=env,
             cwd=cwd,
             start_new_session=True,
-            preexec_fn=_die_with_parent if threading.current_thread() is threading.main_thread() else None,
+            preexec_fn=_die_with(os.getpid()) if on_main_thread and _prctl is not None else None,
         )
     _children.add(proc)
     return proc
@@ -345,7 +350,7 @@ def start_s3(
         taken.add(port)
     # Ports with a gRPC twin at +10000; WebDAV has none, S3's gRPC is given explicitly too.
     grpc_services = ["master", "volume", "filer", "admin"] + ([] if port is not None else ["s3"])
-    pairs = dict(zip(grpc_services, _free_ports_with_offset(len(grpc_services), WEED_GRPC_OFFSET, taken)))
+    pairs = dict(zip(grpc_services, _free_ports_with_offset(len(grpc_services), WEED_GRPC_OFFSET, taken), strict=True))
     ports = {f"{name}.port": p for name, p in pairs.items()}
     ports |= {f"{name}.port.grpc": p + WEED_GRPC_OFFSET for name, p in pairs.items()}
     if port is not None:

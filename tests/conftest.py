@@ -1,0 +1,290 @@
+"""Fixtures: real PostgreSQL (or SQLite), Redis, an S3 server, and gpujobs processes.
+
+One session-wide deployment serves most tests: its database, broker and bucket are set in
+``os.environ`` (children inherit them), a maintenance worker and beat run the reconciler,
+and a default ``gpu`` worker runs jobs. Tests that need the gpu queue to themselves (worker
+kills, races, a job that must stay queued) stop the default worker with ``no_gpu_worker``
+and start their own with ``start_worker``; the next test that asks for ``gpu_worker`` gets
+the default one back.
+
+Modules under ``tests/`` import ``api`` and ``worker`` inside fixtures and tests, never at
+module level: the Celery app reads the broker URL when it is first imported.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from gpujobs.embedded import EmbeddedS3, start_s3
+from tests import processes
+from tests.processes import ManagedProcess, Stack
+from tests.services import Database, RedisDatabase, provision_database, provision_redis
+
+# Small timings so that leases expire, reconciles run and cancels land within a second or two.
+TEST_SETTINGS = {
+    "GPUJOBS_LEASE_SECONDS": "3",
+    "GPUJOBS_CONTROL_POLL_SECONDS": "0.2",
+    "GPUJOBS_RECONCILE_INTERVAL_SECONDS": "1",
+    "GPUJOBS_DISPATCH_GRACE_SECONDS": "1",
+    "GPUJOBS_MAX_ATTEMPTS": "2",
+    "GPUJOBS_RATE_LIMIT_PER_MINUTE": "1000000",
+    "GPUJOBS_MAX_BODY_BYTES": str(1024 * 1024),
+    "GPUJOBS_MAX_IMAGE_PIXELS": "1000000",
+    "GPUJOBS_S3_BUCKET": "gpujobs-test",
+    "GPUJOBS_WORKER_CONCURRENCY": "2",
+}
+
+
+def reset_process_caches() -> None:
+    """Make this process re-read GPUJOBS_* settings and reconnect to what they name."""
+    from db.notify import reset_clients
+    from db.session import dispose_engines
+    from db.settings import reset_settings
+    from db.storage import reset_storages
+
+    reset_settings()
+    reset_storages()
+    reset_clients()
+    dispose_engines()
+
+
+@dataclass
+class Services:
+    root: Path
+    database: Database
+    redis: RedisDatabase
+    s3: EmbeddedS3
+    env: dict[str, str]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def services(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Services]:
+    assert "worker.celery_app" not in sys.modules, (
+        "worker.celery_app was imported before the test services were set up, so it would use the wrong broker: "
+        "import api/worker inside fixtures and tests, not at module level"
+    )
+    root = tmp_path_factory.mktemp("gpujobs")
+    saved_environ = dict(os.environ)
+    database = redis_db = s3 = None
+    try:
+        database = provision_database(root / "db")
+        redis_db = provision_redis(root)
+        s3 = start_s3(root / "s3")
+        env = {
+            **TEST_SETTINGS,
+            "GPUJOBS_DATABASE_URL": database.url,
+            "GPUJOBS_BROKER_URL": redis_db.url,
+            "GPUJOBS_S3_ENDPOINT_URL": s3.endpoint_url,
+            "GPUJOBS_S3_ACCESS_KEY": s3.access_key,
+            "GPUJOBS_S3_SECRET_KEY": s3.secret_key,
+            "GPUJOBS_VAR_DIR": str(root / "var"),
+        }
+        for name in [name for name in os.environ if name.startswith("GPUJOBS_") and name not in env]:
+            if name != "GPUJOBS_TEST_DATABASE_URL":
+                del os.environ[name]  # a developer's own settings must not leak into the tests
+        os.environ.update(env)
+        reset_process_caches()
+        from db.storage import get_storage
+
+        get_storage().ensure_bucket()
+        yield Services(root=root, database=database, redis=redis_db, s3=s3, env=env)
+    finally:
+        os.environ.clear()
+        os.environ.update(saved_environ)
+        if s3 is not None:
+            s3.stop()
+        if redis_db is not None:
+            redis_db.release()
+        if database is not None:
+            database.drop()
+
+
+@pytest.fixture(scope="session")
+def database_url(services: Services) -> str:
+    return services.database.url
+
+
+# --- keys ------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Key:
+    id: str
+    tenant: str
+    secret: str
+
+
+@dataclass(frozen=True)
+class Keys:
+    admin: Key
+    admin_b: Key  # an admin in another tenant (idempotency keys are per tenant)
+    user_a: Key
+    user_b: Key
+
+
+def make_key(name: str, role: str, tenant: str | None = None, database_url: str | None = None) -> Key:
+    from db.keys import create_key
+    from db.models import Role
+    from db.session import session_scope
+
+    with session_scope(database_url) as session:
+        row, secret = create_key(session, name, Role(role), tenant_id=tenant)
+        return Key(id=row.id, tenant=row.tenant_id, secret=secret)
+
+
+@pytest.fixture(scope="session")
+def keys(services: Services) -> Keys:
+    return Keys(
+        admin=make_key("test admin", "admin"),
+        admin_b=make_key("test admin b", "admin"),
+        user_a=make_key("test user a", "user"),
+        user_b=make_key("test user b", "user"),
+    )
+
+
+# --- the API ---------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def app(services: Services) -> Any:
+    import api
+
+    return api.create_app()
+
+
+@pytest.fixture
+def client(app: Any) -> Any:
+    return app.test_client()
+
+
+# --- processes -------------------------------------------------------------------------------------
+
+
+class Cluster:
+    """The session's processes: beat and a maintenance worker always; the default gpu worker on demand."""
+
+    def __init__(self, stack: Stack) -> None:
+        self.stack = stack
+        self.gpu: ManagedProcess | None = None
+
+    def ensure_gpu_worker(self) -> ManagedProcess:
+        if self.gpu is None or not self.gpu.alive:
+            self.gpu = self.stack.start_worker("gpu", concurrency=2, name=f"default-gpu-{len(self.stack.processes)}")
+        return self.gpu
+
+    def stop_gpu_worker(self) -> None:
+        quiesce()
+        if self.gpu is not None:
+            self.gpu.stop()
+            self.gpu = None
+        purge_queue("gpu")
+
+
+def quiesce(timeout: float = 30.0) -> None:
+    """Cancel every unfinished job and wait until none runs, so the next test starts from a quiet queue."""
+    from sqlalchemy import select
+
+    from db import transitions
+    from db.models import Job, JobStatus
+    from db.session import session_scope
+
+    with session_scope() as session:
+        unfinished = session.scalars(
+            select(Job.id).where(Job.status.in_([JobStatus.QUEUED.value, JobStatus.RUNNING.value]))
+        ).all()
+        for job_id in unfinished:
+            transitions.request_cancel(session, job_id)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with session_scope() as session:
+            running = session.scalars(select(Job.id).where(Job.status == JobStatus.RUNNING.value)).all()
+        if not running:
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"jobs still running {timeout:g}s after their cancel: {running}")
+
+
+def purge_queue(queue: str) -> int:
+    """Drop the messages waiting in ``queue`` (of jobs that are all finished by now)."""
+    from worker.celery_app import app as celery_app
+
+    with celery_app.connection_for_write() as connection:
+        return connection.default_channel.queue_purge(queue) or 0
+
+
+@pytest.fixture(scope="session")
+def cluster(services: Services) -> Iterator[Cluster]:
+    stack = Stack(dict(os.environ), services.root / "logs", label="session")
+    try:
+        maintenance = stack.start_worker("maintenance", concurrency=2, name="session-maintenance", wait=False)
+        cluster = Cluster(stack)
+        cluster.ensure_gpu_worker()
+        stack.wait_worker_ready(maintenance)
+        stack.start_beat()
+        yield cluster
+    finally:
+        stack.stop_all()
+
+
+@pytest.fixture
+def gpu_worker(cluster: Cluster) -> ManagedProcess:
+    """The default worker on the gpu queue (started again if a test stopped it)."""
+    return cluster.ensure_gpu_worker()
+
+
+@pytest.fixture
+def no_gpu_worker(cluster: Cluster) -> Cluster:
+    """Nothing consumes the gpu queue (and nothing runs) until the test starts its own worker."""
+    cluster.stop_gpu_worker()
+    return cluster
+
+
+@pytest.fixture
+def start_worker(cluster: Cluster) -> Iterator[Any]:
+    """Start workers of the session's deployment for this test only; all stopped at its end."""
+    started: list[ManagedProcess] = []
+
+    def start(queues: str = "gpu", concurrency: int = 1, wait: bool = True) -> ManagedProcess:
+        worker = cluster.stack.start_worker(queues, concurrency=concurrency, wait=wait)
+        started.append(worker)
+        return worker
+
+    yield start
+    for worker in started:
+        if worker.alive:
+            worker.kill()  # whatever it still runs was the test's; a warm shutdown would wait for it
+
+
+# --- failure reports -------------------------------------------------------------------------------
+
+
+_STARTED_AT = pytest.StashKey[float]()
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    item.stash[_STARTED_AT] = time.time()
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[Any]) -> Iterator[None]:
+    outcome = yield
+    report = outcome.get_result()
+    if not report.failed:
+        return
+    since = item.stash.get(_STARTED_AT, 0.0) - 1
+    for process in processes.STARTED:
+        try:
+            touched = process.log_path.stat().st_mtime >= since
+        except OSError:
+            continue
+        if touched:
+            report.sections.append((f"log tail of {process.name} (pid {process.pid})", process.tail(80)))

@@ -1,0 +1,126 @@
+"""Workers die and messages repeat: leases and guarded claims keep every job run exactly once at a time."""
+
+from __future__ import annotations
+
+import re
+import threading
+import time
+
+from tests.client import diagnostic, events, get_job, wait_for
+
+
+def _claimed_by(job_id: str) -> list[str]:
+    return [e["message"] for e in events(job_id) if e["kind"] == "claimed"]
+
+
+def _worker_pid(claim_message: str) -> int:
+    # "claimed by <host>:<pid>:<random>"
+    match = re.search(r":(\d+):[0-9a-f]+$", claim_message)
+    assert match, claim_message
+    return int(match.group(1))
+
+
+def test_concurrent_claims_of_one_job_have_one_winner(client, keys, no_gpu_worker):
+    """Eight threads claim the same queued job at the same instant (PostgreSQL here; SQLite on a bare machine)."""
+    from db import transitions
+    from db.session import session_scope
+
+    job = diagnostic(client, keys.admin.secret)
+    barrier = threading.Barrier(8)
+    results: list[object] = []
+    lock = threading.Lock()
+
+    def claim(n: int) -> None:
+        with session_scope() as session:
+            barrier.wait()
+            outcome = transitions.claim(session, job["id"], f"racer:{n}:0", lease_seconds=30)
+        with lock:
+            results.append(outcome.attempt if outcome else None)
+
+    threads = [threading.Thread(target=claim, args=(n,)) for n in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    assert sorted(results, key=lambda r: r is None) == [1] + [None] * 7
+    assert len(_claimed_by(job["id"])) == 1
+    assert get_job(client, keys.admin.secret, job["id"])["attempts"] == 1
+    with session_scope() as session:  # the winner ends its run, so the job does not hold a lease for 30 s
+        assert transitions.cancel(session, job["id"], 1, "the test's claim race is over")
+
+
+def test_two_workers_get_the_same_job_and_only_one_runs_it(client, keys, no_gpu_worker, start_worker):
+    from worker.celery_app import dispatch
+
+    first, second = start_worker(wait=False), start_worker(wait=False)
+    for worker in (first, second):
+        no_gpu_worker.stack.wait_worker_ready(worker)
+
+    job = diagnostic(client, keys.admin.secret, steps=4, sleep_seconds=2)
+    dispatch(job["id"], "gpu")  # the duplicate message: a redelivery, a reconciler racing the API
+    done = wait_for(client, keys.admin.secret, job["id"], "succeeded", timeout=30)
+
+    assert done["attempts"] == 1
+    claims = _claimed_by(job["id"])
+    assert len(claims) == 1, claims
+    runner = first if _worker_pid(claims[0]) == first.pid else second
+    other = second if runner is first else first
+    assert _worker_pid(claims[0]) == runner.pid
+    # The other worker took the duplicate while the first ran the job (prefetch 1), and did nothing.
+    deadline = time.monotonic() + 15
+    while "'not_claimed'" not in other.log() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert "'not_claimed'" in other.log(), "the second worker never got the duplicate message"
+    assert "'not_claimed'" not in runner.log()
+    assert [e["kind"] for e in events(job["id"])].count("succeeded") == 1
+
+
+def test_a_killed_workers_job_is_requeued_and_completes_elsewhere(client, keys, no_gpu_worker, start_worker):
+    admin = keys.admin.secret
+    doomed = start_worker()
+    job = diagnostic(client, admin, steps=20, sleep_seconds=3)
+    wait_for(client, admin, job["id"], "running", until=lambda j: j["progress"]["step"] >= 1)
+    assert _worker_pid(_claimed_by(job["id"])[0]) == doomed.pid
+
+    doomed.kill()
+    rescuer = start_worker()
+    done = wait_for(client, admin, job["id"], ("succeeded", "failed"), timeout=60)
+
+    assert done["status"] == "succeeded", done
+    assert done["attempts"] == 2
+    timeline = events(job["id"])
+    requeued = [e for e in timeline if e["kind"] == "requeued"]
+    assert len(requeued) == 1 and requeued[0]["attempt"] == 1
+    assert "lease expired" in requeued[0]["message"]
+    claims = _claimed_by(job["id"])
+    assert [_worker_pid(c) for c in claims] == [doomed.pid, rescuer.pid]
+    # Lease expiry, not a timeout of hours: the job came back within seconds of the kill.
+    killed_claim, second_claim = (e["at"] for e in timeline if e["kind"] == "claimed")
+    assert (second_claim - killed_claim).total_seconds() < 30
+    assert done["output"]["artifact"]["sha256"]
+
+
+def test_a_job_whose_worker_dies_on_every_attempt_fails_as_worker_lost(client, keys, no_gpu_worker, start_worker):
+    from db.settings import get_settings
+
+    admin = keys.admin.secret
+    max_attempts = get_settings().max_attempts
+    job = diagnostic(client, admin, steps=100, sleep_seconds=60)
+    for attempt in range(1, max_attempts + 1):
+        worker = start_worker()
+        wait_for(
+            client, admin, job["id"], "running", timeout=60,
+            until=lambda j, n=attempt: j["attempts"] == n and j["progress"]["step"] >= 1,
+        )  # fmt: skip
+        worker.kill()
+
+    failed = wait_for(client, admin, job["id"], ("failed", "succeeded", "canceled"), timeout=30)
+    assert failed["status"] == "failed", failed
+    assert failed["attempts"] == max_attempts
+    assert failed["error"]["code"] == "worker_lost"
+    message = failed["error"]["message"]
+    assert "stopped responding" in message and str(max_attempts) in message, message
+    kinds = [e["kind"] for e in events(job["id"])]
+    assert kinds.count("claimed") == max_attempts
+    assert kinds.count("requeued") == max_attempts - 1
+    assert kinds[-1] == "failed"
