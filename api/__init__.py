@@ -15,7 +15,9 @@ from db.settings import Settings, get_settings
 
 
 def create_app(settings: Settings | None = None) -> Flask:
-    from api import auth, errors, files, health, jobs, keys, openapi
+    from api import admin, auth, errors, files, health, jobs, keys, metrics, openapi, webhooks
+    from api.errors import ApiError
+    from api.presenters import ID
 
     settings = settings or get_settings()
     app = Flask(__name__)
@@ -30,6 +32,9 @@ def create_app(settings: Settings | None = None) -> Flask:
         g.db = sessions()
         if request.path.startswith("/v1/"):
             auth.authenticate()
+            # Ids are a prefix and url-safe base64: anything else (NUL, spaces…) names nothing.
+            if request.view_args and not all(ID.fullmatch(str(v)) for v in request.view_args.values()):
+                raise ApiError(404, "No such resource.")
 
     @app.teardown_appcontext
     def _close_session(_exc: BaseException | None) -> None:
@@ -38,7 +43,8 @@ def create_app(settings: Settings | None = None) -> Flask:
             session.close()
 
     errors.register(app)
-    for blueprint in (health.bp, files.bp, jobs.bp, keys.bp, openapi.bp):
+    for blueprint in (health.bp, metrics.bp, files.bp, jobs.bp, keys.bp, webhooks.bp, openapi.bp):
         app.register_blueprint(blueprint)
+    admin.init_app(app, settings)
     logging.getLogger(__name__).debug("gpujobs API ready")
     return app

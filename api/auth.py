@@ -11,18 +11,19 @@ from typing import Any, TypeVar
 import redis
 from flask import g, request
 
+from api import config
+
 from api.errors import ApiError
 from db import notify
-from db.keys import find_active_key
-from db.models import ApiKey, Role
-from db.settings import get_settings
+from db.keys import Identity, find_active_key
+from db.models import Role
 
 log = logging.getLogger(__name__)
 
 F = TypeVar("F", bound=Callable[..., Any])
 
 
-def current_key() -> ApiKey:
+def current_key() -> Identity:
     return g.api_key  # type: ignore[no-any-return]
 
 
@@ -54,9 +55,10 @@ def require_admin(view: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
-def _rate_limit(key: ApiKey) -> None:
-    limit = get_settings().rate_limit_per_minute
-    client = notify.redis_client() if limit else None
+def _rate_limit(key: Identity) -> None:
+    settings = config.settings()
+    limit = settings.rate_limit_per_minute
+    client = notify.redis_client(settings) if limit else None
     if client is None:
         return
     window = int(time.time() // 60)

@@ -15,13 +15,13 @@ from flask import Blueprint, Response, g, jsonify, redirect, request
 from PIL import Image, UnidentifiedImageError
 from sqlalchemy import select
 
+from api import config
 from api.auth import current_key, is_admin
 from api.errors import ApiError, validation_error
 from api.openapi import document
 from api.presenters import file_json
 from db.models import File, new_id
-from db.settings import get_settings
-from db.storage import StorageError, get_storage
+from db.storage import StorageError
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +41,7 @@ class CheckedImage:
 
 def check_image(data: bytes) -> CheckedImage:
     """Decode the image fully; refuse unknown formats, undecodable data and decompression bombs (422)."""
-    settings = get_settings()
+    settings = config.settings()
     loc = ["body", "file"]
     try:
         with warnings.catch_warnings():
@@ -69,7 +69,7 @@ def check_image(data: bytes) -> CheckedImage:
 
 
 def _too_many_pixels(width: int, height: int) -> ApiError:
-    limit = get_settings().max_image_pixels
+    limit = config.settings().max_image_pixels
     return validation_error(
         ["body", "file"], f"the image is {width}×{height} = {width * height} pixels, more than the limit of {limit}"
     )
@@ -140,7 +140,7 @@ def upload() -> tuple[Response, int, dict[str, str]]:
     file_id = new_id("file")
     storage_key = f"inputs/{file_id}"
     try:
-        get_storage().put(storage_key, data, content_type, attempts=2)
+        config.storage().put(storage_key, data, content_type, attempts=2)
     except StorageError as exc:
         log.error("upload of %s failed: %s", file_id, exc)
         raise ApiError(503, "Storage is unavailable; the file was not saved. Try again.") from None
@@ -181,4 +181,4 @@ def get_file(file_id: str) -> Response:
 @document("Download a file (a redirect to a presigned URL)", responses={302: "object"})
 def get_content(file_id: str) -> Response:
     file = load_file(file_id)
-    return redirect(get_storage().presigned_url(file.storage_key), code=302)
+    return redirect(config.storage().presigned_url(file.storage_key), code=302)

@@ -7,8 +7,9 @@ from sqlalchemy import text
 
 from api.errors import problem
 from api.openapi import document
-from db.storage import get_storage
-from worker.celery_app import app as celery_app
+from kombu import Connection
+
+from api import config
 
 bp = Blueprint("health", __name__)
 
@@ -24,12 +25,12 @@ def _check_database() -> None:
 
 
 def _check_broker() -> None:
-    with celery_app.connection_for_write() as connection:
+    with Connection(config.settings().broker_url, connect_timeout=2) as connection:
         connection.ensure_connection(max_retries=1, timeout=2)
 
 
 def _check_storage() -> None:
-    get_storage().ping()
+    config.storage().ping()
 
 
 @bp.get("/readyz")

@@ -9,23 +9,25 @@ import re
 import time
 from typing import Any, Literal
 
-import redis
 from flask import Blueprint, Response, g, jsonify, request
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import selectinload
+from sqlalchemy.orm import joinedload, selectinload
 
+from api import config
 from api.auth import current_key, is_admin
+from api import waiting
+from api.body import json_object
 from api.errors import ApiError, from_pydantic, validation_error
 from api.openapi import document
 from api.presenters import job_json, page_params, paginate
 from db import notify, transitions
-from db.models import File, Job, JobStatus
-from db.settings import get_settings
+from db.models import File, Job, JobStatus, utcnow
 from worker.celery_app import dispatch
 from worker.jobs import REGISTRY, get_job_type
 from worker.jobs.base import JobInput, file_fields
+from worker.webhooks import guard
 
 log = logging.getLogger(__name__)
 
@@ -60,24 +62,13 @@ class JobCreate(BaseModel):
         return list(dict.fromkeys(value))
 
 
-def _json_body() -> dict[str, Any]:
-    if not request.is_json:
-        raise ApiError(415, "Send the body as JSON with `Content-Type: application/json`.")
-    body = request.get_json(silent=True)
-    if body is None:
-        raise ApiError(400, "The body is not valid JSON.")
-    if not isinstance(body, dict):
-        raise validation_error(["body"], "must be a JSON object")
-    return body
-
-
 def _visible(query: Any) -> Any:
     return query if is_admin() else query.where(Job.tenant_id == current_key().tenant_id)
 
 
 def _load(job_id: str) -> Job:
-    query = _visible(select(Job).where(Job.id == job_id)).options(selectinload(Job.artifacts))
-    job = g.db.scalars(query.execution_options(populate_existing=True)).one_or_none()
+    query = _visible(select(Job).where(Job.id == job_id)).options(joinedload(Job.artifacts))
+    job = g.db.scalars(query.execution_options(populate_existing=True)).unique().one_or_none()
     if job is None:
         raise ApiError(404, f"No job {job_id!r}.")
     return job
@@ -96,49 +87,26 @@ def _prefer_wait() -> float | None:
                 raise validation_error(["header", "Prefer"], "wait must be a whole number of seconds") from None
             if seconds < 0:
                 raise validation_error(["header", "Prefer"], "wait must not be negative")
-            return float(min(seconds, get_settings().max_wait_seconds))
+            return float(min(seconds, config.settings().max_wait_seconds))
     return None
 
 
 def _wait_for_finish(job_id: str, seconds: float) -> None:
-    """Block until the job finishes or ``seconds`` pass: Redis pub/sub, with the database as the truth."""
-    deadline = time.monotonic() + seconds
-    client = notify.redis_client()
-    pubsub = None
-    try:
-        if client is not None:
-            pubsub = client.pubsub(ignore_subscribe_messages=True)
-            pubsub.subscribe(notify.channel(job_id))
-    except redis.RedisError:
-        pubsub = None
-    try:
-        while True:
-            g.db.expire_all()
-            status = g.db.execute(select(Job.status).where(Job.id == job_id)).scalar_one()
-            remaining = deadline - time.monotonic()
-            if JobStatus(status).finished or remaining <= 0:
-                return
-            if pubsub is not None:
-                try:
-                    pubsub.get_message(timeout=min(remaining, 1.0))
-                    continue
-                except redis.RedisError:
-                    pubsub = None
-            time.sleep(min(remaining, 0.1))
-    finally:
-        if pubsub is not None:
-            try:
-                pubsub.close()
-            except redis.RedisError:
-                pass
-        g.db.rollback()  # end the read transaction so the final read sees the latest row
+    """Block until the job finishes or ``seconds`` pass (see ``api.waiting``)."""
+
+    def finished() -> bool:
+        status = g.db.execute(select(Job.status).where(Job.id == job_id)).scalar_one()
+        g.db.commit()  # end the read so the next one sees new commits (nothing is expired: expire_on_commit is off)
+        return JobStatus(status).finished
+
+    waiting.listener(config.settings()).wait(job_id, seconds, finished)
 
 
 @bp.post("")
 @document("Create a job", body=JobCreate, responses={202: "Job", 200: "Job"})
 def create_job() -> tuple[Response, int, dict[str, str]]:
-    settings = get_settings()
-    body = _json_body()
+    settings = config.settings()
+    body = json_object()
     try:
         spec = JobCreate.model_validate(body)
     except ValidationError as exc:
@@ -154,6 +122,8 @@ def create_job() -> tuple[Response, int, dict[str, str]]:
     except ValidationError as exc:
         raise from_pydantic(exc, ["body", "input"]) from None
     _check_files(params)
+    if spec.webhook is not None:
+        _check_webhook(spec.webhook)
     if len(json.dumps(spec.metadata)) > settings.max_json_field_bytes:
         raise validation_error(["body", "metadata"], f"must be at most {settings.max_json_field_bytes} bytes of JSON")
     wait = _prefer_wait()
@@ -181,6 +151,8 @@ def create_job() -> tuple[Response, int, dict[str, str]]:
         request_hash=request_hash,
         webhook=spec.webhook,
         webhook_events_filter=spec.webhook_events_filter,
+        # Marked sent up front (one write less on the hot path); undone below if the send fails.
+        dispatched_at=utcnow(),
     )
     try:
         transitions.create(g.db, job)
@@ -194,12 +166,12 @@ def create_job() -> tuple[Response, int, dict[str, str]]:
 
     # Commit first, then send: if the broker refuses, the reconciler sends it later.
     try:
-        dispatch(job.id, job.queue)
+        dispatch(job.id, job.queue, settings.broker_url)
     except Exception as exc:
         log.warning("job %s stays queued until the broker is back: %s", job.id, exc)
-    else:
-        transitions.mark_dispatched(g.db, job.id)
+        transitions.undo_dispatch(g.db, job.id)
         g.db.commit()
+        job.dispatched_at = None
 
     headers = {"Location": f"/v1/jobs/{job.id}"}
     if wait:
@@ -230,6 +202,14 @@ def _check_files(params: JobInput) -> None:
             raise validation_error(
                 ["body", "input", field], f"file {file_id!r} was uploaded as {found[file_id]}, not as {purpose}"
             )
+
+
+def _check_webhook(url: str) -> None:
+    """Refuse at once a webhook URL that can only be refused (a private address, ``localhost``); DNS is checked at send."""
+    try:
+        guard.check_url(url, config.settings().webhook_allow_private)
+    except guard.Refused as exc:
+        raise validation_error(["body", "webhook"], str(exc)) from None
 
 
 def _by_idempotency_key(key: str) -> Job | None:
@@ -270,9 +250,9 @@ def list_jobs() -> Response:
 @bp.get("/<job_id>")
 @document("Get a job", responses={200: "Job"})
 def get_job(job_id: str) -> Response:
-    _load(job_id)
     wait = _prefer_wait()
     if wait:
+        _load(job_id)  # 404 before waiting
         _wait_for_finish(job_id, wait)
     return jsonify(job_json(_load(job_id)))
 

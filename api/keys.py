@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from flask import Blueprint, Response, g, jsonify, request
+from flask import Blueprint, Response, g, jsonify
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from sqlalchemy import select
 
 from api.auth import require_admin
+from api.body import json_object
 from api.errors import ApiError, from_pydantic, validation_error
 from api.openapi import document
 from api.presenters import key_json, page_params, paginate
@@ -17,10 +18,12 @@ from db.models import ApiKey, Role, Tenant
 class KeyCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    name: str = Field(min_length=1, max_length=200, description="Who or what uses the key.")
+    name: str = Field(
+        min_length=1, max_length=200, pattern=r"^[^\x00-\x1f\x7f]+$", description="Who or what uses the key."
+    )
     role: Role = Field(Role.USER, description="`user` or `admin`.")
     tenant: str | None = Field(
-        None, max_length=40, description="An existing tenant id to share; without it the key gets a new tenant."
+        None, max_length=40, pattern=r"^ten_[A-Za-z0-9_-]+$", description="An existing tenant id to share; without it the key gets a new tenant."
     )
 
 
@@ -31,11 +34,7 @@ bp = Blueprint("keys", __name__, url_prefix="/v1/keys")
 @require_admin
 @document("Create an API key (admin); the key is shown this once", body=KeyCreate, responses={201: "Key"})
 def create_key() -> tuple[Response, int]:
-    if not request.is_json:
-        raise ApiError(415, "Send the body as JSON with `Content-Type: application/json`.")
-    body = request.get_json(silent=True)
-    if not isinstance(body, dict):
-        raise ApiError(400, "The body is not a JSON object.")
+    body = json_object()
     try:
         spec = KeyCreate.model_validate(body)
     except ValidationError as exc:

@@ -144,7 +144,8 @@ def _components() -> dict[str, Any]:
             },
         },
     }
-    for list_name, item in [("JobList", "Job"), ("KeyList", "Key")]:
+    schemas.update(_webhook_schemas())
+    for list_name, item in [("JobList", "Job"), ("KeyList", "Key"), ("WebhookDeliveryList", "WebhookDelivery")]:
         schemas[list_name] = {
             "type": "object",
             "properties": {
@@ -162,6 +163,53 @@ def _components() -> dict[str, Any]:
                 schema["description"] = job_type.summary + (" Admin keys only." if job_type.admin_only else "")
             schemas[f"{name}{suffix}"] = schema
     return schemas
+
+
+def _webhook_schemas() -> dict[str, Any]:
+    time = {"type": ["string", "null"], "format": "date-time"}
+    return {
+        "WebhookSecret": {
+            "type": "object",
+            "properties": {
+                "secret": {"type": "string", "description": "`whsec_` and base64; the HMAC key is the decoded part."},
+                "created_at": {"type": "string", "format": "date-time"},
+                "rotated_at": time,
+                "previous_secret_valid_until": {
+                    **time,
+                    "description": "Until then the previous secret also signs (a second signature).",
+                },
+            },
+        },
+        "WebhookDelivery": {
+            "type": "object",
+            "properties": {
+                "id": {"type": "string", "description": "The `webhook-id` header: the same on every attempt."},
+                "job_id": {"type": "string"},
+                "event": {"type": "string", "enum": ["start", "progress", "completed"]},
+                "status": {"type": "string", "enum": ["pending", "delivered", "failed", "gave_up"]},
+                "attempts": {"type": "integer"},
+                "next_attempt_at": time,
+                "last_error": {"type": ["string", "null"]},
+                "created_at": {"type": "string", "format": "date-time"},
+                "delivered_at": time,
+                "history": {
+                    "type": "array",
+                    "items": {
+                        "type": "object",
+                        "properties": {
+                            "number": {"type": "integer"},
+                            "at": {"type": "string", "format": "date-time"},
+                            "status_code": {"type": ["integer", "null"]},
+                            "response_excerpt": {"type": ["string", "null"]},
+                            "error": {"type": ["string", "null"]},
+                            "duration_seconds": {"type": "number"},
+                        },
+                    },
+                },
+                "urls": {"type": "object", "additionalProperties": {"type": "string"}},
+            },
+        },
+    }
 
 
 def _job_create_schema(model: type[BaseModel]) -> dict[str, Any]:

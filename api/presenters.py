@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import re
 from datetime import datetime
 from typing import Any
 
@@ -12,55 +13,21 @@ from flask import g, request
 from sqlalchemy import Select, and_, or_
 
 from api.errors import validation_error
-from db.models import ApiKey, File, Job, JobStatus
-from db.storage import get_storage
 
+ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+from db.models import ApiKey, File, WebhookDelivery, WebhookSecret
+from db.wire import job_json, rfc3339
 
-def rfc3339(value: datetime | None) -> str | None:
-    return value.isoformat().replace("+00:00", "Z") if value else None
-
-
-def _seconds(start: datetime | None, end: datetime | None) -> float | None:
-    return round((end - start).total_seconds(), 3) if start and end else None
-
-
-def _with_urls(value: Any, artifacts: dict[str, str]) -> Any:
-    """Add a fresh presigned ``url`` to every artifact found in a job's output."""
-    if isinstance(value, dict):
-        if value.get("name") in artifacts and {"content_type", "size", "sha256"} <= value.keys():
-            return {**value, "url": get_storage().presigned_url(artifacts[value["name"]])}
-        return {k: _with_urls(v, artifacts) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_with_urls(v, artifacts) for v in value]
-    return value
-
-
-def job_json(job: Job) -> dict[str, Any]:
-    progress = {"step": 0, "total": None, "fraction": 0.0, "message": None, **(job.progress or {})}
-    output = job.output
-    if output is not None and job.status == JobStatus.SUCCEEDED.value:
-        output = _with_urls(output, {a.name: a.storage_key for a in job.artifacts})
-    return {
-        "id": job.id,
-        "type": job.type,
-        "status": job.status,
-        "input": job.input,
-        "metadata": job.meta,
-        "output": output,
-        "error": job.error,
-        "progress": progress,
-        "attempts": job.attempts,
-        "created_at": rfc3339(job.created_at),
-        "started_at": rfc3339(job.started_at),
-        "finished_at": rfc3339(job.finished_at),
-        "metrics": {
-            "queue_seconds": _seconds(job.created_at, job.started_at),
-            "run_seconds": _seconds(job.started_at, job.finished_at),
-        },
-        "webhook": job.webhook,
-        "webhook_events_filter": job.webhook_events_filter,
-        "urls": {"self": f"/v1/jobs/{job.id}", "cancel": f"/v1/jobs/{job.id}/cancel"},
-    }
+__all__ = [
+    "delivery_json",
+    "file_json",
+    "job_json",
+    "key_json",
+    "page_params",
+    "paginate",
+    "rfc3339",
+    "webhook_secret_json",
+]
 
 
 def file_json(file: File) -> dict[str, Any]:
@@ -109,7 +76,10 @@ def page_params() -> tuple[int, tuple[datetime, str] | None]:
         return limit, None
     try:
         created, ident = json.loads(base64.urlsafe_b64decode(raw_cursor.encode() + b"==="))
-        return limit, (datetime.fromisoformat(created), str(ident))
+        created_at = datetime.fromisoformat(created)
+        if created_at.tzinfo is None or not ID.fullmatch(str(ident)):
+            raise ValueError("not a cursor of ours")
+        return limit, (created_at, str(ident))
     except (ValueError, TypeError, binascii.Error, UnicodeDecodeError):
         raise validation_error(["query", "cursor"], "is not a cursor this API returned") from None
 
@@ -126,3 +96,39 @@ def paginate(query: Select[Any], model: Any, limit: int, cursor: tuple[datetime,
         last = rows[-1]
         next_cursor = base64.urlsafe_b64encode(json.dumps([last.created_at.isoformat(), last.id]).encode()).decode().rstrip("=")
     return rows, next_cursor
+
+
+def webhook_secret_json(secret: WebhookSecret) -> dict[str, Any]:
+    return {
+        "secret": secret.secret,
+        "created_at": rfc3339(secret.created_at),
+        "rotated_at": rfc3339(secret.rotated_at),
+        "previous_secret_valid_until": rfc3339(secret.previous_valid_until),
+    }
+
+
+def delivery_json(delivery: WebhookDelivery) -> dict[str, Any]:
+    base = f"/v1/jobs/{delivery.job_id}/webhooks/{delivery.id}"
+    return {
+        "id": delivery.id,  # also the `webhook-id` header, the same on every attempt
+        "job_id": delivery.job_id,
+        "event": delivery.event,
+        "status": delivery.status,
+        "attempts": delivery.attempts,
+        "next_attempt_at": rfc3339(delivery.next_attempt_at),
+        "last_error": delivery.last_error,
+        "created_at": rfc3339(delivery.created_at),
+        "delivered_at": rfc3339(delivery.delivered_at),
+        "history": [
+            {
+                "number": attempt.number,
+                "at": rfc3339(attempt.at),
+                "status_code": attempt.status_code,
+                "response_excerpt": attempt.response_excerpt,
+                "error": attempt.error,
+                "duration_seconds": attempt.duration_seconds,
+            }
+            for attempt in delivery.history
+        ],
+        "urls": {"redeliver": f"{base}/redeliver"},
+    }

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import secrets
+from dataclasses import dataclass
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -37,10 +38,22 @@ def create_key(
     return key, plaintext
 
 
-def find_active_key(session: Session, plaintext: str) -> ApiKey | None:
-    return session.scalars(
-        select(ApiKey).where(ApiKey.key_hash == hash_key(plaintext), ApiKey.revoked_at.is_(None))
-    ).one_or_none()
+@dataclass(frozen=True)
+class Identity:
+    """Who a request acts as: what authentication needs, read with one small query."""
+
+    id: str
+    tenant_id: str
+    role: str
+
+
+def find_active_key(session: Session, plaintext: str) -> Identity | None:
+    row = session.execute(
+        select(ApiKey.id, ApiKey.tenant_id, ApiKey.role).where(
+            ApiKey.key_hash == hash_key(plaintext), ApiKey.revoked_at.is_(None)
+        )
+    ).first()
+    return Identity(*row) if row is not None else None
 
 
 def ensure_admin_key(session: Session, plaintext: str, name: str = "bootstrap admin") -> ApiKey:

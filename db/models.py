@@ -109,7 +109,7 @@ class ApiKey(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     revoked_at: Mapped[datetime | None]
 
-    tenant: Mapped[Tenant] = relationship(lazy="joined")
+    tenant: Mapped[Tenant] = relationship()
 
 
 class File(Base):
@@ -182,6 +182,7 @@ class EventKind(str, enum.Enum):
     CANCEL_REQUESTED = "cancel_requested"
     CANCELED = "canceled"
     REQUEUED = "requeued"
+    RETRIED = "retried"  # an operator ran a failed or canceled job again (admin dashboard)
 
 
 class JobEvent(Base):
@@ -235,3 +236,82 @@ class WorkerProcess(Base):
     started_at: Mapped[datetime] = mapped_column(default=utcnow)
     last_seen_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
     stopped_at: Mapped[datetime | None]
+
+
+class WebhookSecret(Base):
+    """A tenant's signing secret (``whsec_…``); after a rotation the previous one still signs until its grace ends."""
+
+    __tablename__ = "webhook_secrets"
+
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"), primary_key=True)
+    secret: Mapped[str] = mapped_column(String(100))
+    previous_secret: Mapped[str | None] = mapped_column(String(100))
+    previous_valid_until: Mapped[datetime | None]
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    rotated_at: Mapped[datetime | None]
+
+
+class WebhookEvent(str, enum.Enum):
+    START = "start"
+    PROGRESS = "progress"
+    COMPLETED = "completed"
+
+
+class DeliveryStatus(str, enum.Enum):
+    PENDING = "pending"  # waiting for its first attempt or its next retry
+    DELIVERED = "delivered"  # a 2xx answer
+    FAILED = "failed"  # stopped for good: 410 Gone, or a URL the SSRF guard refuses
+    GAVE_UP = "gave_up"  # retried until the retry horizon (or superseded, for progress)
+
+
+class WebhookDelivery(Base):
+    """One event of one job, to be sent to the job's webhook: the unit of retry and of ``webhook-id``.
+
+    ``start`` and ``completed`` have ``sequence`` 0, so the unique constraint allows one each per job;
+    ``progress`` deliveries count 1, 2, … (and ``completed`` too, each time an operator's retry finishes the job again).
+    """
+
+    __tablename__ = "webhook_deliveries"
+    __table_args__ = (
+        UniqueConstraint("job_id", "event", "sequence"),
+        Index("ix_webhook_deliveries_status_next_attempt", "status", "next_attempt_at"),
+        Index("ix_webhook_deliveries_job_created", "job_id", "created_at", "id"),
+    )
+
+    # Also the ``webhook-id`` header: the same on every attempt, redeliveries included.
+    id: Mapped[str] = mapped_column(String(40), primary_key=True, default=lambda: new_id("msg"))
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"))
+    event: Mapped[WebhookEvent] = mapped_column(String(16))
+    sequence: Mapped[int] = mapped_column(Integer, default=0)
+    # The job as ``GET /v1/jobs/{id}`` showed it when the event happened, without artifact URLs
+    # (those are presigned afresh for every attempt, so a late retry does not carry expired links).
+    payload: Mapped[dict[str, Any]]
+    status: Mapped[DeliveryStatus] = mapped_column(String(16), default=DeliveryStatus.PENDING)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    # A series of attempts is retried with backoff until the retry horizon; a redelivery starts a new one.
+    series_started_at: Mapped[datetime] = mapped_column(default=utcnow)
+    series_first_attempt: Mapped[int] = mapped_column(Integer, default=1)
+    next_attempt_at: Mapped[datetime | None]
+    last_error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    delivered_at: Mapped[datetime | None]
+
+    history: Mapped[list[WebhookAttempt]] = relationship(
+        order_by="WebhookAttempt.number", cascade="all, delete-orphan", passive_deletes=True
+    )
+
+
+class WebhookAttempt(Base):
+    """One HTTP request of a delivery and what came of it."""
+
+    __tablename__ = "webhook_attempts"
+    __table_args__ = (UniqueConstraint("delivery_id", "number"),)
+
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True)
+    delivery_id: Mapped[str] = mapped_column(ForeignKey("webhook_deliveries.id", ondelete="CASCADE"))
+    number: Mapped[int] = mapped_column(Integer)
+    at: Mapped[datetime] = mapped_column(default=utcnow)
+    status_code: Mapped[int | None] = mapped_column(Integer)
+    response_excerpt: Mapped[str | None] = mapped_column(Text)
+    error: Mapped[str | None] = mapped_column(Text)
+    duration_seconds: Mapped[float]

@@ -11,7 +11,7 @@ import threading
 
 import redis
 
-from db.settings import get_settings
+from db.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
 
@@ -23,8 +23,8 @@ def channel(job_id: str) -> str:
     return f"gpujobs:finished:{job_id}"
 
 
-def redis_client() -> redis.Redis | None:
-    url = get_settings().effective_redis_url
+def redis_client(settings: Settings | None = None) -> redis.Redis | None:
+    url = (settings or get_settings()).effective_redis_url
     if url is None:
         return None
     with _lock:

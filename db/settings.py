@@ -46,6 +46,26 @@ class Settings(BaseSettings):
     )
     max_wait_seconds: int = Field(60, ge=0, le=600, description="Upper bound of `Prefer: wait=N`.")
 
+    # --- admin dashboard and metrics -------------------------------------------
+    session_secret: str | None = Field(
+        None,
+        description="Signs the admin dashboard's session cookies. Unset: a random secret made once and kept in "
+        "`<var_dir>/session-secret`, which the API processes of one machine share; set it (the same everywhere) "
+        "when several machines serve the API.",
+    )
+    metrics_token: str | None = Field(
+        None,
+        description="When set, `GET /metrics` needs `Authorization: Bearer <token>`; unset, it is open "
+        "(keep it off the public internet).",
+    )
+    metrics_window_seconds: float = Field(
+        3600.0,
+        ge=60,
+        le=7 * 86400,
+        description="The `/metrics` histograms count jobs that started (queue wait) or finished (run time) "
+        "within this window; lost workers are those silent past `worker_lost_seconds` but heard from within it.",
+    )
+
     # --- jobs and workers -----------------------------------------------------
     lease_seconds: float = Field(30.0, gt=0, description="How long a running job stays claimed without renewal.")
     control_poll_seconds: float = Field(
@@ -59,12 +79,48 @@ class Settings(BaseSettings):
     redispatch_seconds: float = Field(
         900.0, gt=0, description="Age after which a still-queued job's message is presumed lost and sent again."
     )
+    lost_message_seconds: float = Field(
+        30.0,
+        gt=0,
+        description="A queued job sent this long ago whose queue is empty in the broker lost its message: sent again.",
+    )
     reconcile_interval_seconds: float = Field(5.0, gt=0, description="Period of the reconciler on beat.")
     worker_concurrency: int = Field(2, ge=1, le=64, description="Jobs one worker process runs at once (threads).")
     upload_attempts: int = Field(4, ge=1, le=20, description="Tries to store one artifact before the job fails.")
 
     heartbeat_seconds: float = Field(5.0, gt=0, description="How often each worker process records its heartbeat.")
     worker_lost_seconds: float = Field(30.0, gt=0, description="A worker silent this long is shown as lost.")
+
+    # --- webhooks -------------------------------------------------------------
+    webhook_allow_private: bool = Field(
+        False,
+        description="Let webhooks reach loopback, private, link-local and other non-public addresses "
+        "(tests, single-machine setups). Off, such URLs are refused at submit or at send.",
+    )
+    webhook_timeout_seconds: float = Field(
+        10.0, gt=0, le=120, description="Time one delivery attempt may take (connect, send, first answer)."
+    )
+    webhook_retry_base_seconds: float = Field(
+        5.0, gt=0, description="Delay before the first retry; each next retry waits twice as long (with jitter)."
+    )
+    webhook_retry_max_delay_seconds: float = Field(
+        7200.0, gt=0, description="Longest wait between two attempts (also caps a receiver's `Retry-After`)."
+    )
+    webhook_retry_horizon_seconds: float = Field(
+        86400.0,
+        gt=0,
+        description="How long a delivery is retried after its event (or its redelivery); the last attempt is "
+        "made at this horizon, then the delivery gives up.",
+    )
+    webhook_secret_grace_seconds: float = Field(
+        86400.0, ge=0, description="After a secret rotation, how long the previous secret still signs too."
+    )
+    webhook_progress_seconds: float = Field(
+        2.0, gt=0, description="Least time between two `progress` webhooks of one job."
+    )
+    webhook_sweep_seconds: float = Field(
+        5.0, gt=0, description="Period of the beat task that sends due webhook deliveries and retries."
+    )
 
     # --- models ---------------------------------------------------------------
     model_catalog: Path | None = Field(
@@ -84,6 +140,32 @@ class Settings(BaseSettings):
     )
     segmentation_max_wait_ms: float = Field(
         10.0, ge=0, le=5000, description="How long a segmentation batch waits for more images before it runs."
+    )
+    generation_max_width: int = Field(
+        2048, ge=64, le=16384, multiple_of=8, description="Widest image a generation job may make (pixels)."
+    )
+    generation_max_height: int = Field(
+        2048, ge=64, le=16384, multiple_of=8, description="Tallest image a generation job may make (pixels)."
+    )
+    generation_max_pixels: int = Field(
+        1024 * 1024,
+        ge=64 * 64,
+        description="Largest width × height a generation job may make (inpainting and style-transfer inputs "
+        "included, after rounding to a multiple of 8); bounds the GPU memory of one run.",
+    )
+    generation_max_steps: int = Field(
+        150, ge=1, le=150, description="Most denoising steps (`num_inference_steps`) a generation job may ask for."
+    )
+    generation_max_prompt_chars: int = Field(
+        2000, ge=1, le=100_000, description="Longest `prompt` / `negative_prompt` (characters) a generation job takes."
+    )
+    torch_compile: bool = Field(
+        False,
+        description="Compile the diffusion UNet with `torch.compile` (CUDA): faster steps after a slow first run "
+        "per image size; measure with `bench/diffusion.py` before enabling.",
+    )
+    channels_last: bool = Field(
+        False, description="Keep the diffusion UNet and VAE in channels-last memory format (often faster on CUDA)."
     )
 
     @property

@@ -7,6 +7,7 @@ Keys: ``inputs/<file id>``, ``jobs/<job id>/<name>``, ``models/<model id>/...``.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import logging
 import threading
@@ -80,17 +81,22 @@ class Storage:
         """Store ``data`` and check that what the server holds has its size; retried with backoff."""
         attempts = attempts or self.settings.upload_attempts
         digest = hashlib.sha256(data).hexdigest()
+        content_md5 = base64.b64encode(hashlib.md5(data, usedforsecurity=False).digest()).decode()
         last: Exception | None = None
         for attempt in range(1, attempts + 1):
             try:
+                # The server checks Content-MD5 and refuses a body that does not match it, so a
+                # successful PUT means these exact bytes are stored (no HEAD round trip needed).
                 self.client.put_object(
-                    Bucket=self.bucket, Key=key, Body=data, ContentType=content_type, Metadata={"sha256": digest}
+                    Bucket=self.bucket,
+                    Key=key,
+                    Body=data,
+                    ContentType=content_type,
+                    ContentMD5=content_md5,
+                    Metadata={"sha256": digest},
                 )
-                head = self.client.head_object(Bucket=self.bucket, Key=key)
-                if head["ContentLength"] != len(data):
-                    raise StorageError(f"stored {head['ContentLength']} bytes of {len(data)} for {key}")
                 return StoredObject(key=key, size=len(data), sha256=digest, content_type=content_type)
-            except (BotoCoreError, ClientError, StorageError) as exc:
+            except (BotoCoreError, ClientError) as exc:
                 last = exc
                 log.warning("upload of %s failed (attempt %d of %d): %s", key, attempt, attempts, exc)
                 if attempt < attempts:

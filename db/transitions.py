@@ -8,10 +8,16 @@ messages, cancels and the reconciler safe to run at the same time.
 A running job is fenced by its attempt number: a worker acts on the job only while
 ``status = 'running' AND attempts = <the attempt it claimed>``, so a worker that lost
 its lease (and whose job was requeued and claimed again) cannot touch the new run.
+
+Webhook deliveries are written here too, in the transition's transaction: ``start`` with the
+first claim, ``completed`` with whichever terminal transition wins. However often a job is
+redelivered it gets one of each (one more ``completed`` after each operator ``retry``), and
+none is lost if a process dies after the commit.
 """
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -19,7 +25,9 @@ from typing import Any
 from sqlalchemy import and_, insert, select, update
 from sqlalchemy.orm import Session
 
-from db.models import EventKind, Job, JobEvent, JobStatus, utcnow
+from db import webhooks
+from db.settings import Settings
+from db.models import EventKind, Job, JobEvent, JobStatus, WebhookEvent, new_id, utcnow
 
 
 class TransitionError(Exception):
@@ -48,7 +56,7 @@ def record_event(
     at: datetime | None = None,
 ) -> None:
     session.execute(
-        insert(JobEvent).values(
+        insert(JobEvent.__table__).values(
             job_id=job_id, kind=kind.value, attempt=attempt, message=message, data=data, at=at or utcnow()
         )
     )
@@ -56,9 +64,14 @@ def record_event(
 
 def _update(session: Session, job_id: str, *conditions: Any, **values: Any) -> bool:
     result = session.execute(
-        update(Job).where(Job.id == job_id, *conditions).values(**values).execution_options(synchronize_session=False)
+        update(Job.__table__).where(Job.id == job_id, *conditions).values(**values)
     )
     return result.rowcount == 1  # type: ignore[attr-defined]
+
+
+def _finished(session: Session, job_id: str) -> None:
+    """The job reached its final status: record its ``completed`` webhook, if it has one, in the same transaction."""
+    webhooks.job_event(session, job_id, WebhookEvent.COMPLETED)
 
 
 def _running(attempt: int) -> tuple[Any, ...]:
@@ -67,26 +80,29 @@ def _running(attempt: int) -> tuple[Any, ...]:
 
 def create(session: Session, job: Job) -> Job:
     """Insert a new queued job and its first event (the caller commits, then dispatches)."""
-    job.status = JobStatus.QUEUED
+    # A Core INSERT, not the ORM unit of work: submission is the API's hot path.
+    job.id = job.id or new_id("job")
+    job.status = JobStatus.QUEUED.value
     job.created_at = job.created_at or utcnow()
-    session.add(job)
-    session.flush()
+    job.meta = job.meta if job.meta is not None else {}
+    job.progress = job.progress or {}
+    job.attempts = job.attempts or 0
+    if job.webhook_events_filter is None:
+        job.webhook_events_filter = ["completed"]
+    columns = {
+        attr.columns[0].name: getattr(job, attr.key)
+        for attr in Job.__mapper__.column_attrs
+        if getattr(job, attr.key) is not None
+    }
+    session.execute(insert(Job.__table__).values(**columns))
     record_event(session, job.id, EventKind.QUEUED, 0, at=job.created_at)
     return job
-
-
-def mark_dispatched(session: Session, job_id: str, *, redispatch: bool = False) -> bool:
-    """Record that a broker message for the job was sent."""
-    done = _update(session, job_id, Job.status == JobStatus.QUEUED.value, dispatched_at=utcnow())
-    if done and redispatch:
-        record_event(session, job_id, EventKind.DISPATCHED, _attempts(session, job_id), "dispatched by the reconciler")
-    return done
 
 
 def claim(session: Session, job_id: str, worker_id: str, lease_seconds: float) -> Claim | None:
     """queued → running, with a lease. ``None`` if another worker has it or it is no longer queued."""
     now = utcnow()
-    row = session.execute(
+    job = session.scalars(
         update(Job)
         .where(Job.id == job_id, Job.status == JobStatus.QUEUED.value)
         .values(
@@ -97,15 +113,16 @@ def claim(session: Session, job_id: str, worker_id: str, lease_seconds: float) -
             started_at=now,
             progress={},
         )
-        .returning(Job.attempts)
-        .execution_options(synchronize_session=False)
+        .returning(Job),  # the whole row: the runner needs no second read
+        execution_options={"synchronize_session": False, "populate_existing": True},
     ).first()
-    if row is None:
+    if job is None:
         return None
-    attempt = row[0]
+    attempt = job.attempts
     record_event(session, job_id, EventKind.CLAIMED, attempt, f"claimed by {worker_id}", at=now)
-    job = session.get(Job, job_id, populate_existing=True)
-    assert job is not None
+    # A job starts once, however often it is run; the claimed row tells whether it wants to hear it.
+    if attempt == 1 and job.webhook and WebhookEvent.START.value in (job.webhook_events_filter or []):
+        webhooks.job_event(session, job_id, WebhookEvent.START)
     return Claim(job=job, attempt=attempt)
 
 
@@ -151,6 +168,7 @@ def succeed(session: Session, job_id: str, attempt: int, output: dict[str, Any],
     )
     if done:
         record_event(session, job_id, EventKind.SUCCEEDED, attempt, at=now)
+        _finished(session, job_id)
     return done
 
 
@@ -171,6 +189,7 @@ def fail(
     )
     if done:
         record_event(session, job_id, EventKind.FAILED, attempt, message, {"code": code}, at=now)
+        _finished(session, job_id)
     return done
 
 
@@ -184,6 +203,7 @@ def request_cancel(session: Session, job_id: str) -> JobStatus:
         session, job_id, Job.status == JobStatus.QUEUED.value, status=JobStatus.CANCELED.value, finished_at=now
     ):
         record_event(session, job_id, EventKind.CANCELED, _attempts(session, job_id), "canceled before it ran", at=now)
+        _finished(session, job_id)
         return JobStatus.CANCELED
     if _update(
         session,
@@ -208,6 +228,7 @@ def cancel(session: Session, job_id: str, attempt: int, message: str = "stopped 
     )
     if done:
         record_event(session, job_id, EventKind.CANCELED, attempt, message, at=now)
+        _finished(session, job_id)
     return done
 
 
@@ -228,6 +249,44 @@ def requeue(session: Session, job_id: str, attempt: int, reason: str) -> bool:
     return done
 
 
+def retry(session: Session, job_id: str, attempts: int, by: str) -> bool:
+    """failed or canceled → queued: an operator runs the job again, as its next attempt.
+
+    The last run's error, traceback, output and progress are cleared from the row; the
+    ``retried`` event keeps the error and traceback, so the timeline still says why it failed.
+    ``max_attempts`` becomes the attempts used so far plus ``attempts``: the new run has the
+    same budget against lost workers as a new job. ``dispatched_at`` is cleared, so the caller
+    (or else the reconciler) sends it: commit, then ``claim_dispatch`` and send.
+    """
+    before = session.execute(
+        select(Job.status, Job.attempts, Job.error, Job.traceback).where(Job.id == job_id)
+    ).first()
+    if before is None or before.status not in (JobStatus.FAILED.value, JobStatus.CANCELED.value):
+        return False
+    done = _update(
+        session,
+        job_id,
+        Job.status == before.status,
+        Job.attempts == before.attempts,
+        status=JobStatus.QUEUED.value,
+        error=None,
+        traceback=None,
+        output=None,
+        progress={},
+        started_at=None,
+        finished_at=None,
+        worker_id=None,
+        lease_expires_at=None,
+        cancel_requested_at=None,
+        dispatched_at=None,
+        max_attempts=Job.attempts + attempts,
+    )
+    if done:
+        data = {"previous_status": before.status, "previous_error": before.error, "traceback": before.traceback}
+        record_event(session, job_id, EventKind.RETRIED, before.attempts, f"retried by {by}", data)
+    return done
+
+
 def give_up(session: Session, job_id: str, attempt: int, message: str) -> bool:
     """running (lease expired, attempts used up) → failed."""
     now = utcnow()
@@ -243,6 +302,7 @@ def give_up(session: Session, job_id: str, attempt: int, message: str) -> bool:
     )
     if done:
         record_event(session, job_id, EventKind.FAILED, attempt, message, {"code": "worker_lost"}, at=now)
+        _finished(session, job_id)
     return done
 
 
@@ -256,19 +316,41 @@ def expired_leases(session: Session, limit: int = 500) -> list[Job]:
     )
 
 
-def undispatched(session: Session, grace_seconds: float, redispatch_seconds: float, limit: int = 500) -> list[Job]:
-    """Queued jobs whose message was never sent (after a grace period) or was presumably lost."""
+def _needs_dispatch(
+    grace_seconds: float, redispatch_seconds: float, lost_seconds: float, idle_queues: Collection[str]
+) -> Any:
+    """Queued and never sent (after a grace period), or sent but its message is presumed lost:
+    long ago, or a while ago while its queue in the broker is empty (so no message waits for it)."""
     now = utcnow()
     never_sent = and_(Job.dispatched_at.is_(None), Job.created_at < now - timedelta(seconds=grace_seconds))
     lost = Job.dispatched_at < now - timedelta(seconds=redispatch_seconds)
-    return list(
-        session.scalars(
-            select(Job)
-            .where(Job.status == JobStatus.QUEUED.value, never_sent | lost)
-            .order_by(Job.created_at)
-            .limit(limit)
-        )
+    vanished = and_(Job.dispatched_at < now - timedelta(seconds=lost_seconds), Job.queue.in_(list(idle_queues)))
+    return and_(Job.status == JobStatus.QUEUED.value, never_sent | lost | vanished)
+
+
+def undispatched(session: Session, settings: Settings, idle_queues: Collection[str], limit: int = 500) -> list[Job]:
+    """Queued jobs whose message was never sent or was lost (see ``_needs_dispatch``)."""
+    condition = _needs_dispatch(
+        settings.dispatch_grace_seconds, settings.redispatch_seconds, settings.lost_message_seconds, idle_queues
     )
+    return list(session.scalars(select(Job).where(condition).order_by(Job.created_at).limit(limit)))
+
+
+def claim_dispatch(session: Session, job_id: str, settings: Settings, idle_queues: Collection[str]) -> bool:
+    """Take the right to send the job's message, so two reconcilers never both send it."""
+    condition = _needs_dispatch(
+        settings.dispatch_grace_seconds, settings.redispatch_seconds, settings.lost_message_seconds, idle_queues
+    )
+    return _update(session, job_id, condition, dispatched_at=utcnow())
+
+
+def undo_dispatch(session: Session, job_id: str) -> None:
+    """The send failed: leave the job for the next reconcile."""
+    _update(session, job_id, Job.status == JobStatus.QUEUED.value, dispatched_at=None)
+
+
+def dispatched_by_reconciler(session: Session, job_id: str) -> None:
+    record_event(session, job_id, EventKind.DISPATCHED, _attempts(session, job_id), "dispatched by the reconciler")
 
 
 def _attempts(session: Session, job_id: str) -> int:

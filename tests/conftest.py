@@ -25,7 +25,7 @@ import pytest
 
 from gpujobs.embedded import EmbeddedS3, start_s3
 from tests import processes
-from tests.processes import ManagedProcess, Stack
+from tests.processes import ROOT, ManagedProcess, Stack
 from tests.services import Database, RedisDatabase, provision_database, provision_redis
 
 # Small timings so that leases expire, reconciles run and cancels land within a second or two.
@@ -34,12 +34,16 @@ TEST_SETTINGS = {
     "GPUJOBS_CONTROL_POLL_SECONDS": "0.2",
     "GPUJOBS_RECONCILE_INTERVAL_SECONDS": "1",
     "GPUJOBS_DISPATCH_GRACE_SECONDS": "1",
+    "GPUJOBS_LOST_MESSAGE_SECONDS": "2",
     "GPUJOBS_MAX_ATTEMPTS": "2",
     "GPUJOBS_RATE_LIMIT_PER_MINUTE": "1000000",
     "GPUJOBS_MAX_BODY_BYTES": str(1024 * 1024),
     "GPUJOBS_MAX_IMAGE_PIXELS": "1000000",
     "GPUJOBS_S3_BUCKET": "gpujobs-test",
     "GPUJOBS_WORKER_CONCURRENCY": "2",
+    # Webhook tests send to a receiver on loopback; beat looks for due deliveries every second.
+    "GPUJOBS_WEBHOOK_ALLOW_PRIVATE": "true",
+    "GPUJOBS_WEBHOOK_SWEEP_SECONDS": "1",
 }
 
 
@@ -54,6 +58,26 @@ def reset_process_caches() -> None:
     reset_storages()
     reset_clients()
     dispose_engines()
+
+
+def demo_models() -> Path:
+    """The tiny demo models, built by the same code as ``gpujobs models demo``.
+
+    Cached by the hash of the code that builds them (so a changed builder rebuilds),
+    under ``GPUJOBS_TEST_MODEL_CACHE`` or ``~/.cache/gpujobs/test-models``.
+    """
+    import hashlib
+    import subprocess
+
+    sources = sorted((ROOT / "worker" / "models").glob("demo*.py"))
+    digest = hashlib.sha256(b"".join(path.read_bytes() for path in sources)).hexdigest()[:16]
+    base = Path(os.environ.get("GPUJOBS_TEST_MODEL_CACHE", Path.home() / ".cache" / "gpujobs" / "test-models"))
+    folder = base / digest
+    catalog = folder / "catalog.toml"
+    if not catalog.exists():
+        # In a child process: the test process itself must not import torch before it needs to.
+        subprocess.run([*processes.gpujobs_command(), "models", "demo", str(folder)], check=True, cwd=ROOT)
+    return catalog
 
 
 @dataclass
@@ -78,7 +102,9 @@ def services(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Services]:
         database = provision_database(root / "db")
         redis_db = provision_redis(root)
         s3 = start_s3(root / "s3")
+        catalog = demo_models()
         env = {
+            "GPUJOBS_MODEL_CATALOG": str(catalog),
             **TEST_SETTINGS,
             "GPUJOBS_DATABASE_URL": database.url,
             "GPUJOBS_BROKER_URL": redis_db.url,

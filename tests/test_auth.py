@@ -123,27 +123,23 @@ def test_public_routes_need_no_key(client):
     assert client.get("/openapi.json").status_code == 200
 
 
-def test_too_many_requests_for_one_key_is_a_429_with_retry_after(client, keys, monkeypatch):
-    from db.settings import reset_settings
+def test_too_many_requests_for_one_key_is_a_429_with_retry_after(keys):
+    import api
+    from db.settings import Settings
     from tests.conftest import make_key
 
     busy, calm = make_key("busy client", "user"), make_key("calm client", "user")
-    monkeypatch.setenv("GPUJOBS_RATE_LIMIT_PER_MINUTE", "5")
-    reset_settings()
-    try:
-        statuses = [client.get("/v1/jobs", headers=auth(busy.secret)).status_code for _ in range(5)]
-        assert statuses == [200] * 5
-        # Within 6 more requests the limit is hit (even if a minute boundary reset the count once).
-        refused = None
-        for _ in range(6):
-            response = client.get("/v1/jobs", headers=auth(busy.secret))
-            if response.status_code != 200:
-                refused = response
-                break
-        assert refused is not None, "no 429 after 11 requests with a limit of 5 a minute"
-        assert_problem(refused, 429)
-        assert 1 <= int(refused.headers["Retry-After"]) <= 60
-        assert client.get("/v1/jobs", headers=auth(calm.secret)).status_code == 200  # the limit is per key
-    finally:
-        monkeypatch.undo()
-        reset_settings()
+    client = api.create_app(Settings(rate_limit_per_minute=5)).test_client()
+    statuses = [client.get("/v1/jobs", headers=auth(busy.secret)).status_code for _ in range(5)]
+    assert statuses == [200] * 5
+    # Within 6 more requests the limit is hit (even if a minute boundary reset the count once).
+    refused = None
+    for _ in range(6):
+        response = client.get("/v1/jobs", headers=auth(busy.secret))
+        if response.status_code != 200:
+            refused = response
+            break
+    assert refused is not None, "no 429 after 11 requests with a limit of 5 a minute"
+    assert_problem(refused, 429)
+    assert 1 <= int(refused.headers["Retry-After"]) <= 60
+    assert client.get("/v1/jobs", headers=auth(calm.secret)).status_code == 200  # the limit is per key

@@ -124,3 +124,16 @@ def test_a_job_whose_worker_dies_on_every_attempt_fails_as_worker_lost(client, k
     assert kinds.count("claimed") == max_attempts
     assert kinds.count("requeued") == max_attempts - 1
     assert kinds[-1] == "failed"
+
+
+def test_a_job_whose_message_the_broker_lost_is_sent_again(client, keys, no_gpu_worker, start_worker):
+    """The API marked the job sent, but its message vanished (a broker restart without persistence):
+    once the job has waited ``lost_message_seconds`` with its queue empty, the reconciler sends it again."""
+    from tests.conftest import purge_queue
+
+    job = diagnostic(client, keys.admin.secret, steps=1)
+    assert purge_queue("gpu") >= 1  # the message is gone; the row still says it was sent
+    start_worker("gpu")
+    done = wait_for(client, keys.admin.secret, job["id"], timeout=30)
+    assert done["status"] == "succeeded"
+    assert "dispatched" in [event["kind"] for event in events(job["id"])]

@@ -2,7 +2,9 @@
 
 A control thread renews the job's lease every ``control_poll_seconds``, saves the
 latest progress with the same UPDATE and reads the cancel flag back, so ``check()``
-and ``progress()`` cost no database round trip however fast the steps are.
+and ``progress()`` cost no database round trip however fast the steps are. When the job's
+webhook wants ``progress`` events, the same transaction records one, at most every
+``webhook_progress_seconds``.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import threading
 import time
 from typing import Any
 
-from db import transitions
+from db import transitions, webhooks
 from db.models import Artifact as ArtifactRow
 from db.models import File
 from db.models import utcnow
@@ -43,7 +45,16 @@ class DeadlineExceeded(Stop):
 
 
 class JobContext:
-    def __init__(self, *, job_id: str, attempt: int, worker_id: str, deadline_seconds: float, settings: Settings):
+    def __init__(
+        self,
+        *,
+        job_id: str,
+        attempt: int,
+        worker_id: str,
+        deadline_seconds: float,
+        settings: Settings,
+        progress_webhooks: bool = False,
+    ):
         self.job_id = job_id
         self.attempt = attempt
         self.worker_id = worker_id
@@ -55,6 +66,9 @@ class JobContext:
         self._dirty = False
         self._milestone: str | None = None
         self._cancel_requested = False
+        self._progress_webhooks = progress_webhooks
+        self._progress_unsent = False  # progress changed since the last progress webhook
+        self._last_progress_webhook = float("-inf")
         self._lease_lost = False
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -67,6 +81,7 @@ class JobContext:
         with self._lock:
             self._progress = {"step": step, "total": total, "fraction": fraction, "message": message, **extra}
             self._dirty = True
+            self._progress_unsent = True
             new_stage = message is not None and message != self._milestone
             self._milestone = message if message is not None else self._milestone
         if new_stage:
@@ -127,19 +142,34 @@ class JobContext:
             with self._lock:
                 progress = dict(self._progress) if self._dirty else None
                 self._dirty = False
+                webhook = self._progress_webhook_due()
             try:
                 with session_scope() as session:
                     state = transitions.renew_lease(
                         session, self.job_id, self.attempt, self.settings.lease_seconds, progress
                     )
+                    if webhook and state.owned:
+                        webhooks.progress_event(session, self.job_id)
             except Exception:  # the database may blip; the lease has slack for a few missed renewals
                 log.exception("could not renew the lease of %s", self.job_id)
                 with self._lock:
                     self._dirty = self._dirty or progress is not None
+                    self._progress_unsent = self._progress_unsent or webhook
                 continue
+            if webhook:
+                self._last_progress_webhook = time.monotonic()
             if not state.owned:
                 log.warning("job %s attempt %d lost its lease", self.job_id, self.attempt)
                 self._lease_lost = True
                 return
             if state.cancel_requested:
                 self._cancel_requested = True
+
+    def _progress_webhook_due(self) -> bool:
+        """Under the lock: whether this round records a progress webhook (throttled per job)."""
+        if not (self._progress_webhooks and self._progress_unsent):
+            return False
+        if time.monotonic() - self._last_progress_webhook < self.settings.webhook_progress_seconds:
+            return False
+        self._progress_unsent = False
+        return True

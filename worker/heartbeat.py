@@ -37,8 +37,8 @@ def job_ended(job_id: str) -> None:
 def device_info() -> dict[str, Any]:
     """The accelerator, without importing torch if no job has (the API-like diagnostic worker stays light)."""
     torch = sys.modules.get("torch")
-    if torch is None:
-        return {"type": "cpu", "note": "torch not loaded yet"}
+    if torch is None or not hasattr(torch, "cuda"):  # not imported yet, or being imported by a job
+        return {"type": "unknown", "note": "torch not loaded yet"}
     if not torch.cuda.is_available():
         return {"type": "cpu"}
     index = torch.cuda.current_device()

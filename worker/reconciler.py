@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from db import notify, transitions
 from db.session import session_scope
 from db.settings import get_settings
-from worker.celery_app import dispatch
+from worker.celery_app import dispatch, queue_depths
 
 log = logging.getLogger(__name__)
 
@@ -26,6 +26,15 @@ class Report:
     canceled: list[str] = field(default_factory=list)
     dispatched: list[str] = field(default_factory=list)
     undeliverable: list[str] = field(default_factory=list)
+
+
+def idle_queues() -> list[str]:
+    """Queues that hold no message in the broker right now (none if the broker cannot tell)."""
+    try:
+        return [queue for queue, depth in queue_depths().items() if depth == 0]
+    except Exception as exc:
+        log.warning("could not read queue depths: %s", exc)
+        return []
 
 
 def reconcile() -> Report:
@@ -53,20 +62,26 @@ def reconcile() -> Report:
     for job_id in report.failed + report.canceled:
         notify.job_finished(job_id)
 
+    idle = idle_queues()
     with session_scope() as session:
         pending = [
             (job.id, job.queue)
-            for job in transitions.undispatched(session, settings.dispatch_grace_seconds, settings.redispatch_seconds)
+            for job in transitions.undispatched(session, settings, idle)
         ]
     for job_id, queue in pending:
+        with session_scope() as session:
+            if not transitions.claim_dispatch(session, job_id, settings, idle):
+                continue  # another reconciler (or the API) got there first
         try:
             dispatch(job_id, queue)
         except Exception as exc:  # broker still down: try again on the next beat
             log.warning("could not dispatch %s: %s", job_id, exc)
+            with session_scope() as session:
+                transitions.undo_dispatch(session, job_id)
             report.undeliverable.append(job_id)
             continue
         with session_scope() as session:
-            transitions.mark_dispatched(session, job_id, redispatch=True)
+            transitions.dispatched_by_reconciler(session, job_id)
         report.dispatched.append(job_id)
 
     if any((report.requeued, report.failed, report.canceled, report.dispatched, report.undeliverable)):

@@ -55,6 +55,7 @@ def execute(job_id: str) -> str:
         worker_id=me,
         deadline_seconds=job.deadline_seconds,
         settings=settings,
+        progress_webhooks=bool(job.webhook) and "progress" in (job.webhook_events_filter or []),
     )
     log.info("job %s (%s) attempt %d started on %s", job_id, job.type, attempt, me)
     ctx.start()

@@ -11,9 +11,9 @@ from db import notify
 from db.session import dispose_engines, get_engine
 from db.settings import get_settings
 from db.storage import get_storage
-from worker import reconciler, runner
+from worker import reconciler, runner, webhooks
 from worker.heartbeat import Heartbeat
-from worker.celery_app import RECONCILE, RUN_JOB, app
+from worker.celery_app import RECONCILE, RUN_JOB, SEND_WEBHOOKS, SWEEP_WEBHOOKS, app
 
 
 @worker_process_init.connect
@@ -74,3 +74,13 @@ def run_job(job_id: str) -> str:
 def reconcile() -> dict[str, int]:
     report = reconciler.reconcile()
     return {name: len(ids) for name, ids in vars(report).items()}
+
+
+@app.task(name=SEND_WEBHOOKS, ignore_result=True)
+def send_webhooks(job_id: str) -> list[str]:
+    return webhooks.send_due(job_id)
+
+
+@app.task(name=SWEEP_WEBHOOKS, ignore_result=True)
+def sweep_webhooks() -> int:
+    return len(webhooks.sweep())

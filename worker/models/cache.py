@@ -141,8 +141,9 @@ class ModelCache:
             load_lock = self._loading.setdefault(key, threading.Lock())
         with load_lock:
             with self._lock:
-                if key in self._slots:
+                if key in self._slots:  # loaded by the thread we waited for
                     self._slots.move_to_end(key)
+                    self.stats.setdefault(key, ModelStats()).hits += 1
                     return self._slots[key].value
             started = time.perf_counter()
             folder = self.local_folder(entry)

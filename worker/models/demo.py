@@ -12,6 +12,7 @@ from pathlib import Path
 
 from worker.models.catalog import write_catalog
 from worker.models.coco import COCO_LABELS
+from worker.models.demo_diffusion import build_diffusion_models
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +64,7 @@ def build_demo_models(directory: Path) -> Path:
         log.info("building %s", segmentation)
         build_segmentation(segmentation)
     entries[SEGMENTATION] = {"kind": "segmentation", "source": str(segmentation), "default": True}
+    entries.update(build_diffusion_models(directory))
     catalog = directory / "catalog.toml"
     write_catalog(catalog, entries)
     return catalog

@@ -10,6 +10,8 @@ log = logging.getLogger(__name__)
 
 LOADERS = {
     "segmentation": ("worker.models.segmentation", "load_segmenter", "segmentation:{name}"),
+    "diffusion": ("worker.models.diffusion", "load_family", "diffusion:{name}"),
+    "inpainting": ("worker.models.diffusion", "load_inpainting_unet", "inpainting:{name}"),
 }
 
 

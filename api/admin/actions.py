@@ -1,0 +1,136 @@
+"""What an operator can do from the dashboard: every action is a POST carrying the session's CSRF token.
+
+The state changes go through the same code as the API: ``transitions.request_cancel`` and
+``transitions.retry`` for jobs, ``webhooks.redeliver`` for deliveries, ``db.keys`` for keys.
+After an action the browser is sent back (303) to the page it came from, with a message.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from flask import flash, g, redirect, request, url_for
+from pydantic import ValidationError
+from sqlalchemy import select
+from werkzeug.wrappers import Response as BaseResponse
+
+from api import config
+from api.admin import bp
+from api.admin.pages import keys_page
+from api.admin.session import current_admin
+from api.errors import ApiError
+from api.keys import KeyCreate
+from api.presenters import ID
+from db import keys as key_store
+from db import notify, transitions, webhooks
+from db.models import ApiKey, Job, JobStatus, Tenant, WebhookDelivery
+
+log = logging.getLogger(__name__)
+
+
+def _job(job_id: str) -> Job:
+    job = g.db.get(Job, job_id) if ID.fullmatch(job_id) else None
+    if job is None:
+        raise ApiError(404, f"No job {job_id!r}.")
+    return job
+
+
+def _operator() -> str:
+    key = current_admin()
+    return f"admin key {key.id} ({key.name})"
+
+
+@bp.post("/jobs/<job_id>/cancel")
+def cancel_job(job_id: str) -> BaseResponse:
+    _job(job_id)
+    try:
+        status = transitions.request_cancel(g.db, job_id)
+    except transitions.TransitionError as exc:
+        g.db.rollback()
+        raise ApiError(409, f"The job cannot be canceled: {exc}.") from None
+    g.db.commit()
+    log.info("%s canceled job %s (now %s)", _operator(), job_id, status.value)
+    if status == JobStatus.CANCELED:
+        notify.job_finished(job_id)
+        flash("Canceled: the job will not run.", "info")
+    else:
+        flash("Cancel requested: the job stops at its next step.", "info")
+    return redirect(url_for("admin.job", job_id=job_id), 303)
+
+
+@bp.post("/jobs/<job_id>/retry")
+def retry_job(job_id: str) -> BaseResponse:
+    from worker.celery_app import dispatch
+
+    job = _job(job_id)
+    settings = config.settings()
+    if not transitions.retry(g.db, job_id, settings.max_attempts, _operator()):
+        g.db.rollback()
+        raise ApiError(409, f"Only a failed or canceled job can be retried; this one is {job.status}.")
+    # Take the send in the same transaction (so the reconciler does not send it too), commit, then send:
+    # if the broker refuses, the send is undone and the reconciler sends it later. No dispatch grace:
+    # that is the time the API has to send a new job itself, and here we are the sender.
+    now_sendable = settings.model_copy(update={"dispatch_grace_seconds": 0.0})
+    sending = transitions.claim_dispatch(g.db, job_id, now_sendable, idle_queues=())
+    g.db.commit()
+    log.info("%s retried job %s", _operator(), job_id)
+    if sending:
+        try:
+            dispatch(job_id, job.queue, settings.broker_url)
+        except Exception as exc:
+            log.warning("retried job %s stays queued until the broker is back: %s", job_id, exc)
+            transitions.undo_dispatch(g.db, job_id)
+            g.db.commit()
+    flash(f"Retried: the job is queued again for attempt {job.attempts + 1}.", "info")
+    return redirect(url_for("admin.job", job_id=job_id), 303)
+
+
+@bp.post("/jobs/<job_id>/webhooks/<delivery_id>/redeliver")
+def redeliver_webhook(job_id: str, delivery_id: str) -> BaseResponse:
+    _job(job_id)
+    found = ID.fullmatch(delivery_id) and g.db.execute(
+        select(WebhookDelivery.id).where(WebhookDelivery.id == delivery_id, WebhookDelivery.job_id == job_id)
+    ).first()
+    if not found:
+        raise ApiError(404, f"No webhook delivery {delivery_id!r} for job {job_id!r}.")
+    webhooks.redeliver(g.db, delivery_id)
+    g.db.commit()  # the commit hook asks a webhooks worker to send it now
+    log.info("%s redelivered webhook %s of job %s", _operator(), delivery_id, job_id)
+    flash(f"Redelivery of {delivery_id} queued.", "info")
+    return redirect(url_for("admin.job", job_id=job_id, _anchor="webhooks"), 303)
+
+
+@bp.post("/keys")
+def create_key() -> str | tuple[str, int]:
+    form = {
+        "name": request.form.get("name", "").strip(),
+        "role": request.form.get("role", "user"),
+        "tenant": request.form.get("tenant", "").strip() or None,
+    }
+    try:
+        spec = KeyCreate.model_validate(form)
+    except ValidationError as exc:
+        errors = [f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()]
+        return keys_page(errors=errors, form=form), 422
+    if spec.tenant is not None and g.db.get(Tenant, spec.tenant) is None:
+        return keys_page(errors=[f"tenant: no tenant {spec.tenant!r}"], form=form), 422
+    key, plaintext = key_store.create_key(g.db, spec.name, spec.role, spec.tenant)
+    g.db.commit()
+    log.info("%s created %s key %s (%s)", _operator(), key.role, key.id, key.name)
+    # Shown in this answer only: never in a redirect, a flash message or the (signed, readable) cookie.
+    return keys_page(created=(key, plaintext)), 201
+
+
+@bp.post("/keys/<key_id>/revoke")
+def revoke_key(key_id: str) -> BaseResponse:
+    key = g.db.get(ApiKey, key_id) if ID.fullmatch(key_id) else None
+    if key is None:
+        raise ApiError(404, f"No key {key_id!r}.")
+    key_store.revoke(g.db, key)
+    g.db.commit()
+    log.info("%s revoked key %s (%s)", _operator(), key.id, key.name)
+    if key.id == current_admin().id:
+        flash("You revoked the key of this session: it ends now.", "info")
+    else:
+        flash(f"Revoked {key.name} ({key.id}): it is refused from now on.", "info")
+    return redirect(url_for("admin.keys"), 303)

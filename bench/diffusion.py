@@ -1,0 +1,475 @@
+"""Text-to-image through gpujobs against the raw diffusers call, on the full-size SD 1.5 architecture.
+
+Run from the repository root::
+
+    . .venv/bin/activate && python -m bench.diffusion                  # CPU: 256×256, 4 steps, fp32
+    . .venv/bin/activate && python -m bench.diffusion --device cuda    # GPU: 512×512, 25 steps, fp16
+
+The model is SD 1.5's UNet, VAE and CLIP text encoder built from ``/work/shared/model-configs/sd15``
+(or ``--configs``) with random weights and an offline tokenizer, saved once with ``save_pretrained``
+(safetensors) into ``--model-dir`` and reused: same shapes, so the same cost as the real weights.
+
+Started here: an embedded Redis and S3 server (``gpujobs.embedded``), a fresh PostgreSQL database
+when one answers on 127.0.0.1:5432 (else SQLite), then ``gpujobs api`` and ``gpujobs worker
+--queues gpu --concurrency 1`` with a catalog naming the model (not preloaded).
+
+Measured, one client, the same prompt, size, steps, guidance, sampler (``euler``) and seed for both:
+
+- **cold**: the first job (the worker loads the model): submit → succeeded.
+- **warm, interleaved** ``--samples`` rounds (alternating which goes first) of: the raw call in this process
+  (``pipe(...)`` → PIL images, the model loaded here once and warmed up) and a job through the API
+  (``POST /v1/jobs`` with ``Prefer: wait``, then ``GET`` until succeeded): submit → succeeded,
+  which includes the queue, progress, PNG encoding and the upload to S3. The job's own
+  ``run_seconds`` (claim → success, from the API) are shown beside it.
+- the pixels of the job's PNG against the raw call's image for the same seed (expected identical).
+
+Every process it starts is stopped at the end (and on Ctrl-C); a database it created is dropped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import os
+import platform
+import secrets
+import shutil
+import signal
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import requests
+
+REPO = Path(__file__).resolve().parent.parent
+DEFAULT_CONFIGS = Path("/work/shared/model-configs/sd15")
+MODEL_NAME = "sd15-random"
+PROMPT = "a lighthouse on a cliff at dusk, oil painting"
+NEGATIVE = "blurry"
+GUIDANCE = 7.5
+SCHEDULER = "euler"
+PROFILES = {  # device → (size, steps)
+    "cpu": (256, 4),
+    "cuda": (512, 25),
+}
+READY_TIMEOUT = 180.0
+JOB_TIMEOUT = 1800.0
+
+
+def log(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+# --- the model ------------------------------------------------------------------------------------
+
+
+def build_model(configs: Path, folder: Path) -> None:
+    """SD 1.5's architecture with random weights, saved like a real checkpoint (once)."""
+    if (folder / "model_index.json").is_file():
+        log(f"model: reusing {folder}")
+        return
+    import torch
+    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from worker.models.demo_diffusion import build_tokenizer
+
+    log(f"model: building SD 1.5 with random weights from {configs} into {folder} (once; ~4.3 GB)")
+    started = time.monotonic()
+    scratch = folder.with_name(folder.name + ".partial")
+    shutil.rmtree(scratch, ignore_errors=True)
+    torch.manual_seed(0)
+
+    def config(part: str) -> dict[str, Any]:
+        return json.loads((configs / part / ("scheduler_config.json" if part == "scheduler" else "config.json")).read_text())
+
+    def model_config(part: str) -> dict[str, Any]:
+        return {k: v for k, v in config(part).items() if not k.startswith("_")}
+
+    text_config = {k: v for k, v in config("text_encoder").items() if k not in ("architectures", "model_type")}
+    pipeline = StableDiffusionPipeline(
+        vae=AutoencoderKL.from_config(model_config("vae")),
+        text_encoder=CLIPTextModel(CLIPTextConfig(**text_config)),
+        tokenizer=build_tokenizer(scratch / "tokenizer"),
+        unet=UNet2DConditionModel.from_config(model_config("unet")),
+        scheduler=PNDMScheduler.from_config(config("scheduler")),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipeline.save_pretrained(scratch, safe_serialization=True)
+    scratch.rename(folder)
+    log(f"model: built in {time.monotonic() - started:.0f} s")
+
+
+def load_raw_pipeline(folder: Path, device: str) -> Any:
+    """The baseline: the pipeline a user would load by hand, with the sampler the jobs use."""
+    import torch
+    from diffusers import EulerDiscreteScheduler, StableDiffusionPipeline
+
+    from worker.models.diffusion import dtype_kwargs
+
+    dtype = torch.float16 if device == "cuda" else torch.float32
+    pipe = StableDiffusionPipeline.from_pretrained(
+        folder, use_safetensors=True, safety_checker=None, requires_safety_checker=False, **dtype_kwargs(dtype)
+    ).to(device)
+    pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def raw_call(pipe: Any, size: int, steps: int, seed: int) -> tuple[float, Any]:
+    import torch
+
+    started = time.perf_counter()
+    image = pipe(
+        PROMPT,
+        negative_prompt=NEGATIVE,
+        width=size,
+        height=size,
+        num_inference_steps=steps,
+        guidance_scale=GUIDANCE,
+        generator=[torch.Generator("cpu").manual_seed(seed)],
+    ).images[0]
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return time.perf_counter() - started, image
+
+
+# --- services and processes -----------------------------------------------------------------------
+
+
+@dataclass
+class Deployment:
+    tmp: Path
+    database_url: str = ""
+    created_database: str | None = None
+    maintenance_conninfo: str | None = None
+    embedded: list[Any] = field(default_factory=list)
+    processes: list[Any] = field(default_factory=list)
+    logs: dict[str, Path] = field(default_factory=dict)
+
+
+def postgres_conninfo() -> str | None:
+    import psycopg
+
+    for dbname in ("postgres", "test"):
+        conninfo = f"host=127.0.0.1 port=5432 user={os.environ.get('PGUSER', 'postgres')} dbname={dbname} connect_timeout=2"
+        try:
+            with psycopg.connect(conninfo, autocommit=True) as conn:
+                conn.execute("SELECT 1")
+            return conninfo
+        except psycopg.Error:
+            continue
+    return None
+
+
+def start_services(deployment: Deployment, args: argparse.Namespace) -> dict[str, str]:
+    from gpujobs import embedded
+
+    if args.database_url:
+        deployment.database_url = args.database_url
+    elif (conninfo := postgres_conninfo()) is not None:
+        import psycopg
+
+        name = f"gpujobs_bench_{secrets.token_hex(4)}"
+        with psycopg.connect(conninfo, autocommit=True) as conn:
+            conn.execute(f'CREATE DATABASE "{name}"')
+        deployment.created_database, deployment.maintenance_conninfo = name, conninfo
+        deployment.database_url = f"postgresql://{os.environ.get('PGUSER', 'postgres')}@127.0.0.1:5432/{name}"
+    else:
+        deployment.database_url = f"sqlite:///{deployment.tmp / 'bench.db'}"
+    redis_server = embedded.start_redis(deployment.tmp / "redis")
+    deployment.embedded.append(redis_server)
+    s3 = embedded.start_s3(deployment.tmp / "s3")
+    deployment.embedded.append(s3)
+    log(f"services: database {deployment.database_url.split('@')[-1]}, Redis :{redis_server.port}, S3 {s3.endpoint_url}")
+    return {
+        "GPUJOBS_DATABASE_URL": deployment.database_url,
+        "GPUJOBS_BROKER_URL": redis_server.url,
+        "GPUJOBS_S3_ENDPOINT_URL": s3.endpoint_url,
+        "GPUJOBS_S3_ACCESS_KEY": s3.access_key,
+        "GPUJOBS_S3_SECRET_KEY": s3.secret_key,
+        "GPUJOBS_S3_BUCKET": "gpujobs-bench-diffusion",
+        "GPUJOBS_VAR_DIR": str(deployment.tmp / "var"),
+        "GPUJOBS_RATE_LIMIT_PER_MINUTE": "0",
+    }
+
+
+def start(deployment: Deployment, name: str, args: list[str], env: dict[str, str]) -> Any:
+    from gpujobs import embedded
+
+    log_path = deployment.tmp / "logs" / f"{name}.log"
+    process = embedded.start_process(args, log_path, env=env, cwd=REPO)
+    deployment.processes.append(process)
+    deployment.logs[name] = log_path
+    return process
+
+
+def wait_until(process: Any, log_path: Path, ready: Any, what: str) -> None:
+    deadline = time.monotonic() + READY_TIMEOUT
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"{what} exited ({process.returncode}):\n{tail(log_path)}")
+        with contextlib.suppress(Exception):
+            if ready():
+                return
+        time.sleep(0.2)
+    raise RuntimeError(f"{what} was not ready in {READY_TIMEOUT:g} s:\n{tail(log_path)}")
+
+
+def tail(path: Path, lines: int = 30) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
+
+
+def stop_all(deployment: Deployment, keep_logs: bool) -> None:
+    from gpujobs import embedded
+
+    for process in reversed(deployment.processes):
+        with contextlib.suppress(Exception):
+            embedded.stop_process(process)
+    with contextlib.suppress(Exception):
+        from db.session import dispose_engines
+
+        dispose_engines()
+    if deployment.created_database and deployment.maintenance_conninfo:
+        try:
+            import psycopg
+
+            with psycopg.connect(deployment.maintenance_conninfo, autocommit=True) as conn:
+                conn.execute(f'DROP DATABASE IF EXISTS "{deployment.created_database}" WITH (FORCE)')
+        except Exception as exc:
+            log(f"could not drop database {deployment.created_database}: {exc}")
+    for part in reversed(deployment.embedded):
+        with contextlib.suppress(Exception):
+            part.stop()
+    if keep_logs:
+        log(f"logs kept in {deployment.tmp / 'logs'}")
+    else:
+        shutil.rmtree(deployment.tmp, ignore_errors=True)
+
+
+# --- jobs -----------------------------------------------------------------------------------------
+
+
+class Client:
+    def __init__(self, base: str, key: str) -> None:
+        self.base = base
+        self.session = requests.Session()
+        self.session.headers["Authorization"] = f"Bearer {key}"
+
+    def run(self, size: int, steps: int, seed: int) -> tuple[float, dict[str, Any]]:
+        """Submit → succeeded, seconds (client side), and the finished job."""
+        body = {"type": "text_to_image", "input": {
+            "prompt": PROMPT, "negative_prompt": NEGATIVE, "width": size, "height": size,
+            "num_inference_steps": steps, "guidance_scale": GUIDANCE, "scheduler": SCHEDULER, "seed": seed,
+        }}  # fmt: skip
+        started = time.perf_counter()
+        response = self.session.post(f"{self.base}/v1/jobs", json=body, headers={"Prefer": "wait=60"}, timeout=120)
+        if response.status_code != 202:
+            raise RuntimeError(f"POST /v1/jobs answered {response.status_code}: {response.text[:300]}")
+        job = response.json()
+        deadline = started + JOB_TIMEOUT
+        while job["status"] in ("queued", "running") and time.perf_counter() < deadline:
+            job = self.session.get(f"{self.base}/v1/jobs/{job['id']}", headers={"Prefer": "wait=60"}, timeout=120).json()
+        elapsed = time.perf_counter() - started
+        if job["status"] != "succeeded":
+            raise RuntimeError(f"job {job['id']} ended {job['status']}: {job.get('error')}")
+        return elapsed, job
+
+
+def job_pixels(job: dict[str, Any]) -> Any:
+    import numpy as np
+    from PIL import Image
+
+    data = requests.get(job["output"]["images"][0]["url"], timeout=60).content
+    with Image.open(io.BytesIO(data)) as image:
+        return np.asarray(image.convert("RGB"))
+
+
+# --- the run --------------------------------------------------------------------------------------
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values) if values else float("nan")
+
+
+def machine(device: str) -> str:
+    import torch
+
+    if device == "cuda":
+        return f"{torch.cuda.get_device_name(0)}, torch {torch.__version__}, CUDA {torch.version.cuda}"
+    cpu = "unknown CPU"
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    return f"{os.cpu_count()} cores ({cpu}), torch {torch.__version__} ({torch.get_num_threads()} threads), Python {platform.python_version()}"
+
+
+def _interrupt(*_: object) -> None:
+    raise KeyboardInterrupt
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", choices=sorted(PROFILES), default="cpu")
+    parser.add_argument("--samples", type=int, help="warm rounds (raw call + job each; default: 5 on CPU, 20 on CUDA)")
+    parser.add_argument("--size", type=int, help="image side (default: 256 on CPU, 512 on CUDA)")
+    parser.add_argument("--steps", type=int, help="denoising steps (default: 4 on CPU, 25 on CUDA)")
+    parser.add_argument("--configs", type=Path, default=DEFAULT_CONFIGS, help=f"SD 1.5 configs (default {DEFAULT_CONFIGS})")
+    parser.add_argument(
+        "--model-dir", type=Path, default=REPO / "var" / "bench" / MODEL_NAME,
+        help="where the random-weight model is built once and reused (default var/bench/sd15-random)",
+    )  # fmt: skip
+    parser.add_argument("--database-url", help="default: a fresh PostgreSQL database on 127.0.0.1:5432, else SQLite")
+    parser.add_argument("--json", type=Path, help="also write the figures to this file")
+    parser.add_argument("--keep-logs", action="store_true", help="keep the temp dir with the API's and worker's logs")
+    args = parser.parse_args(argv)
+
+    import torch  # fail fast, before building or starting anything
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("--device cuda: torch sees no CUDA device (torch.cuda.is_available() is False); "
+              f"this torch is {torch.__version__}. Run on a GPU machine with a CUDA build of torch.", file=sys.stderr)  # fmt: skip
+        return 2
+    size, steps = PROFILES[args.device]
+    size, steps = args.size or size, args.steps or steps
+    samples = args.samples or (20 if args.device == "cuda" else 5)
+    if size % 8:
+        parser.error("--size must be a multiple of 8")
+
+    signal.signal(signal.SIGTERM, _interrupt)
+    deployment = Deployment(tmp=Path(tempfile.mkdtemp(prefix="gpujobs-bench-diffusion-")))
+    failed = True
+    try:
+        sys.path.insert(0, str(REPO))
+        build_model(args.configs, args.model_dir.resolve())
+        catalog = deployment.tmp / "catalog.toml"
+        catalog.write_text(
+            f'[models.{MODEL_NAME}]\nkind = "diffusion"\nsource = "{args.model_dir.resolve()}"\ndefault = true\n'
+        )
+        env = {k: v for k, v in os.environ.items() if not k.startswith("GPUJOBS_")}
+        env |= start_services(deployment, args)
+        env |= {"GPUJOBS_MODEL_CATALOG": str(catalog), "GPUJOBS_DEVICE": args.device, "PYTHONUNBUFFERED": "1"}
+        os.environ.update({k: v for k, v in env.items() if k.startswith("GPUJOBS_")})
+
+        import migrations
+        from db.keys import create_key
+        from db.models import Role
+        from db.session import session_scope
+        from db.settings import reset_settings
+        from db.storage import get_storage
+
+        reset_settings()
+        migrations.upgrade(deployment.database_url)
+        with session_scope(deployment.database_url) as session:
+            _, key = create_key(session, "diffusion benchmark", Role.ADMIN)
+        get_storage().ensure_bucket()
+
+        from gpujobs.embedded import free_port
+
+        port = free_port()
+        base = f"http://127.0.0.1:{port}"
+        api = start(deployment, "api", [sys.executable, "-m", "gpujobs", "api", "--host", "127.0.0.1", "--port", str(port)], env)
+        worker = start(deployment, "worker", [
+            sys.executable, "-m", "gpujobs", "worker", "--queues", "gpu", "--concurrency", "1", "--name", "bench-diffusion",
+        ], env)  # fmt: skip
+        wait_until(api, deployment.logs["api"], lambda: requests.get(f"{base}/healthz", timeout=2).ok, "the API")
+        wait_until(worker, deployment.logs["worker"], lambda: " ready." in deployment.logs["worker"].read_text(), "the worker")
+        client = Client(base, key)
+        log(f"API and worker up; {args.device}: {size}×{size}, {steps} steps, guidance {GUIDANCE}, {SCHEDULER}")
+
+        cold_seconds, cold_job = client.run(size, steps, seed=1)
+        log(f"cold job: {cold_seconds:.2f} s (includes loading the model in the worker)")
+
+        log("loading the raw pipeline in this process")
+        pipe = load_raw_pipeline(args.model_dir.resolve(), args.device)
+        raw_call(pipe, size, steps, seed=0)  # warm-up (allocator, kernels)
+        client.run(size, steps, seed=0)  # warm-up of the job path after the cold one
+
+        load_before = os.getloadavg()[0]
+        raw, end_to_end, run_seconds, queue_seconds = [], [], [], []
+        identical, max_difference = True, 0
+        for round_index in range(samples):
+            seed = 1000 + round_index
+            if round_index % 2:  # alternate the order, so neither side always runs first after the other
+                job_seconds, job = client.run(size, steps, seed)
+                raw_seconds, raw_image = raw_call(pipe, size, steps, seed)
+            else:
+                raw_seconds, raw_image = raw_call(pipe, size, steps, seed)
+                job_seconds, job = client.run(size, steps, seed)
+            raw.append(raw_seconds)
+            end_to_end.append(job_seconds)
+            run_seconds.append(job["metrics"]["run_seconds"])
+            queue_seconds.append(job["metrics"]["queue_seconds"])
+            import numpy as np
+
+            difference = int(np.abs(job_pixels(job).astype(int) - np.asarray(raw_image).astype(int)).max())
+            max_difference = max(max_difference, difference)
+            identical = identical and difference == 0
+            log(f"round {round_index + 1}/{samples}: raw {raw_seconds:.3f} s, job {job_seconds:.3f} s "
+                f"(run {job['metrics']['run_seconds']:.3f} s), max pixel difference {difference}")  # fmt: skip
+
+        results = {
+            "device": args.device,
+            "machine": machine(args.device),
+            "size": size,
+            "steps": steps,
+            "samples": samples,
+            "raw_median_s": round(median(raw), 4),
+            "job_median_s": round(median(end_to_end), 4),
+            "job_run_median_s": round(median(run_seconds), 4),
+            "job_queue_median_s": round(median(queue_seconds), 4),
+            "overhead_median_s": round(median([j - r for j, r in zip(end_to_end, raw, strict=True)]), 4),
+            "job_over_raw": round(median(end_to_end) / median(raw), 4),
+            "cold_job_s": round(cold_seconds, 3),
+            "cold_run_s": cold_job["metrics"]["run_seconds"],
+            "cold_over_warm": round(cold_seconds / median(end_to_end), 3),
+            "pixels_identical": identical,
+            "max_pixel_difference": max_difference,
+            "load_average_1m": [round(load_before, 2), round(os.getloadavg()[0], 2)],
+            "raw_s": [round(v, 4) for v in raw],
+            "job_s": [round(v, 4) for v in end_to_end],
+        }
+        report(results)
+        if args.json:
+            args.json.write_text(json.dumps(results, indent=2))
+        failed = False
+        return 0
+    except KeyboardInterrupt:
+        log("interrupted")
+        return 130
+    finally:
+        stop_all(deployment, keep_logs=args.keep_logs or failed)
+
+
+def report(r: dict[str, Any]) -> None:
+    overhead_pct = (r["job_over_raw"] - 1) * 100
+    print(f"\nText-to-image, SD 1.5 architecture (random weights), {r['size']}×{r['size']}, {r['steps']} steps, "
+          f"guidance {GUIDANCE}, {SCHEDULER}, 1 image; {r['device']}: {r['machine']}")  # fmt: skip
+    print(f"{'':34}{'median':>10}")
+    print(f"{'raw pipe(...) call, warm':34}{r['raw_median_s']:>9.3f}s")
+    print(f"{'job submit → succeeded, warm':34}{r['job_median_s']:>9.3f}s   ({r['job_over_raw']:.3f}× raw, {overhead_pct:+.1f}%)")
+    print(f"{'  of which the worker ran it':34}{r['job_run_median_s']:>9.3f}s   (queue {r['job_queue_median_s']:.3f} s)")
+    print(f"{'job overhead over raw (paired)':34}{r['overhead_median_s']:>9.3f}s")
+    print(f"{'cold job (first, loads the model)':34}{r['cold_job_s']:>9.3f}s   ({r['cold_over_warm']:.2f}× warm)")
+    same = "identical" if r["pixels_identical"] else f"differ by up to {r['max_pixel_difference']}/255"
+    print(f"job PNG vs raw image, same seed: {same}; {r['samples']} rounds")
+    before, after = r["load_average_1m"]
+    print(f"machine load (1-min average) before / after the rounds: {before:.2f} / {after:.2f}"
+          + ("  ← busy: other processes shared the CPU, figures are noisy" if max(before, after) > (os.cpu_count() or 1) + 1 else ""))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,466 @@
+"""Stable Diffusion jobs (text_to_image, inpainting, style_transfer) with the tiny demo models.
+
+Through the API and a real worker of this module's own (``sd_worker``), which loads the demo
+catalog (``gpujobs models demo``: a tiny SD pipeline and a 9-channel inpainting UNet). Their UNet
+and text encoder have random weights, so what is checked is what does not depend on them: sizes,
+PNG parameters, seeds, the pixels inpainting must keep, the colour statistics style transfer moves
+(the demo VAE preserves colour), cancel, loading once, and precise 422s. A few tests use the
+pipeline family in this process, where object identity and the step hook can be seen directly.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import secrets
+import time
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import requests
+
+from tests.client import assert_problem, auth, events, submit, upload, wait_for
+from tests.processes import ManagedProcess, Stack
+
+JOB_TIMEOUT = 120.0
+SMALL = {"width": 64, "height": 64, "num_inference_steps": 3}
+
+
+# --- fixtures and helpers -------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def demo_catalog(services, tmp_path_factory) -> Path:
+    """The session's demo catalog when it has the SD models, else one built for this module."""
+    from worker.models.catalog import load_catalog
+    from db.settings import Settings
+
+    given = services.env.get("GPUJOBS_MODEL_CATALOG")
+    if given and "demo-sd" in load_catalog(Settings(model_catalog=Path(given))).entries:
+        return Path(given)
+    from worker.models.demo import build_demo_models
+
+    return build_demo_models(tmp_path_factory.mktemp("demo-models"))
+
+
+@pytest.fixture(scope="module")
+def sd_worker(cluster, demo_catalog, tmp_path_factory) -> Any:
+    """A gpu worker that knows the demo catalog, for this module only (the default one is stopped)."""
+    from tests.conftest import quiesce
+
+    cluster.stop_gpu_worker()
+    env = {
+        **os.environ,
+        "GPUJOBS_MODEL_CATALOG": str(demo_catalog),
+        "GPUJOBS_HEARTBEAT_SECONDS": "0.3",
+        # Idle OpenMP threads sleep instead of spinning: on a shared, busy CPU, spinning makes torch ~5× slower.
+        "OMP_WAIT_POLICY": "PASSIVE",
+    }
+    stack = Stack(env, tmp_path_factory.mktemp("sd-logs"), label="sd")
+    worker = stack.start_worker("gpu", concurrency=2, name=f"sd-{secrets.token_hex(3)}")
+    try:
+        yield worker
+    finally:
+        quiesce()
+        stack.stop_all()
+
+
+def picture(width: int, height: int, base: tuple[int, int, int] = (120, 120, 120), seed: int = 0) -> bytes:
+    """A PNG of ``base`` colour with coloured noise and a few shapes."""
+    from PIL import Image, ImageDraw
+
+    rng = np.random.default_rng(seed)
+    pixels = np.clip(np.array(base) + rng.normal(0, 25, (height, width, 3)), 0, 255).astype(np.uint8)
+    image = Image.fromarray(pixels)
+    draw = ImageDraw.Draw(image)
+    for _ in range(3):
+        x0, y0 = int(rng.integers(0, width // 2)), int(rng.integers(0, height // 2))
+        draw.rectangle((x0, y0, x0 + width // 4, y0 + height // 4), fill=tuple(int(v) for v in rng.integers(0, 255, 3)))
+    return png(image)
+
+
+def png(image: Any) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def mask_png(width: int, height: int, box: tuple[int, int, int, int]) -> bytes:
+    from PIL import Image
+
+    pixels = np.zeros((height, width), np.uint8)
+    x0, y0, x1, y1 = box
+    pixels[y0:y1, x0:x1] = 255
+    return png(Image.fromarray(pixels))
+
+
+def uploaded(client: Any, key: str, data: bytes, **form: str) -> str:
+    response = upload(client, key, data, **form)
+    assert response.status_code == 201, response.get_data(as_text=True)
+    return response.get_json()["id"]
+
+
+def run_job(client: Any, key: str, job_type: str, status: str = "succeeded", **params: Any) -> dict[str, Any]:
+    response = submit(client, key, {"type": job_type, "input": params})
+    assert response.status_code == 202, response.get_data(as_text=True)
+    job = wait_for(client, key, response.get_json()["id"], timeout=JOB_TIMEOUT)
+    assert job["status"] == status, job
+    return job
+
+
+def download(artifact: dict[str, Any]) -> tuple[np.ndarray, dict[str, Any]]:
+    """An output PNG's pixels and its `parameters` text chunk (checked against the artifact's sha256)."""
+    import hashlib
+
+    from PIL import Image
+
+    response = requests.get(artifact["url"], timeout=10)
+    assert response.status_code == 200
+    assert hashlib.sha256(response.content).hexdigest() == artifact["sha256"]
+    assert len(response.content) == artifact["size"]
+    with Image.open(io.BytesIO(response.content)) as image:
+        assert image.format == "PNG" and image.mode == "RGB"
+        return np.asarray(image), json.loads(image.text["parameters"])
+
+
+def pixels_of(job: dict[str, Any]) -> list[np.ndarray]:
+    return [download(artifact)[0] for artifact in job["output"]["images"]]
+
+
+def worker_models(node: str) -> dict[str, Any]:
+    from sqlalchemy import select
+
+    from db.models import WorkerProcess
+    from db.session import session_scope
+
+    with session_scope() as session:
+        rows = session.scalars(select(WorkerProcess).where(WorkerProcess.id.like(f"{node}@%"))).all()
+        return rows[-1].models if rows else {}
+
+
+def wait_models(node: str, until: Any, timeout: float = 20.0) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    models = worker_models(node)
+    while not until(models):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"the heartbeat of {node} never showed what was expected: {models}")
+        time.sleep(0.2)
+        models = worker_models(node)
+    return models
+
+
+def stored_artifacts(job_id: str, services: Any) -> tuple[list[str], list[str]]:
+    from sqlalchemy import select
+
+    from db.models import Artifact
+    from db.session import session_scope
+
+    with session_scope() as session:
+        rows = session.scalars(select(Artifact.name).where(Artifact.job_id == job_id)).all()
+    listing = services.s3.client().list_objects_v2(Bucket=services.env["GPUJOBS_S3_BUCKET"], Prefix=f"jobs/{job_id}/")
+    return list(rows), [obj["Key"] for obj in listing.get("Contents", [])]
+
+
+# --- the three job types --------------------------------------------------------------------------
+
+
+def test_text_to_image_makes_pngs_of_the_requested_size_with_their_parameters(client, keys, sd_worker):
+    job = run_job(
+        client, keys.user_a.secret, "text_to_image",
+        prompt="a lighthouse at dusk", negative_prompt="fog", width=64, height=48,
+        num_inference_steps=3, seed=11, num_outputs=2,
+    )  # fmt: skip
+    output = job["output"]
+    assert output["seed"] == 11 and output["seeds"] == [11, 12]
+    assert [a["name"] for a in output["images"]] == ["image-0.png", "image-1.png"]
+    for index, artifact in enumerate(output["images"]):
+        assert artifact["content_type"] == "image/png"
+        pixels, parameters = download(artifact)
+        assert pixels.shape == (48, 64, 3)
+        assert parameters["seed"] == 11 + index
+        assert parameters["prompt"] == "a lighthouse at dusk" and parameters["negative_prompt"] == "fog"
+        assert (parameters["width"], parameters["height"]) == (64, 48)
+        assert parameters["type"] == "text_to_image" and parameters["model"] == "demo-sd"
+        assert parameters["scheduler"] == "euler" and parameters["num_inference_steps"] == 3
+    assert job["progress"]["step"] == job["progress"]["total"] == 3
+
+
+def test_same_seed_gives_the_same_pixels_and_another_seed_other_pixels(client, keys, sd_worker):
+    key = keys.user_a.secret
+    params = {"prompt": "a red bicycle", **SMALL, "scheduler": "euler_a"}  # ancestral: noise at every step too
+    first, again, other = (run_job(client, key, "text_to_image", seed=seed, **params) for seed in (5, 5, 6))
+    assert np.array_equal(pixels_of(first)[0], pixels_of(again)[0])
+    assert not np.array_equal(pixels_of(first)[0], pixels_of(other)[0])
+
+    drawn = run_job(client, key, "text_to_image", **params)  # no seed: one is drawn and returned
+    assert isinstance(drawn["output"]["seed"], int) and drawn["output"]["seeds"] == [drawn["output"]["seed"]]
+    replay = run_job(client, key, "text_to_image", seed=drawn["output"]["seed"], **params)
+    assert np.array_equal(pixels_of(drawn)[0], pixels_of(replay)[0])
+
+
+@pytest.mark.parametrize("scheduler", ["heun", "lms", "ddim", "pndm", "dpmpp_2m", "dpmpp_2m_karras", "unipc"])
+def test_every_scheduler_runs(client, keys, sd_worker, scheduler):
+    job = run_job(client, keys.user_a.secret, "text_to_image", prompt="a cat", scheduler=scheduler, seed=1, **SMALL)
+    pixels, parameters = download(job["output"]["images"][0])
+    assert pixels.shape == (64, 64, 3) and parameters["scheduler"] == scheduler
+
+
+def test_inpainting_repaints_the_mask_and_keeps_every_other_pixel(client, keys, sd_worker):
+    from PIL import Image
+
+    key = keys.user_a.secret
+    width, height, box = 96, 72, (24, 16, 72, 48)
+    image = picture(width, height, seed=1)
+    job = run_job(
+        client, key, "inpainting",
+        image=uploaded(client, key, image), mask=uploaded(client, key, mask_png(width, height, box)),
+        prompt="a window", num_inference_steps=3, seed=2, num_outputs=2,
+    )  # fmt: skip
+    original = np.asarray(Image.open(io.BytesIO(image)).convert("RGB"))
+    inside = np.zeros((height, width), bool)
+    inside[box[1] : box[3], box[0] : box[2]] = True
+    for artifact in job["output"]["images"]:
+        pixels, parameters = download(artifact)
+        assert pixels.shape == (height, width, 3)
+        assert parameters["type"] == "inpainting" and (parameters["width"], parameters["height"]) == (width, height)
+        difference = np.abs(pixels.astype(int) - original.astype(int))
+        assert difference[~inside].max() <= 1, "pixels outside the mask changed"
+        assert difference[inside].mean() > 10, "the masked area was not repainted"
+
+    # The catalog names a dedicated 9-channel UNet for demo-sd: loaded (once) beside the family.
+    models = wait_models(sd_worker.node, lambda m: "inpainting:demo-sd-inpainting" in m)
+    assert models["inpainting:demo-sd-inpainting"]["loads"] == 1
+
+
+def test_inpainting_sizes_round_to_8_and_a_smaller_mask_of_the_same_shape_is_resized(client, keys, sd_worker):
+    key = keys.user_a.secret
+    image = uploaded(client, key, picture(100, 60, seed=2))
+    half_mask = uploaded(client, key, mask_png(50, 30, (10, 5, 30, 20)))
+    job = run_job(client, key, "inpainting", image=image, mask=half_mask, num_inference_steps=2, seed=3)
+    pixels, _ = download(job["output"]["images"][0])
+    assert pixels.shape == (64, 104, 3)  # 100×60 → 104×64 (halves round up)
+
+    explicit = run_job(
+        client, key, "inpainting", image=image, mask=half_mask, width=48, height=32, num_inference_steps=2, seed=3
+    )
+    assert download(explicit["output"]["images"][0])[0].shape == (32, 48, 3)
+
+    other_shape = uploaded(client, key, mask_png(60, 60, (10, 10, 30, 30)))
+    failed = run_job(client, key, "inpainting", "failed", image=image, mask=other_shape, num_inference_steps=2)
+    assert failed["error"]["code"] == "invalid_mask"
+    assert "60×60" in failed["error"]["message"] and "100×60" in failed["error"]["message"]
+
+
+def test_style_transfer_moves_colour_statistics_toward_the_style(client, keys, sd_worker):
+    key = keys.user_a.secret
+    content_colour, style_colour = np.array([200, 60, 40]), np.array([40, 80, 210])
+    content = uploaded(client, key, picture(100, 60, base=tuple(content_colour), seed=4))
+    style = uploaded(client, key, picture(80, 80, base=tuple(style_colour), seed=5))
+    means = {}
+    for style_strength in (0.0, 1.0):
+        job = run_job(
+            client, key, "style_transfer",
+            content_image=content, style_image=style, style_strength=style_strength,
+            strength=0.5, num_inference_steps=4, seed=7,
+        )  # fmt: skip
+        pixels, parameters = download(job["output"]["images"][0])
+        assert pixels.shape == (64, 104, 3), "the content image's size, rounded to 8"
+        assert parameters["type"] == "style_transfer" and parameters["style_strength"] == style_strength
+        means[style_strength] = pixels.reshape(-1, 3).mean(axis=0)
+
+    def distance(a: np.ndarray, b: np.ndarray) -> float:
+        return float(np.linalg.norm(a - b))
+
+    assert distance(means[0.0], means[1.0]) > 40, means
+    assert distance(means[1.0], style_colour) < distance(means[0.0], style_colour) - 40, means
+    assert distance(means[0.0], content_colour) < distance(means[1.0], content_colour), means
+
+
+def test_style_transfer_defaults_and_an_empty_prompt(client, keys, sd_worker):
+    key = keys.user_a.secret
+    content = uploaded(client, key, picture(64, 64, seed=6))
+    style = uploaded(client, key, picture(64, 64, base=(30, 200, 30), seed=7))
+    job = run_job(
+        client, key, "style_transfer", content_image=content, style_image=style, prompt="",
+        num_inference_steps=5, num_outputs=2,
+    )  # fmt: skip
+    assert len(job["output"]["images"]) == 2
+    _, parameters = download(job["output"]["images"][1])
+    assert parameters["strength"] == 0.6 and parameters["style_strength"] == 0.7
+    assert parameters["seed"] == job["output"]["seed"] + 1
+    assert job["progress"]["total"] == 3  # 5 steps × strength 0.6
+
+
+# --- cancel -------------------------------------------------------------------------------------------
+
+
+def test_cancel_stops_a_running_generation_at_its_next_step(client, keys, sd_worker, services):
+    key = keys.user_a.secret
+    response = submit(client, key, {"type": "text_to_image", "input": {
+        "prompt": "a long one", "width": 256, "height": 256, "num_inference_steps": 50, "seed": 1,
+    }})  # fmt: skip
+    job_id = response.get_json()["id"]
+    running = wait_for(client, key, job_id, "running", timeout=JOB_TIMEOUT, until=lambda j: j["progress"]["step"] >= 3)
+    seen_by_client = running["progress"]["step"]
+    asked = time.monotonic()
+    assert client.post(f"/v1/jobs/{job_id}/cancel", headers=auth(key)).status_code == 202
+
+    job = wait_for(client, key, job_id, ("canceled", "succeeded", "failed"), timeout=30)
+    assert job["status"] == "canceled", job
+    assert time.monotonic() - asked < 10
+    assert job["output"] is None and job["error"] is None
+
+    timeline = {event["message"]: event["data"]["step"] for event in events(job_id) if event["kind"] == "progress"}
+    stopping, stopped = timeline["stopping"], timeline["stopped"]
+    # The worker saw the cancel after step `stopping` and the pipeline ran no step after it.
+    assert stopped - stopping <= 1, timeline
+    assert seen_by_client <= stopped < 50, timeline
+    # What the client saw lags (progress is saved every 0.2 s, the cancel flag read as often): a few steps.
+    assert stopped - seen_by_client <= 10, (seen_by_client, timeline)
+    assert "decoding" not in timeline and "storing" not in timeline
+    assert stored_artifacts(job_id, services) == ([], [])
+
+
+# --- one copy of the model --------------------------------------------------------------------------
+
+
+def test_a_mix_of_the_three_types_loads_the_model_once(client, keys, sd_worker):
+    key = keys.user_a.secret
+    image, style = uploaded(client, key, picture(64, 64, seed=8)), uploaded(client, key, picture(64, 64, seed=9))
+    mask = uploaded(client, key, mask_png(64, 64, (0, 0, 32, 32)))
+    bodies = [
+        {"type": "text_to_image", "input": {"prompt": "a boat", **SMALL}},
+        {"type": "inpainting", "input": {"image": image, "mask": mask, "num_inference_steps": 3}},
+        {"type": "style_transfer", "input": {"content_image": image, "style_image": style, "num_inference_steps": 4}},
+    ] * 2
+    images_before = worker_models(sd_worker.node).get("diffusion:demo-sd", {}).get("images", 0)
+    ids = [submit(client, key, body).get_json()["id"] for body in bodies]  # two run at once on the worker
+    for job_id in ids:
+        assert wait_for(client, key, job_id, timeout=JOB_TIMEOUT)["status"] == "succeeded"
+
+    made = images_before + len(ids)
+    models = wait_models(sd_worker.node, lambda m: m.get("diffusion:demo-sd", {}).get("images", 0) >= made)
+    family = models["diffusion:demo-sd"]
+    assert family["loads"] == 1 and family["loaded"] is True, family
+    assert family["hits"] >= len(ids) - 1, family
+    assert models["inpainting:demo-sd-inpainting"]["loads"] == 1, models
+
+
+def test_the_family_shares_one_unet_vae_and_text_encoder(demo_catalog):
+    """In this process: three pipelines over the same module objects, in the cache's dtype."""
+    import torch
+
+    from db.settings import Settings
+    from worker.models.cache import ModelCache
+    from worker.models.diffusion import load_family
+
+    cache = ModelCache(Settings(model_catalog=demo_catalog, device="cpu", dtype="bfloat16"))
+    entry = cache.entry(None, "diffusion")
+    family = cache.get("diffusion:demo-sd", entry, load_family)
+    assert cache.get("diffusion:demo-sd", entry, load_family) is family
+    base = family.text_to_image
+    dedicated = family.inpaint_pipeline(cache)
+    for pipe in (family.image_to_image, family.inpaint, dedicated):
+        assert pipe.vae is base.vae and pipe.text_encoder is base.text_encoder and pipe.tokenizer is base.tokenizer
+    assert family.image_to_image.unet is base.unet and family.inpaint.unet is base.unet
+    assert dedicated.unet is not base.unet and dedicated.unet.config.in_channels == 9
+    assert family.inpaint_pipeline(cache).unet is dedicated.unet  # put together per run, loaded once
+    # from_pipe casts to float32 unless told otherwise: the shared modules must keep the cache's dtype.
+    for module in (base.unet, base.vae, base.text_encoder, dedicated.unet):
+        assert next(module.parameters()).dtype == torch.bfloat16
+    stats = cache.loaded()
+    assert stats["diffusion:demo-sd"]["loads"] == 1 and stats["inpainting:demo-sd-inpainting"]["loads"] == 1
+    assert stats["diffusion:demo-sd"]["mb"] > 0
+
+
+def test_the_step_hook_stops_the_pipeline_and_out_of_memory_is_a_job_error(demo_catalog):
+    """``denoise`` on the real pipeline: a stop after step 3 of 20 runs exactly 3; a CUDA OOM fails the job."""
+    import torch
+
+    from db.settings import Settings
+    from worker.jobs.base import JobError
+    from worker.models.cache import ModelCache
+    from worker.models.diffusion import denoise, load_family
+
+    cache = ModelCache(Settings(model_catalog=demo_catalog, device="cpu", dtype="float32"))
+    family = cache.get("diffusion:demo-sd", cache.entry(None, "diffusion"), load_family)
+    call = {"prompt": "x", "width": 64, "height": 64, "num_inference_steps": 20, "generator": torch.Generator().manual_seed(0)}
+
+    seen = []
+    result = denoise(family, family.text_to_image, "euler", lambda step, total: seen.append(step) or step >= 3, **call)
+    assert result.stopped and result.latents is None
+    assert (result.steps_run, result.total) == (3, 20) and seen == [1, 2, 3]
+    whole = denoise(family, family.text_to_image, "euler", lambda step, total: False, **call)
+    assert not whole.stopped and whole.steps_run == 20 and whole.latents.shape == (1, 4, 8, 8)
+
+    def exhausted(step: int, total: int) -> bool:  # the fault a CPU cannot produce, raised where CUDA would
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    with pytest.raises(JobError) as failure:
+        denoise(family, family.text_to_image, "euler", exhausted, **call)
+    assert failure.value.code == "out_of_memory" and "ran out of memory" in failure.value.message
+
+
+# --- bad input --------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def files(client_module, keys) -> dict[str, str]:
+    """An image and a dataset zip of user a, and an image of user b."""
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        archive.writestr("a.txt", "a caption")
+    return {
+        "image": uploaded(client_module, keys.user_a.secret, picture(16, 16)),
+        "zip": uploaded(client_module, keys.user_a.secret, buffer.getvalue(), filename="set.zip", purpose="dataset"),
+        "other_tenant": uploaded(client_module, keys.user_b.secret, picture(16, 16)),
+    }
+
+
+@pytest.fixture(scope="module")
+def client_module(app) -> Any:
+    return app.test_client()
+
+
+TEXT = {"prompt": "a bridge"}
+
+
+@pytest.mark.parametrize(
+    ("job_type", "params", "loc"),
+    [
+        ("text_to_image", {}, ["input", "prompt"]),
+        ("text_to_image", {"prompt": ""}, ["input", "prompt"]),
+        ("text_to_image", {"prompt": "   "}, ["input", "prompt"]),
+        ("text_to_image", {"prompt": "x" * 2001}, ["input", "prompt"]),
+        ("text_to_image", {**TEXT, "negative_prompt": "x" * 2001}, ["input", "negative_prompt"]),
+        ("text_to_image", {**TEXT, "width": 100}, ["input", "width"]),
+        ("text_to_image", {**TEXT, "height": 0}, ["input", "height"]),
+        ("text_to_image", {**TEXT, "width": 4096}, ["input", "width"]),
+        ("text_to_image", {**TEXT, "width": 2048, "height": 2048}, ["input", "height"]),
+        ("text_to_image", {**TEXT, "num_inference_steps": 0}, ["input", "num_inference_steps"]),
+        ("text_to_image", {**TEXT, "num_inference_steps": 151}, ["input", "num_inference_steps"]),
+        ("text_to_image", {**TEXT, "guidance_scale": 31}, ["input", "guidance_scale"]),
+        ("text_to_image", {**TEXT, "scheduler": "karras_magic"}, ["input", "scheduler"]),
+        ("text_to_image", {**TEXT, "seed": -1}, ["input", "seed"]),
+        ("text_to_image", {**TEXT, "num_outputs": 5}, ["input", "num_outputs"]),
+        ("text_to_image", {**TEXT, "loras": [{"model": "mdl_x", "scale": 1}]}, ["input", "loras"]),
+        ("inpainting", {"image": "@image", "mask": "@zip"}, ["input", "mask"]),
+        ("inpainting", {"image": "@other_tenant", "mask": "@image"}, ["input", "image"]),
+        ("inpainting", {"image": "@image"}, ["input", "mask"]),
+        ("inpainting", {"image": "@image", "mask": "@image", "strength": 1.5}, ["input", "strength"]),
+        ("inpainting", {"image": "@image", "mask": "@image", "width": 64}, ["input", "height"]),
+        ("style_transfer", {"content_image": "@image", "style_image": "@zip"}, ["input", "style_image"]),
+        ("style_transfer", {"content_image": "file_nothere", "style_image": "@image"}, ["input", "content_image"]),
+        ("style_transfer", {"content_image": "@image", "style_image": "@image", "style_strength": -0.1}, ["input", "style_strength"]),
+        ("style_transfer", {"content_image": "@image", "style_image": "@image", "scheduler": "nope"}, ["input", "scheduler"]),
+    ],
+)  # fmt: skip
+def test_bad_generation_input_is_a_precise_422(client, keys, files, job_type, params, loc):
+    params = {name: files[value[1:]] if isinstance(value, str) and value.startswith("@") else value
+              for name, value in params.items()}  # fmt: skip
+    response = submit(client, keys.user_a.secret, {"type": job_type, "input": params})
+    assert_problem(response, 422, loc)

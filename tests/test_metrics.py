@@ -1,0 +1,259 @@
+"""``/metrics``: Prometheus text that parses, and numbers that match the database; lost workers."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections import Counter, defaultdict
+from datetime import timedelta
+from typing import Any
+
+import pytest
+
+from tests.admin_client import logged_in, page
+from tests.client import assert_problem, diagnostic, wait_for
+from tests.processes import Stack
+
+WINDOW = 7 * 86400  # every job of this test session is inside it
+
+
+@pytest.fixture(scope="module")
+def metrics_app(services: Any) -> Any:
+    import api
+    from db.settings import Settings
+
+    return api.create_app(Settings(metrics_window_seconds=WINDOW, worker_lost_seconds=3))
+
+
+def scrape(app: Any) -> dict[str, Any]:
+    """The families by name, as ``prometheus_client``'s own parser reads the answer."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    response = app.test_client().get("/metrics")
+    assert response.status_code == 200, response.get_data(as_text=True)
+    assert response.headers["Content-Type"].startswith("text/plain; version=")
+    return {family.name: family for family in text_string_to_metric_families(response.get_data(as_text=True))}
+
+
+def samples(family: Any, name: str | None = None) -> dict[tuple[tuple[str, str], ...], float]:
+    return {
+        tuple(sorted(s.labels.items())): s.value for s in family.samples if name is None or s.name == name
+    }
+
+
+def value(family: Any, **labels: str) -> float:
+    return samples(family, family.name).get(tuple(sorted(labels.items())), 0.0)
+
+
+# --- what the database says, computed here independently ------------------------------------------
+
+
+def db_jobs() -> list[Any]:
+    from sqlalchemy import select
+
+    from db.models import Job
+    from db.session import session_scope
+
+    with session_scope() as session:
+        return session.execute(
+            select(Job.type, Job.status, Job.queue, Job.created_at, Job.started_at, Job.finished_at)
+        ).all()
+
+
+def expected_histogram(rows: list[Any], kind: str, bounds: tuple[float, ...]) -> dict[str, dict[str, float]]:
+    found: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
+    for row in rows:
+        if kind == "queue_wait" and row.started_at is not None:
+            seconds = (row.started_at - row.created_at).total_seconds()
+        elif kind == "run" and row.started_at is not None and row.finished_at is not None:
+            seconds = (row.finished_at - row.started_at).total_seconds()
+        else:
+            continue
+        bucket = found[row.type]
+        bucket["count"] += 1
+        bucket["sum"] += seconds
+        for bound in bounds:
+            bucket[repr(float(bound))] += seconds <= bound
+    return found
+
+
+def test_metrics_parse_and_match_the_database_after_a_known_set_of_jobs(metrics_app, client, keys, gpu_worker):
+    from api import stats
+    from db import transitions
+    from db.session import session_scope
+
+    admin = keys.admin.secret
+    before = scrape(metrics_app)
+    jobs = [diagnostic(client, admin, steps=2) for _ in range(3)]
+    jobs.append(diagnostic(client, admin, fail=True))
+    doomed = diagnostic(client, admin, steps=40, sleep_seconds=20)
+    with session_scope() as session:
+        transitions.request_cancel(session, doomed["id"])
+    for job in [*jobs, doomed]:
+        wait_for(client, admin, job["id"], ("succeeded", "failed", "canceled"))
+    wait_for(client, admin, doomed["id"], "canceled")
+    after = scrape(metrics_app)
+
+    # The known set of jobs, as deltas of the gauge.
+    delta = {
+        status: value(after["gpujobs_jobs"], type="diagnostic", status=status)
+        - value(before["gpujobs_jobs"], type="diagnostic", status=status)
+        for status in ("queued", "running", "succeeded", "failed", "canceled")
+    }
+    assert delta == {"queued": 0, "running": 0, "succeeded": 3, "failed": 1, "canceled": 1}, delta
+
+    # Every (type, status) equals a count of the rows; every type and status has its series.
+    rows = db_jobs()
+    counts = Counter((row.type, row.status) for row in rows)
+    exposed = samples(after["gpujobs_jobs"])
+    from worker.jobs import REGISTRY
+
+    assert {dict(labels)["type"] for labels in exposed} >= set(REGISTRY)
+    for labels, number in exposed.items():
+        key = (dict(labels)["type"], dict(labels)["status"])
+        assert number == counts.get(key, 0), (key, number, counts.get(key, 0))
+
+    # The histograms: per type, bucket counts, count and sum equal the durations of the rows.
+    for kind, name, bounds in (
+        ("queue_wait", "gpujobs_job_queue_wait_seconds", stats.QUEUE_WAIT_BUCKETS),
+        ("run", "gpujobs_job_run_seconds", stats.RUN_BUCKETS),
+    ):
+        family = after[name]
+        assert family.type == "histogram"
+        expected = expected_histogram(rows, kind, bounds)
+        assert set(expected) == {s.labels["type"] for s in family.samples}, name
+        for sample in family.samples:
+            wanted = expected[sample.labels["type"]]
+            if sample.name.endswith("_bucket"):
+                le = sample.labels["le"]
+                number = wanted["count"] if le == "+Inf" else wanted[repr(float(le))]
+                assert sample.value == number, (name, sample)
+            elif sample.name.endswith("_count"):
+                assert sample.value == wanted["count"], (name, sample)
+            elif sample.name.endswith("_sum"):
+                assert sample.value == pytest.approx(wanted["sum"], abs=1e-3), (name, sample)
+        # Cumulative buckets never decrease.
+        for job_type in expected:
+            series = [s.value for s in family.samples if s.name.endswith("_bucket") and s.labels["type"] == job_type]
+            assert series == sorted(series)
+    diag = expected_histogram([r for r in rows if r.type == "diagnostic"], "run", stats.RUN_BUCKETS)["diagnostic"]
+    assert diag["count"] >= 5
+
+    # Webhook attempts and deliveries equal the rows.
+    from sqlalchemy import select
+
+    from db.models import WebhookAttempt, WebhookDelivery
+
+    with session_scope() as session:
+        codes = session.scalars(select(WebhookAttempt.status_code)).all()
+        statuses = Counter(session.scalars(select(WebhookDelivery.status)).all())
+    outcomes = Counter(stats.webhook_attempt_outcome(code) for code in codes)
+    for outcome in ("delivered", "http_error", "error"):
+        assert value(after["gpujobs_webhook_attempts"], outcome=outcome) == outcomes.get(outcome, 0)
+    for status in ("pending", "delivered", "failed", "gave_up"):
+        assert value(after["gpujobs_webhook_deliveries"], status=status) == statuses.get(status, 0)
+
+    assert value(after["gpujobs_metrics_window_seconds"]) == WINDOW
+    assert value(after["gpujobs_broker_up"]) == 1
+    assert {dict(k)["queue"] for k in samples(after["gpujobs_queue_depth"])} == {"gpu", "train", "webhooks", "maintenance"}
+
+
+def test_workers_alive_and_gpu_memory_match_the_heartbeats(metrics_app, gpu_worker):
+    """Alive = not stopped and heard from within worker_lost_seconds; a CUDA heartbeat gives memory gauges."""
+    from sqlalchemy import select, update
+
+    from db.models import WorkerProcess, utcnow
+    from db.session import session_scope
+
+    # A heartbeat as a GPU worker writes it (this machine has no GPU to make a real one).
+    gpu_row = f"metrics-test-gpu@host:{os.getpid()}:abc123"
+    with session_scope() as session:
+        session.add(
+            WorkerProcess(
+                id=gpu_row, hostname="gpu-host", pid=os.getpid(), queues=["gpu"], models={}, current_jobs=["job_x"],
+                device={"type": "cuda", "name": "NVIDIA H100", "memory_used_mb": 1536, "memory_total_mb": 81559},
+            )
+        )  # fmt: skip
+    try:
+        def alive_in_db() -> int:
+            with session_scope() as session:
+                rows = session.execute(
+                    select(WorkerProcess.last_seen_at, WorkerProcess.stopped_at)
+                ).all()
+            now = utcnow()
+            return sum(1 for r in rows if r.stopped_at is None and now - r.last_seen_at <= timedelta(seconds=3))
+
+        for _ in range(10):  # a heartbeat may cross the threshold between the reads: retry until stable
+            first, scraped, second = alive_in_db(), scrape(metrics_app), alive_in_db()
+            if first == second:
+                break
+        assert value(scraped["gpujobs_workers"], state="alive") == first >= 3  # gpu, maintenance, the row above
+        labels = {"worker": gpu_row, "host": "gpu-host"}
+        assert value(scraped["gpujobs_worker_gpu_memory_used_bytes"], **labels) == 1536 * 2**20
+        assert value(scraped["gpujobs_worker_gpu_memory_total_bytes"], **labels) == 81559 * 2**20
+        assert value(scraped["gpujobs_worker_current_jobs"], **labels) == 1
+    finally:
+        with session_scope() as session:
+            session.execute(update(WorkerProcess).where(WorkerProcess.id == gpu_row).values(stopped_at=utcnow()))
+
+
+def test_a_killed_worker_shows_as_lost_within_the_threshold(metrics_app, services, keys):
+    """SIGKILL a worker that beats every 0.5 s; with worker_lost_seconds=3 it is lost 3 s after its last beat."""
+    from sqlalchemy import select
+
+    from db.models import WorkerProcess
+    from db.session import session_scope
+
+    lost_after, heartbeat = 3.0, 0.5
+    stack = Stack({**os.environ, "GPUJOBS_HEARTBEAT_SECONDS": str(heartbeat)}, services.root / "logs", label="lost")
+    worker = stack.start_worker("train", concurrency=1)
+    try:
+        with session_scope() as session:
+            [worker_id] = session.scalars(
+                select(WorkerProcess.id).where(WorkerProcess.id.like(f"{worker.node}@%"))
+            ).all()
+        browser = logged_in(metrics_app.test_client(), keys.admin.secret)
+
+        def state() -> str:
+            html = page(browser, "/admin/workers")
+            marker = f'data-worker="{worker_id}" data-state="'
+            assert marker in html, f"{worker_id} is not on the workers page"
+            return html.split(marker, 1)[1].split('"', 1)[0]
+
+        assert state() == "alive"
+        lost_before = value(scrape(metrics_app)["gpujobs_workers"], state="lost")
+        time.sleep(2 * heartbeat)  # let it beat again, so its last beat is just before the kill
+        worker.kill()
+        killed_at = time.monotonic()
+        assert state() == "alive"  # silent for less than the threshold: not lost yet
+        while (current := state()) != "lost":
+            elapsed = time.monotonic() - killed_at
+            assert elapsed < lost_after + 3.0, f"still {current!r} {elapsed:.1f}s after SIGKILL"
+            time.sleep(0.2)
+        elapsed = time.monotonic() - killed_at
+        assert lost_after - heartbeat - 0.5 <= elapsed <= lost_after + 3.0, elapsed
+        assert value(scrape(metrics_app)["gpujobs_workers"], state="lost") == lost_before + 1
+    finally:
+        stack.stop_all()
+
+
+def test_the_metrics_token_protects_the_endpoint_when_set(services):
+    import api
+    from db.settings import Settings
+
+    protected = api.create_app(Settings(metrics_token="s3cret-token")).test_client()
+    assert_problem(protected.get("/metrics"), 401)
+    assert_problem(protected.get("/metrics", headers={"Authorization": "Bearer wrong"}), 401)
+    assert_problem(protected.get("/metrics", headers={"Authorization": "Bearer s3cret-tokén"}), 401)
+    response = protected.get("/metrics", headers={"Authorization": "Bearer s3cret-token"})
+    assert response.status_code == 200 and b"gpujobs_jobs" in response.data
+
+
+def test_queue_depth_comes_from_the_broker(metrics_app, client, keys, no_gpu_worker):
+    from worker.celery_app import queue_depths
+
+    jobs = [diagnostic(client, keys.admin.secret) for _ in range(2)]  # nothing consumes the gpu queue now
+    scraped = scrape(metrics_app)
+    assert value(scraped["gpujobs_queue_depth"], queue="gpu") == queue_depths()["gpu"] == 2
+    assert value(scraped["gpujobs_jobs_queued"], queue="gpu") == 2
+    assert sum(value(scraped["gpujobs_jobs"], type="diagnostic", status="queued") for _ in [0]) == len(jobs)
