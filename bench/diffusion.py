@@ -23,6 +23,12 @@ Measured, one client, the same prompt, size, steps, guidance, sampler (``euler``
   ``run_seconds`` (claim → success, from the API) are shown beside it.
 - the pixels of the job's PNG against the raw call's image for the same seed (expected identical).
 
+``--in-process`` leaves the service out: the worker's own ``text_to_image`` (model cache, per-run
+scheduler, step callback, decode, PNG encoding) runs in this process with an in-memory context,
+on the same loaded modules as the raw call, to tell the job code's cost from the queue's.
+``--torch-compile`` / ``--channels-last`` turn the worker settings on and do the same to the raw
+pipeline.
+
 Every process it starts is stopped at the end (and on Ctrl-C); a database it created is dropped.
 """
 
@@ -75,7 +81,12 @@ def build_model(configs: Path, folder: Path) -> None:
         log(f"model: reusing {folder}")
         return
     import torch
-    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import (
+        AutoencoderKL,
+        PNDMScheduler,
+        StableDiffusionPipeline,
+        UNet2DConditionModel,
+    )
     from transformers import CLIPTextConfig, CLIPTextModel
 
     from worker.models.demo_diffusion import build_tokenizer
@@ -108,7 +119,7 @@ def build_model(configs: Path, folder: Path) -> None:
     log(f"model: built in {time.monotonic() - started:.0f} s")
 
 
-def load_raw_pipeline(folder: Path, device: str) -> Any:
+def load_raw_pipeline(folder: Path, device: str, torch_compile: bool = False, channels_last: bool = False) -> Any:
     """The baseline: the pipeline a user would load by hand, with the sampler the jobs use."""
     import torch
     from diffusers import EulerDiscreteScheduler, StableDiffusionPipeline
@@ -121,6 +132,11 @@ def load_raw_pipeline(folder: Path, device: str) -> Any:
     ).to(device)
     pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
+    if channels_last:
+        pipe.unet.to(memory_format=torch.channels_last)
+        pipe.vae.to(memory_format=torch.channels_last)
+    if torch_compile:
+        pipe.unet.compile()
     return pipe
 
 
@@ -232,11 +248,12 @@ def tail(path: Path, lines: int = 30) -> str:
 
 
 def stop_all(deployment: Deployment, keep_logs: bool) -> None:
-    from gpujobs import embedded
+    if deployment.processes:
+        from gpujobs import embedded
 
-    for process in reversed(deployment.processes):
-        with contextlib.suppress(Exception):
-            embedded.stop_process(process)
+        for process in reversed(deployment.processes):
+            with contextlib.suppress(Exception):
+                embedded.stop_process(process)
     with contextlib.suppress(Exception):
         from db.session import dispose_engines
 
@@ -247,7 +264,7 @@ def stop_all(deployment: Deployment, keep_logs: bool) -> None:
 
             with psycopg.connect(deployment.maintenance_conninfo, autocommit=True) as conn:
                 conn.execute(f'DROP DATABASE IF EXISTS "{deployment.created_database}" WITH (FORCE)')
-        except Exception as exc:
+        except psycopg.Error as exc:
             log(f"could not drop database {deployment.created_database}: {exc}")
     for part in reversed(deployment.embedded):
         with contextlib.suppress(Exception):
@@ -327,6 +344,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--samples", type=int, help="warm rounds (raw call + job each; default: 5 on CPU, 20 on CUDA)")
     parser.add_argument("--size", type=int, help="image side (default: 256 on CPU, 512 on CUDA)")
     parser.add_argument("--steps", type=int, help="denoising steps (default: 4 on CPU, 25 on CUDA)")
+    parser.add_argument(
+        "--in-process", action="store_true",
+        help="no API, queue or S3: the worker's text_to_image code in this process, on the raw call's modules",
+    )  # fmt: skip
+    parser.add_argument("--torch-compile", action="store_true", help="GPUJOBS_TORCH_COMPILE for the job, and compile the raw UNet")
+    parser.add_argument("--channels-last", action="store_true", help="GPUJOBS_CHANNELS_LAST for the job, and the raw UNet/VAE")
     parser.add_argument("--configs", type=Path, default=DEFAULT_CONFIGS, help=f"SD 1.5 configs (default {DEFAULT_CONFIGS})")
     parser.add_argument(
         "--model-dir", type=Path, default=REPO / "var" / "bench" / MODEL_NAME,
@@ -344,9 +367,9 @@ def main(argv: list[str] | None = None) -> int:
               f"this torch is {torch.__version__}. Run on a GPU machine with a CUDA build of torch.", file=sys.stderr)  # fmt: skip
         return 2
     size, steps = PROFILES[args.device]
-    size, steps = args.size or size, args.steps or steps
-    samples = args.samples or (20 if args.device == "cuda" else 5)
-    if size % 8:
+    args.size, args.steps = args.size or size, args.steps or steps
+    args.samples = args.samples or (20 if args.device == "cuda" else 5)
+    if args.size % 8:
         parser.error("--size must be a multiple of 8")
 
     signal.signal(signal.SIGTERM, _interrupt)
@@ -354,94 +377,17 @@ def main(argv: list[str] | None = None) -> int:
     failed = True
     try:
         sys.path.insert(0, str(REPO))
-        build_model(args.configs, args.model_dir.resolve())
+        args.model_dir = args.model_dir.resolve()
+        build_model(args.configs, args.model_dir)
         catalog = deployment.tmp / "catalog.toml"
-        catalog.write_text(
-            f'[models.{MODEL_NAME}]\nkind = "diffusion"\nsource = "{args.model_dir.resolve()}"\ndefault = true\n'
-        )
-        env = {k: v for k, v in os.environ.items() if not k.startswith("GPUJOBS_")}
-        env |= start_services(deployment, args)
-        env |= {"GPUJOBS_MODEL_CATALOG": str(catalog), "GPUJOBS_DEVICE": args.device, "PYTHONUNBUFFERED": "1"}
-        os.environ.update({k: v for k, v in env.items() if k.startswith("GPUJOBS_")})
-
-        import migrations
-        from db.keys import create_key
-        from db.models import Role
-        from db.session import session_scope
-        from db.settings import reset_settings
-        from db.storage import get_storage
-
-        reset_settings()
-        migrations.upgrade(deployment.database_url)
-        with session_scope(deployment.database_url) as session:
-            _, key = create_key(session, "diffusion benchmark", Role.ADMIN)
-        get_storage().ensure_bucket()
-
-        from gpujobs.embedded import free_port
-
-        port = free_port()
-        base = f"http://127.0.0.1:{port}"
-        api = start(deployment, "api", [sys.executable, "-m", "gpujobs", "api", "--host", "127.0.0.1", "--port", str(port)], env)
-        worker = start(deployment, "worker", [
-            sys.executable, "-m", "gpujobs", "worker", "--queues", "gpu", "--concurrency", "1", "--name", "bench-diffusion",
-        ], env)  # fmt: skip
-        wait_until(api, deployment.logs["api"], lambda: requests.get(f"{base}/healthz", timeout=2).ok, "the API")
-        wait_until(worker, deployment.logs["worker"], lambda: " ready." in deployment.logs["worker"].read_text(), "the worker")
-        client = Client(base, key)
-        log(f"API and worker up; {args.device}: {size}×{size}, {steps} steps, guidance {GUIDANCE}, {SCHEDULER}")
-
-        cold_seconds, cold_job = client.run(size, steps, seed=1)
-        log(f"cold job: {cold_seconds:.2f} s (includes loading the model in the worker)")
-
-        log("loading the raw pipeline in this process")
-        pipe = load_raw_pipeline(args.model_dir.resolve(), args.device)
-        raw_call(pipe, size, steps, seed=0)  # warm-up (allocator, kernels)
-        client.run(size, steps, seed=0)  # warm-up of the job path after the cold one
-
-        load_before = os.getloadavg()[0]
-        raw, end_to_end, run_seconds, queue_seconds = [], [], [], []
-        identical, max_difference = True, 0
-        for round_index in range(samples):
-            seed = 1000 + round_index
-            if round_index % 2:  # alternate the order, so neither side always runs first after the other
-                job_seconds, job = client.run(size, steps, seed)
-                raw_seconds, raw_image = raw_call(pipe, size, steps, seed)
-            else:
-                raw_seconds, raw_image = raw_call(pipe, size, steps, seed)
-                job_seconds, job = client.run(size, steps, seed)
-            raw.append(raw_seconds)
-            end_to_end.append(job_seconds)
-            run_seconds.append(job["metrics"]["run_seconds"])
-            queue_seconds.append(job["metrics"]["queue_seconds"])
-            import numpy as np
-
-            difference = int(np.abs(job_pixels(job).astype(int) - np.asarray(raw_image).astype(int)).max())
-            max_difference = max(max_difference, difference)
-            identical = identical and difference == 0
-            log(f"round {round_index + 1}/{samples}: raw {raw_seconds:.3f} s, job {job_seconds:.3f} s "
-                f"(run {job['metrics']['run_seconds']:.3f} s), max pixel difference {difference}")  # fmt: skip
-
-        results = {
-            "device": args.device,
-            "machine": machine(args.device),
-            "size": size,
-            "steps": steps,
-            "samples": samples,
-            "raw_median_s": round(median(raw), 4),
-            "job_median_s": round(median(end_to_end), 4),
-            "job_run_median_s": round(median(run_seconds), 4),
-            "job_queue_median_s": round(median(queue_seconds), 4),
-            "overhead_median_s": round(median([j - r for j, r in zip(end_to_end, raw, strict=True)]), 4),
-            "job_over_raw": round(median(end_to_end) / median(raw), 4),
-            "cold_job_s": round(cold_seconds, 3),
-            "cold_run_s": cold_job["metrics"]["run_seconds"],
-            "cold_over_warm": round(cold_seconds / median(end_to_end), 3),
-            "pixels_identical": identical,
-            "max_pixel_difference": max_difference,
-            "load_average_1m": [round(load_before, 2), round(os.getloadavg()[0], 2)],
-            "raw_s": [round(v, 4) for v in raw],
-            "job_s": [round(v, 4) for v in end_to_end],
-        }
+        catalog.write_text(f'[models.{MODEL_NAME}]\nkind = "diffusion"\nsource = "{args.model_dir}"\ndefault = true\n')
+        settings = {"GPUJOBS_MODEL_CATALOG": str(catalog), "GPUJOBS_DEVICE": args.device}
+        if args.torch_compile:
+            settings["GPUJOBS_TORCH_COMPILE"] = "true"
+        if args.channels_last:
+            settings["GPUJOBS_CHANNELS_LAST"] = "true"
+        measure = measure_in_process if args.in_process else measure_service
+        results = measure(args, deployment, settings)
         report(results)
         if args.json:
             args.json.write_text(json.dumps(results, indent=2))
@@ -454,16 +400,174 @@ def main(argv: list[str] | None = None) -> int:
         stop_all(deployment, keep_logs=args.keep_logs or failed)
 
 
+def measure_service(args: argparse.Namespace, deployment: Deployment, settings: dict[str, str]) -> dict[str, Any]:
+    """Jobs through ``gpujobs api`` and ``gpujobs worker`` against the raw call in this process."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GPUJOBS_")}
+    env |= start_services(deployment, args) | settings | {"PYTHONUNBUFFERED": "1"}
+    os.environ.update({k: v for k, v in env.items() if k.startswith("GPUJOBS_")})
+
+    import migrations
+    from db.keys import create_key
+    from db.models import Role
+    from db.session import session_scope
+    from db.settings import reset_settings
+    from db.storage import get_storage
+    from gpujobs.embedded import free_port
+
+    reset_settings()
+    migrations.upgrade(deployment.database_url)
+    with session_scope(deployment.database_url) as session:
+        _, key = create_key(session, "diffusion benchmark", Role.ADMIN)
+    get_storage().ensure_bucket()
+
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    api = start(deployment, "api", [sys.executable, "-m", "gpujobs", "api", "--host", "127.0.0.1", "--port", str(port)], env)
+    worker = start(deployment, "worker", [
+        sys.executable, "-m", "gpujobs", "worker", "--queues", "gpu", "--concurrency", "1", "--name", "bench-diffusion",
+    ], env)  # fmt: skip
+    wait_until(api, deployment.logs["api"], lambda: requests.get(f"{base}/healthz", timeout=2).ok, "the API")
+    wait_until(worker, deployment.logs["worker"], lambda: " ready." in deployment.logs["worker"].read_text(), "the worker")
+    client = Client(base, key)
+    log(f"API and worker up; {args.device}: {args.size}×{args.size}, {args.steps} steps, guidance {GUIDANCE}, {SCHEDULER}")
+
+    cold_seconds, cold_job = client.run(args.size, args.steps, seed=1)
+    log(f"cold job: {cold_seconds:.2f} s (includes loading the model in the worker)")
+
+    log("loading the raw pipeline in this process")
+    pipe = load_raw_pipeline(args.model_dir, args.device, args.torch_compile, args.channels_last)
+
+    def job(seed: int) -> tuple[float, Any, float | None, float | None]:
+        seconds, finished = client.run(args.size, args.steps, seed)
+        return seconds, job_pixels(finished), finished["metrics"]["run_seconds"], finished["metrics"]["queue_seconds"]
+
+    return {
+        "mode": "service",
+        **rounds(args, pipe, job),
+        "cold_job_s": round(cold_seconds, 3),
+        "cold_run_s": cold_job["metrics"]["run_seconds"],
+    }
+
+
+class MemoryContext:
+    """What a job sees of the worker (``worker.context.JobContext``), kept in memory: no database, no S3."""
+
+    def __init__(self) -> None:
+        self.deadline = time.monotonic() + JOB_TIMEOUT
+        self.cancel_requested = False
+        self.stored: dict[str, bytes] = {}
+
+    def progress(self, step: int, total: int | None = None, message: str | None = None, **extra: Any) -> None:
+        pass
+
+    def check(self) -> None:
+        pass
+
+    def store(self, name: str, data: bytes, content_type: str) -> Any:
+        from worker.jobs.base import Artifact
+
+        self.stored[name] = data
+        return Artifact(name=name, content_type=content_type, size=len(data), sha256="")
+
+
+def measure_in_process(args: argparse.Namespace, deployment: Deployment, settings: dict[str, str]) -> dict[str, Any]:
+    """The worker's ``text_to_image`` in this process against ``pipe(...)`` on the same loaded modules."""
+    import numpy as np
+    from PIL import Image
+
+    os.environ.update(settings)
+    from db.settings import reset_settings
+    from worker.jobs.text_to_image import Input
+    from worker.models.cache import get_cache
+    from worker.models.diffusion import load_family, make_scheduler
+    from worker.models.diffusion_jobs import text_to_image
+
+    reset_settings()
+    params = {"prompt": PROMPT, "negative_prompt": NEGATIVE, "width": args.size, "height": args.size,
+              "num_inference_steps": args.steps, "guidance_scale": GUIDANCE, "scheduler": SCHEDULER}  # fmt: skip
+    started = time.perf_counter()
+    text_to_image(MemoryContext(), Input(**params, seed=1))
+    cold_seconds = time.perf_counter() - started
+    log(f"cold job path: {cold_seconds:.2f} s (includes loading the model)")
+    cache = get_cache()
+    family = cache.get(f"diffusion:{MODEL_NAME}", cache.entry(None, "diffusion"), load_family)
+    pipe = family.text_to_image
+    pipe.scheduler = make_scheduler(family, SCHEDULER)  # the raw side keeps this one; each job makes its own
+
+    def job(seed: int) -> tuple[float, Any, float | None, float | None]:
+        ctx = MemoryContext()
+        started = time.perf_counter()
+        text_to_image(ctx, Input(**params, seed=seed))
+        seconds = time.perf_counter() - started
+        pipe.scheduler = make_scheduler(family, SCHEDULER)
+        with Image.open(io.BytesIO(ctx.stored["image-0.png"])) as image:
+            return seconds, np.asarray(image.convert("RGB")), None, None
+
+    return {"mode": "in-process", **rounds(args, pipe, job), "cold_job_s": round(cold_seconds, 3), "cold_run_s": None}
+
+
+def rounds(args: argparse.Namespace, pipe: Any, job: Any) -> dict[str, Any]:
+    """Warm-up, then ``--samples`` rounds of the raw call and a job, alternating which goes first."""
+    import numpy as np
+
+    raw_call(pipe, args.size, args.steps, seed=0)  # warm-up (allocator, kernels, compilation)
+    job(0)
+    load_before = os.getloadavg()[0]
+    raw, jobs, run_seconds, queue_seconds = [], [], [], []
+    max_difference = 0
+    for index in range(args.samples):
+        seed = 1000 + index
+        if index % 2:  # neither side always runs right after the other
+            job_seconds, job_image, run, queued = job(seed)
+            raw_seconds, raw_image = raw_call(pipe, args.size, args.steps, seed)
+        else:
+            raw_seconds, raw_image = raw_call(pipe, args.size, args.steps, seed)
+            job_seconds, job_image, run, queued = job(seed)
+        raw.append(raw_seconds)
+        jobs.append(job_seconds)
+        if run is not None:
+            run_seconds.append(run)
+            queue_seconds.append(queued)
+        difference = int(np.abs(job_image.astype(int) - np.asarray(raw_image).astype(int)).max())
+        max_difference = max(max_difference, difference)
+        log(f"round {index + 1}/{args.samples}: raw {raw_seconds:.3f} s, job {job_seconds:.3f} s"
+            + (f" (run {run:.3f} s)" if run is not None else "") + f", max pixel difference {difference}")  # fmt: skip
+    return {
+        "device": args.device,
+        "machine": machine(args.device),
+        "size": args.size,
+        "steps": args.steps,
+        "samples": args.samples,
+        "torch_compile": args.torch_compile,
+        "channels_last": args.channels_last,
+        "raw_median_s": round(median(raw), 4),
+        "job_median_s": round(median(jobs), 4),
+        "job_run_median_s": round(median(run_seconds), 4) if run_seconds else None,
+        "job_queue_median_s": round(median(queue_seconds), 4) if queue_seconds else None,
+        "overhead_median_s": round(median([j - r for j, r in zip(jobs, raw, strict=True)]), 4),
+        "job_over_raw": round(median(jobs) / median(raw), 4),
+        "pixels_identical": max_difference == 0,
+        "max_pixel_difference": max_difference,
+        "load_average_1m": [round(load_before, 2), round(os.getloadavg()[0], 2)],
+        "raw_s": [round(v, 4) for v in raw],
+        "job_s": [round(v, 4) for v in jobs],
+    }
+
+
 def report(r: dict[str, Any]) -> None:
     overhead_pct = (r["job_over_raw"] - 1) * 100
+    settings = ", ".join(name for name in ("torch_compile", "channels_last") if r[name]) or "eager"
+    job_label = "job submit → succeeded, warm" if r["mode"] == "service" else "job path in process, warm"
     print(f"\nText-to-image, SD 1.5 architecture (random weights), {r['size']}×{r['size']}, {r['steps']} steps, "
-          f"guidance {GUIDANCE}, {SCHEDULER}, 1 image; {r['device']}: {r['machine']}")  # fmt: skip
-    print(f"{'':34}{'median':>10}")
-    print(f"{'raw pipe(...) call, warm':34}{r['raw_median_s']:>9.3f}s")
-    print(f"{'job submit → succeeded, warm':34}{r['job_median_s']:>9.3f}s   ({r['job_over_raw']:.3f}× raw, {overhead_pct:+.1f}%)")
-    print(f"{'  of which the worker ran it':34}{r['job_run_median_s']:>9.3f}s   (queue {r['job_queue_median_s']:.3f} s)")
-    print(f"{'job overhead over raw (paired)':34}{r['overhead_median_s']:>9.3f}s")
-    print(f"{'cold job (first, loads the model)':34}{r['cold_job_s']:>9.3f}s   ({r['cold_over_warm']:.2f}× warm)")
+          f"guidance {GUIDANCE}, {SCHEDULER}, 1 image, {settings}; {r['device']}: {r['machine']}")  # fmt: skip
+    print(f"{'':36}{'median':>10}")
+    print(f"{'raw pipe(...) call, warm':36}{r['raw_median_s']:>9.3f}s")
+    print(f"{job_label:36}{r['job_median_s']:>9.3f}s   ({r['job_over_raw']:.3f}× raw, {overhead_pct:+.1f}%)")
+    if r["job_run_median_s"] is not None:
+        print(f"{'  of which the worker ran it':36}{r['job_run_median_s']:>9.3f}s   (queue {r['job_queue_median_s']:.3f} s)")
+    print(f"{'job minus raw, paired by round':36}{r['overhead_median_s']:>9.3f}s")
+    cold_over_warm = r["cold_job_s"] / r["job_median_s"]
+    print(f"{'cold job (first, loads the model)':36}{r['cold_job_s']:>9.3f}s   ({cold_over_warm:.2f}× warm)")
     same = "identical" if r["pixels_identical"] else f"differ by up to {r['max_pixel_difference']}/255"
     print(f"job PNG vs raw image, same seed: {same}; {r['samples']} rounds")
     before, after = r["load_average_1m"]

@@ -24,7 +24,7 @@ import pytest
 import requests
 
 from tests.client import assert_problem, auth, events, submit, upload, wait_for
-from tests.processes import ManagedProcess, Stack
+from tests.processes import Stack
 
 JOB_TIMEOUT = 120.0
 SMALL = {"width": 64, "height": 64, "num_inference_steps": 3}
@@ -36,8 +36,8 @@ SMALL = {"width": 64, "height": 64, "num_inference_steps": 3}
 @pytest.fixture(scope="module")
 def demo_catalog(services, tmp_path_factory) -> Path:
     """The session's demo catalog when it has the SD models, else one built for this module."""
-    from worker.models.catalog import load_catalog
     from db.settings import Settings
+    from worker.models.catalog import load_catalog
 
     given = services.env.get("GPUJOBS_MODEL_CATALOG")
     if given and "demo-sd" in load_catalog(Settings(model_catalog=Path(given))).entries:
@@ -67,6 +67,18 @@ def sd_worker(cluster, demo_catalog, tmp_path_factory) -> Any:
     finally:
         quiesce()
         stack.stop_all()
+
+
+@pytest.fixture(scope="module")
+def users(services) -> Any:
+    """Two users of tenants of this module's own: the session's shared tenants stay as other modules expect."""
+    from tests.conftest import make_key
+
+    class Users:
+        me = make_key("diffusion tests", "user")
+        other = make_key("diffusion tests, other tenant", "user")
+
+    return Users
 
 
 def picture(width: int, height: int, base: tuple[int, int, int] = (120, 120, 120), seed: int = 0) -> bytes:
@@ -168,9 +180,9 @@ def stored_artifacts(job_id: str, services: Any) -> tuple[list[str], list[str]]:
 # --- the three job types --------------------------------------------------------------------------
 
 
-def test_text_to_image_makes_pngs_of_the_requested_size_with_their_parameters(client, keys, sd_worker):
+def test_text_to_image_makes_pngs_of_the_requested_size_with_their_parameters(client, users, sd_worker):
     job = run_job(
-        client, keys.user_a.secret, "text_to_image",
+        client, users.me.secret, "text_to_image",
         prompt="a lighthouse at dusk", negative_prompt="fog", width=64, height=48,
         num_inference_steps=3, seed=11, num_outputs=2,
     )  # fmt: skip
@@ -189,8 +201,8 @@ def test_text_to_image_makes_pngs_of_the_requested_size_with_their_parameters(cl
     assert job["progress"]["step"] == job["progress"]["total"] == 3
 
 
-def test_same_seed_gives_the_same_pixels_and_another_seed_other_pixels(client, keys, sd_worker):
-    key = keys.user_a.secret
+def test_same_seed_gives_the_same_pixels_and_another_seed_other_pixels(client, users, sd_worker):
+    key = users.me.secret
     params = {"prompt": "a red bicycle", **SMALL, "scheduler": "euler_a"}  # ancestral: noise at every step too
     first, again, other = (run_job(client, key, "text_to_image", seed=seed, **params) for seed in (5, 5, 6))
     assert np.array_equal(pixels_of(first)[0], pixels_of(again)[0])
@@ -203,16 +215,16 @@ def test_same_seed_gives_the_same_pixels_and_another_seed_other_pixels(client, k
 
 
 @pytest.mark.parametrize("scheduler", ["heun", "lms", "ddim", "pndm", "dpmpp_2m", "dpmpp_2m_karras", "unipc"])
-def test_every_scheduler_runs(client, keys, sd_worker, scheduler):
-    job = run_job(client, keys.user_a.secret, "text_to_image", prompt="a cat", scheduler=scheduler, seed=1, **SMALL)
+def test_every_scheduler_runs(client, users, sd_worker, scheduler):
+    job = run_job(client, users.me.secret, "text_to_image", prompt="a cat", scheduler=scheduler, seed=1, **SMALL)
     pixels, parameters = download(job["output"]["images"][0])
     assert pixels.shape == (64, 64, 3) and parameters["scheduler"] == scheduler
 
 
-def test_inpainting_repaints_the_mask_and_keeps_every_other_pixel(client, keys, sd_worker):
+def test_inpainting_repaints_the_mask_and_keeps_every_other_pixel(client, users, sd_worker):
     from PIL import Image
 
-    key = keys.user_a.secret
+    key = users.me.secret
     width, height, box = 96, 72, (24, 16, 72, 48)
     image = picture(width, height, seed=1)
     job = run_job(
@@ -236,8 +248,8 @@ def test_inpainting_repaints_the_mask_and_keeps_every_other_pixel(client, keys, 
     assert models["inpainting:demo-sd-inpainting"]["loads"] == 1
 
 
-def test_inpainting_sizes_round_to_8_and_a_smaller_mask_of_the_same_shape_is_resized(client, keys, sd_worker):
-    key = keys.user_a.secret
+def test_inpainting_sizes_round_to_8_and_a_smaller_mask_of_the_same_shape_is_resized(client, users, sd_worker):
+    key = users.me.secret
     image = uploaded(client, key, picture(100, 60, seed=2))
     half_mask = uploaded(client, key, mask_png(50, 30, (10, 5, 30, 20)))
     job = run_job(client, key, "inpainting", image=image, mask=half_mask, num_inference_steps=2, seed=3)
@@ -255,8 +267,8 @@ def test_inpainting_sizes_round_to_8_and_a_smaller_mask_of_the_same_shape_is_res
     assert "60×60" in failed["error"]["message"] and "100×60" in failed["error"]["message"]
 
 
-def test_style_transfer_moves_colour_statistics_toward_the_style(client, keys, sd_worker):
-    key = keys.user_a.secret
+def test_style_transfer_moves_colour_statistics_toward_the_style(client, users, sd_worker):
+    key = users.me.secret
     content_colour, style_colour = np.array([200, 60, 40]), np.array([40, 80, 210])
     content = uploaded(client, key, picture(100, 60, base=tuple(content_colour), seed=4))
     style = uploaded(client, key, picture(80, 80, base=tuple(style_colour), seed=5))
@@ -280,8 +292,8 @@ def test_style_transfer_moves_colour_statistics_toward_the_style(client, keys, s
     assert distance(means[0.0], content_colour) < distance(means[1.0], content_colour), means
 
 
-def test_style_transfer_defaults_and_an_empty_prompt(client, keys, sd_worker):
-    key = keys.user_a.secret
+def test_style_transfer_defaults_and_an_empty_prompt(client, users, sd_worker):
+    key = users.me.secret
     content = uploaded(client, key, picture(64, 64, seed=6))
     style = uploaded(client, key, picture(64, 64, base=(30, 200, 30), seed=7))
     job = run_job(
@@ -298,8 +310,8 @@ def test_style_transfer_defaults_and_an_empty_prompt(client, keys, sd_worker):
 # --- cancel -------------------------------------------------------------------------------------------
 
 
-def test_cancel_stops_a_running_generation_at_its_next_step(client, keys, sd_worker, services):
-    key = keys.user_a.secret
+def test_cancel_stops_a_running_generation_at_its_next_step(client, users, sd_worker, services):
+    key = users.me.secret
     response = submit(client, key, {"type": "text_to_image", "input": {
         "prompt": "a long one", "width": 256, "height": 256, "num_inference_steps": 50, "seed": 1,
     }})  # fmt: skip
@@ -328,8 +340,8 @@ def test_cancel_stops_a_running_generation_at_its_next_step(client, keys, sd_wor
 # --- one copy of the model --------------------------------------------------------------------------
 
 
-def test_a_mix_of_the_three_types_loads_the_model_once(client, keys, sd_worker):
-    key = keys.user_a.secret
+def test_a_mix_of_the_three_types_loads_the_model_once(client, users, sd_worker):
+    key = users.me.secret
     image, style = uploaded(client, key, picture(64, 64, seed=8)), uploaded(client, key, picture(64, 64, seed=9))
     mask = uploaded(client, key, mask_png(64, 64, (0, 0, 32, 32)))
     bodies = [
@@ -409,15 +421,15 @@ def test_the_step_hook_stops_the_pipeline_and_out_of_memory_is_a_job_error(demo_
 
 
 @pytest.fixture(scope="module")
-def files(client_module, keys) -> dict[str, str]:
+def files(client_module, users) -> dict[str, str]:
     """An image and a dataset zip of user a, and an image of user b."""
     buffer = io.BytesIO()
     with zipfile.ZipFile(buffer, "w") as archive:
         archive.writestr("a.txt", "a caption")
     return {
-        "image": uploaded(client_module, keys.user_a.secret, picture(16, 16)),
-        "zip": uploaded(client_module, keys.user_a.secret, buffer.getvalue(), filename="set.zip", purpose="dataset"),
-        "other_tenant": uploaded(client_module, keys.user_b.secret, picture(16, 16)),
+        "image": uploaded(client_module, users.me.secret, picture(16, 16)),
+        "zip": uploaded(client_module, users.me.secret, buffer.getvalue(), filename="set.zip", purpose="dataset"),
+        "other_tenant": uploaded(client_module, users.other.secret, picture(16, 16)),
     }
 
 
@@ -459,8 +471,8 @@ TEXT = {"prompt": "a bridge"}
         ("style_transfer", {"content_image": "@image", "style_image": "@image", "scheduler": "nope"}, ["input", "scheduler"]),
     ],
 )  # fmt: skip
-def test_bad_generation_input_is_a_precise_422(client, keys, files, job_type, params, loc):
+def test_bad_generation_input_is_a_precise_422(client, users, files, job_type, params, loc):
     params = {name: files[value[1:]] if isinstance(value, str) and value.startswith("@") else value
               for name, value in params.items()}  # fmt: skip
-    response = submit(client, keys.user_a.secret, {"type": job_type, "input": params})
+    response = submit(client, users.me.secret, {"type": job_type, "input": params})
     assert_problem(response, 422, loc)

@@ -129,7 +129,11 @@ class Family:
 
 
 def load_family(entry: ModelEntry, folder: Path, device: str, dtype: torch.dtype) -> Family:
-    from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionInpaintPipeline, StableDiffusionPipeline
+    from diffusers import (
+        StableDiffusionImg2ImgPipeline,
+        StableDiffusionInpaintPipeline,
+        StableDiffusionPipeline,
+    )
     from diffusers.utils import logging as diffusers_logging
     from transformers.utils import logging as transformers_logging
 
@@ -204,7 +208,7 @@ class Denoised:
 
 
 class _StepCounter:
-    """``callback_on_step_end``: counts steps, reports them, and raises diffusers' interrupt when told to."""
+    """``callback_on_step_end``: counts steps, reports them, and sets diffusers' interrupt when told to stop."""
 
     def __init__(self, on_step: StepHook) -> None:
         self.on_step = on_step

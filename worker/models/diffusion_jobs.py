@@ -30,7 +30,9 @@ from worker.models.diffusion import Denoised, Family, StepHook, adain, decode, d
 
 if TYPE_CHECKING:
     from worker.context import JobContext
-    from worker.jobs import inpainting, style_transfer as style_transfer_job, text_to_image as text_to_image_job
+    from worker.jobs import inpainting
+    from worker.jobs import style_transfer as style_transfer_job
+    from worker.jobs import text_to_image as text_to_image_job
 
 PARAMETERS_KEY = "parameters"
 PNG_COMPRESS_LEVEL = 1  # 512² photo-like: 26 ms and +17% bytes vs 123 ms at level 6, Pillow's default
