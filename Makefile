@@ -12,12 +12,14 @@ PORT   ?= 8000
 PYTEST_ARGS ?=
 TORCH  ?= torch==2.13.0
 
-.PHONY: up test install clean
+CHROMIUM ?= /usr/bin/chromium
+
+.PHONY: up test install clean chromium
 
 up: $(STAMP)
 	$(BIN)/gpujobs up --demo --port $(PORT)
 
-test: $(STAMP)
+test: $(STAMP) chromium
 	$(BIN)/pytest $(PYTEST_ARGS)
 
 install: $(STAMP)
@@ -34,6 +36,18 @@ $(STAMP): pyproject.toml | $(BIN)/python
 # -------------------------------------------------------------------------------------------
 	$(BIN)/pip install -e '.[test]'
 	touch $(STAMP)
+
+# The admin-dashboard browser tests drive Debian's Chromium through Playwright (Playwright's own
+# browser download is not used). A system package: installed with apt-get when it is missing and
+# apt-get is here (as root, or through sudo); otherwise the browser tests fail and say how to get one.
+chromium:
+	@if [ -x "$(CHROMIUM)" ] || command -v chromium >/dev/null 2>&1; then :; \
+	elif command -v apt-get >/dev/null 2>&1; then \
+		SUDO=; [ "$$(id -u)" = 0 ] || SUDO=sudo; \
+		echo "installing Debian's chromium for the browser tests"; \
+		$$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq chromium \
+			|| echo "could not install chromium: the admin browser tests will fail"; \
+	else echo "no chromium and no apt-get: the admin browser tests will fail (set GPUJOBS_TEST_CHROMIUM)"; fi
 
 clean:
 	rm -rf $(VENV) var test-artifacts .pytest_cache

@@ -74,7 +74,8 @@ class JobSystemCollector(Collector):
                 name, f"{text}, of jobs that {verb} in the last metrics window.", labels=["type"]
             )
             for job_type, histogram in sorted(stats.histograms(session, kind, since).items()):  # type: ignore[arg-type]
-                buckets = [(_le(bound), count) for bound, count in zip(histogram.bounds, histogram.buckets, strict=True)]
+                pairs = zip(histogram.bounds, histogram.buckets, strict=True)
+                buckets = [(_le(bound), count) for bound, count in pairs]
                 buckets.append(("+Inf", histogram.count))
                 family.add_metric([job_type], buckets, histogram.total)
             yield family
@@ -134,8 +135,12 @@ class JobSystemCollector(Collector):
             states.add_metric([state], sum(1 for w in rows if w.state == state))
         yield states
         labels = ["worker", "host"]
-        used = GaugeMetricFamily("gpujobs_worker_gpu_memory_used_bytes", "GPU memory in use (alive workers).", labels=labels)
-        total = GaugeMetricFamily("gpujobs_worker_gpu_memory_total_bytes", "GPU memory (alive workers).", labels=labels)
+        used = GaugeMetricFamily(
+            "gpujobs_worker_gpu_memory_used_bytes", "GPU memory in use (alive workers).", labels=labels
+        )
+        total = GaugeMetricFamily(
+            "gpujobs_worker_gpu_memory_total_bytes", "GPU memory (alive workers).", labels=labels
+        )
         running = GaugeMetricFamily("gpujobs_worker_current_jobs", "Jobs each alive worker runs now.", labels=labels)
         for worker in rows:
             if worker.state != "alive":

@@ -285,7 +285,9 @@ def tenant_usage(session: Session, since: datetime, limit: int = 500) -> list[Te
         )
     }
     submitted = session.execute(
-        select(Job.tenant_id, Job.status, func.count()).where(Job.created_at >= since).group_by(Job.tenant_id, Job.status)
+        select(Job.tenant_id, Job.status, func.count())
+        .where(Job.created_at >= since)
+        .group_by(Job.tenant_id, Job.status)
     )
     for tenant_id, status, count in submitted:
         if tenant_id in tenants:

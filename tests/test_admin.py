@@ -69,7 +69,8 @@ def test_an_unknown_or_empty_key_is_refused(app):
 def test_pages_and_actions_need_a_session(app, client, keys):
     job = diagnostic(client, keys.admin.secret)
     anonymous = app.test_client()
-    for path in ("/admin/", "/admin/workers", "/admin/jobs", f"/admin/jobs/{job['id']}", "/admin/tenants", "/admin/keys"):
+    pages = ("/admin/", "/admin/workers", "/admin/jobs", f"/admin/jobs/{job['id']}", "/admin/tenants", "/admin/keys")
+    for path in pages:
         response = anonymous.get(path, headers=HTML)
         assert response.status_code == 303, path
         assert response.headers["Location"].startswith("/admin/login?next="), response.headers["Location"]
@@ -205,6 +206,7 @@ def test_bad_input_is_a_precise_4xx(app, keys):
     cases = [
         ("/admin/jobs?status=bogus", 422, ["query", "status"]),
         ("/admin/jobs?since=yesterday", 422, ["query", "since"]),
+        ("/admin/jobs?until=0001-01-01T00:00%2B05:00", 422, ["query", "until"]),
         ("/admin/jobs?tenant=ten%00x", 422, ["query", "tenant"]),
         ("/admin/jobs?q=job%20x", 422, ["query", "q"]),
         ("/admin/jobs?limit=0", 422, ["query", "limit"]),
@@ -260,8 +262,9 @@ def test_create_and_revoke_a_key_from_the_dashboard(app, client, keys):
 
 
 def _secret_in(path: str, results) -> None:  # in a child process
-    from api.admin.session import persisted_secret
     from pathlib import Path
+
+    from api.admin.session import persisted_secret
 
     results.put(persisted_secret(Path(path)))
 
@@ -328,7 +331,9 @@ def test_retry_runs_a_failed_job_again_and_its_webhook_completes_again(
     assert 'data-event="retried"' in job_page and all(d["id"] in job_page for d in found)
     redelivered = post_form(browser, f"/admin/jobs/{job['id']}/webhooks/{found[0]['id']}/redeliver")
     assert redelivered.status_code == 303
-    again = wait_deliveries(client, admin, job["id"], lambda ds: ds[0]["attempts"] == 2 and ds[0]["status"] == "delivered")
+    again = wait_deliveries(
+        client, admin, job["id"], lambda ds: ds[0]["attempts"] == 2 and ds[0]["status"] == "delivered"
+    )
     assert again[0]["id"] == found[0]["id"]
     assert len(deliveries(client, admin, job["id"])) == 2
 

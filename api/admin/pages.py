@@ -47,7 +47,7 @@ def duration(seconds: float | None, coarse: bool = False) -> str:
     if seconds < 1 and not coarse:
         return f"{seconds * 1000:.0f} ms"
     if seconds < 60:
-        return f"{seconds:.0f} s" if coarse or seconds >= 10 else f"{seconds:.2f} s"
+        return f"{seconds:.0f} s" if coarse or seconds >= 10 else f"{seconds:.2f}".rstrip("0").rstrip(".") + " s"
     if seconds < 3600:
         return f"{seconds / 60:.0f} min" if coarse else f"{int(seconds // 60)} min {seconds % 60:.0f} s"
     if seconds < 86400:
@@ -161,9 +161,9 @@ def _time_arg(name: str) -> datetime | None:
         return None
     try:
         value = datetime.fromisoformat(raw.replace("Z", "+00:00"))
-    except ValueError:
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+    except (ValueError, OverflowError):  # not a time, or one that leaves the calendar once made UTC
         raise validation_error(["query", name], "must be a date and time such as 2025-01-31T14:05 (UTC)") from None
-    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
 
 
 @bp.get("/jobs")
