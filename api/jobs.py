@@ -6,7 +6,6 @@ import hashlib
 import json
 import logging
 import re
-import time
 from typing import Any, Literal
 
 from flask import Blueprint, Response, g, jsonify, request
@@ -15,9 +14,8 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import joinedload, selectinload
 
-from api import config
+from api import config, waiting
 from api.auth import current_key, is_admin
-from api import waiting
 from api.body import json_object
 from api.errors import ApiError, from_pydantic, validation_error
 from api.openapi import document

@@ -38,24 +38,27 @@ def log(message: str) -> None:
     print(f"[bench] {message}", file=sys.stderr, flush=True)
 
 
-def build_full_size(folder: Path, canvas: int) -> None:
+def build_full_size(folder: Path, canvas: int, config_path: Path = CONFIG) -> None:
     """The real checkpoint's architecture with random weights, saved like a checkpoint."""
     import torch
     from transformers import Mask2FormerConfig, Mask2FormerForUniversalSegmentation
-    from transformers.models.mask2former import Mask2FormerImageProcessorPil
+    try:  # transformers ≥ 5.2 has a PIL backend; older ones only the one that needs torchvision
+        from transformers.models.mask2former import Mask2FormerImageProcessorPil as Processor
+    except ImportError:
+        from transformers import Mask2FormerImageProcessor as Processor
 
     from worker.models.coco import COCO_LABELS
 
     if (folder / "model.safetensors").exists():
         return
-    raw = json.loads(CONFIG.read_text())
+    raw = json.loads(config_path.read_text())
     raw.update(id2label=dict(enumerate(COCO_LABELS)), label2id={n: i for i, n in enumerate(COCO_LABELS)})
     config = Mask2FormerConfig.from_dict(raw)
     torch.manual_seed(0)
     model = Mask2FormerForUniversalSegmentation(config)
     log(f"built full-size Mask2Former: {sum(p.numel() for p in model.parameters()) / 1e6:.1f} M parameters")
     model.save_pretrained(folder)
-    Mask2FormerImageProcessorPil(size={"shortest_edge": canvas, "longest_edge": canvas}).save_pretrained(folder)
+    Processor(size={"shortest_edge": canvas, "longest_edge": canvas}).save_pretrained(folder)
 
 
 def images(count: int, canvas: int) -> list:
@@ -213,6 +216,7 @@ def main() -> None:
     parser.add_argument("--images", type=int, help="images per measurement (default 8 on CPU, 64 on CUDA)")
     parser.add_argument("--batches", default="1,2,4,8")
     parser.add_argument("--jobs", type=int, default=5, help="whole jobs for the overhead measurement (0: skip it)")
+    parser.add_argument("--config", type=Path, default=CONFIG, help="the real checkpoint's config.json")
     parser.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "gpujobs-bench-models")
     args = parser.parse_args()
 
@@ -227,7 +231,7 @@ def main() -> None:
     os.environ["GPUJOBS_DEVICE"] = args.device
     os.environ["GPUJOBS_DTYPE"] = "float16" if cuda else "float32"
     folder = args.cache / f"mask2former-full-{canvas}"
-    build_full_size(folder, canvas)
+    build_full_size(folder, canvas, args.config)
     pictures = images(count, canvas)
     device_name = torch.cuda.get_device_name() if cuda else f"CPU ({os.cpu_count()} cores, {torch.get_num_threads()} threads)"
     log(f"device: {device_name}; canvas {canvas}×{canvas}; {count} images per measurement")

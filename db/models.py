@@ -268,7 +268,8 @@ class WebhookDelivery(Base):
     """One event of one job, to be sent to the job's webhook: the unit of retry and of ``webhook-id``.
 
     ``start`` and ``completed`` have ``sequence`` 0, so the unique constraint allows one each per job;
-    ``progress`` deliveries count 1, 2, … (and ``completed`` too, each time an operator's retry finishes the job again).
+    ``progress`` deliveries count 1, 2, … (and so does ``completed``, each time an operator's retry
+    finishes the job again).
     """
 
     __tablename__ = "webhook_deliveries"

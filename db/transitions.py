@@ -17,17 +17,17 @@ none is lost if a process dies after the commit.
 
 from __future__ import annotations
 
-from collections.abc import Collection
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import and_, insert, select, update
+from sqlalchemy import and_, delete, insert, select, update
 from sqlalchemy.orm import Session
 
 from db import webhooks
 from db.settings import Settings
-from db.models import EventKind, Job, JobEvent, JobStatus, WebhookEvent, new_id, utcnow
+from db.models import Artifact, EventKind, Job, JobEvent, JobStatus, WebhookEvent, new_id, utcnow
 
 
 class TransitionError(Exception):
@@ -150,11 +150,15 @@ def progress_milestone(session: Session, job_id: str, attempt: int, message: str
     record_event(session, job_id, EventKind.PROGRESS, attempt, message, data)
 
 
-def stored(session: Session, job_id: str, attempt: int, names: list[str]) -> None:
-    record_event(session, job_id, EventKind.STORED, attempt, f"{len(names)} artifact(s) stored", {"names": names})
-
-
-def succeed(session: Session, job_id: str, attempt: int, output: dict[str, Any], progress: dict[str, Any]) -> bool:
+def succeed(
+    session: Session,
+    job_id: str,
+    attempt: int,
+    output: dict[str, Any],
+    progress: dict[str, Any],
+    artifacts: Sequence[dict[str, Any]] = (),
+) -> bool:
+    """running → succeeded, with the rows of the artifacts this run stored (their objects are in S3 already)."""
     now = utcnow()
     done = _update(
         session,
@@ -167,6 +171,12 @@ def succeed(session: Session, job_id: str, attempt: int, output: dict[str, Any],
         lease_expires_at=None,
     )
     if done:
+        if artifacts:
+            # An earlier attempt may have stored objects under the same names: this run's are the job's.
+            session.execute(delete(Artifact.__table__).where(Artifact.job_id == job_id))
+            session.execute(insert(Artifact.__table__), [{**a, "job_id": job_id, "created_at": now} for a in artifacts])
+            names = [a["name"] for a in artifacts]
+            record_event(session, job_id, EventKind.STORED, attempt, f"{len(names)} artifact(s) stored", {"names": names}, at=now)
         record_event(session, job_id, EventKind.SUCCEEDED, attempt, at=now)
         _finished(session, job_id)
     return done
@@ -255,8 +265,9 @@ def retry(session: Session, job_id: str, attempts: int, by: str) -> bool:
     The last run's error, traceback, output and progress are cleared from the row; the
     ``retried`` event keeps the error and traceback, so the timeline still says why it failed.
     ``max_attempts`` becomes the attempts used so far plus ``attempts``: the new run has the
-    same budget against lost workers as a new job. ``dispatched_at`` is cleared, so the caller
-    (or else the reconciler) sends it: commit, then ``claim_dispatch`` and send.
+    same budget against lost workers as a new job. ``dispatched_at`` is cleared: the caller sends
+    it (``claim_dispatch`` in this transaction, commit, send), or else the reconciler does.
+    The events (and with them the previous traceback) are shown to operators only.
     """
     before = session.execute(
         select(Job.status, Job.attempts, Job.error, Job.traceback).where(Job.id == job_id)

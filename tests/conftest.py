@@ -41,6 +41,8 @@ TEST_SETTINGS = {
     "GPUJOBS_MAX_IMAGE_PIXELS": "1000000",
     "GPUJOBS_S3_BUCKET": "gpujobs-test",
     "GPUJOBS_WORKER_CONCURRENCY": "2",
+    # Idle OpenMP threads spin by default; on a small shared machine that slows torch in every process.
+    "OMP_WAIT_POLICY": "PASSIVE",
     # Webhook tests send to a receiver on loopback; beat looks for due deliveries every second.
     "GPUJOBS_WEBHOOK_ALLOW_PRIVATE": "true",
     "GPUJOBS_WEBHOOK_SWEEP_SECONDS": "1",

@@ -174,7 +174,9 @@ def test_concurrent_jobs_batch_and_match_sequential_runs(client, keys, no_gpu_wo
         job = wait_for(client, key, segment(client, key, file_id)["id"], timeout=90)
         assert job["status"] == "succeeded", job
         sequential.append(job)
-    before = wait_heartbeat(worker.node, lambda m: m.get("segmentation:demo-mask2former", {}).get("forward_passes"))
+    before = wait_heartbeat(
+        worker.node, lambda m: m.get("segmentation:demo-mask2former", {}).get("batched_images") == len(sizes)
+    )
     passes_before = before["segmentation:demo-mask2former"]["forward_passes"]
     assert passes_before == len(sizes)
 

@@ -15,9 +15,7 @@ import time
 from typing import Any
 
 from db import transitions, webhooks
-from db.models import Artifact as ArtifactRow
 from db.models import File
-from db.models import utcnow
 from db.session import session_scope
 from db.settings import Settings
 from db.storage import get_storage
@@ -61,7 +59,7 @@ class JobContext:
         self.settings = settings
         self.deadline = time.monotonic() + deadline_seconds
         self.deadline_seconds = deadline_seconds
-        self.stored: list[str] = []
+        self.stored: dict[str, dict[str, Any]] = {}  # artifacts uploaded by this run, by name
         self._progress: dict[str, Any] = {"step": 0, "total": None, "fraction": 0.0, "message": None}
         self._dirty = False
         self._milestone: str | None = None
@@ -111,16 +109,11 @@ class JobContext:
         return get_storage(self.settings).get(key)
 
     def store(self, name: str, data: bytes, content_type: str) -> Artifact:
-        """Upload an output to ``jobs/<job id>/<name>`` and record its size and sha256."""
+        """Upload an output to ``jobs/<job id>/<name>``; its row (size, sha256) is written when the job succeeds."""
         obj = get_storage(self.settings).put(f"jobs/{self.job_id}/{name}", data, content_type)
-        with session_scope() as session:
-            row = session.query(ArtifactRow).filter_by(job_id=self.job_id, name=name).one_or_none()
-            if row is None:  # a re-run overwrites its earlier attempt's object under the same key
-                row = ArtifactRow(job_id=self.job_id, name=name)
-                session.add(row)
-            row.content_type, row.size, row.sha256, row.storage_key = content_type, obj.size, obj.sha256, obj.key
-            row.created_at = utcnow()
-        self.stored.append(name)
+        self.stored[name] = {
+            "name": name, "content_type": content_type, "size": obj.size, "sha256": obj.sha256, "storage_key": obj.key
+        }
         return Artifact(name=name, content_type=content_type, size=obj.size, sha256=obj.sha256)
 
     # --- what the runner calls ------------------------------------------------

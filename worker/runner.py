@@ -79,8 +79,8 @@ def execute(job_id: str) -> str:
         message = f"The job's input is no longer valid for this worker: {exc.errors()[0]['msg']}"
         return _finish(job_id, "failed", lambda s: transitions.fail(s, job_id, attempt, "invalid_input", message))
     except JobError as exc:
-        tb = traceback.format_exc()
-        return _finish(job_id, "failed", lambda s: transitions.fail(s, job_id, attempt, exc.code, exc.message, tb))
+        code, message, tb = exc.code, exc.message, traceback.format_exc()
+        return _finish(job_id, "failed", lambda s: transitions.fail(s, job_id, attempt, code, message, tb))
     except StorageError as exc:
         log.exception("job %s: storage failed", job_id)
         message = "The job's outputs could not be stored; it can be retried."
@@ -100,9 +100,7 @@ def execute(job_id: str) -> str:
         progress.update(step=progress["total"], fraction=1.0)
 
     def succeed(session):  # type: ignore[no-untyped-def]
-        if ctx.stored:
-            transitions.stored(session, job_id, attempt, ctx.stored)
-        return transitions.succeed(session, job_id, attempt, result, progress)
+        return transitions.succeed(session, job_id, attempt, result, progress, list(ctx.stored.values()))
 
     return _finish(job_id, "succeeded", succeed)
 
