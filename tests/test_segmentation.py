@@ -213,10 +213,18 @@ def test_model_is_loaded_once_for_many_jobs(client, keys, no_gpu_worker, seg_sta
     assert stats["hits"] == 4
 
 
-def test_a_missing_model_folder_fails_the_job_naming_model_and_path(client, keys, no_gpu_worker, seg_stack, services, tmp_path):
+def test_a_missing_or_pickle_only_model_fails_the_job_clearly(client, keys, no_gpu_worker, seg_stack, services, tmp_path):
     catalog = tmp_path / "catalog.toml"
     demo = open(services.env["GPUJOBS_MODEL_CATALOG"]).read()
-    catalog.write_text(demo + '\n[models.gone]\nkind = "segmentation"\nsource = "/nonexistent/m2f"\n')
+    pickled = tmp_path / "pickled"
+    pickled.mkdir()
+    (pickled / "config.json").write_text("{}")
+    (pickled / "pytorch_model.bin").write_bytes(b"not loaded: pickle checkpoints are refused before any read")
+    catalog.write_text(
+        demo
+        + '\n[models.gone]\nkind = "segmentation"\nsource = "/nonexistent/m2f"\n'
+        + f'\n[models.pickled]\nkind = "segmentation"\nsource = "{pickled}"\n'
+    )
     stack = seg_stack(GPUJOBS_MODEL_CATALOG=str(catalog))
     stack.start_worker("gpu", concurrency=1, name="seg-missing")
     file_id = uploaded(client, keys.user_a.secret, picture(32, 32))
@@ -224,6 +232,10 @@ def test_a_missing_model_folder_fails_the_job_naming_model_and_path(client, keys
     assert job["status"] == "failed"
     assert job["error"]["code"] == "model_unavailable"
     assert "gone" in job["error"]["message"] and "/nonexistent/m2f" in job["error"]["message"]
+    refused = segment(client, keys.user_a.secret, file_id, model="pickled")
+    refused = wait_for(client, keys.user_a.secret, refused["id"], timeout=60)
+    assert refused["status"] == "failed" and refused["error"]["code"] == "model_unavailable"
+    assert "pickle" in refused["error"]["message"] and "safetensors" in refused["error"]["message"]
     unknown = segment(client, keys.user_a.secret, file_id, model="no-such-model")
     unknown = wait_for(client, keys.user_a.secret, unknown["id"], timeout=60)
     assert unknown["status"] == "failed" and "no-such-model" in unknown["error"]["message"]
