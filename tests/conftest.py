@@ -229,7 +229,10 @@ def quiesce(timeout: float = 30.0) -> None:
             select(Job.id).where(Job.status.in_([JobStatus.QUEUED.value, JobStatus.RUNNING.value]))
         ).all()
         for job_id in unfinished:
-            transitions.request_cancel(session, job_id)
+            try:
+                transitions.request_cancel(session, job_id)
+            except transitions.TransitionError:
+                pass  # it finished between the read and the cancel: nothing left to stop
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         with session_scope() as session:
