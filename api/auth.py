@@ -12,7 +12,6 @@ import redis
 from flask import g, request
 
 from api import config
-
 from api.errors import ApiError
 from db import notify
 from db.keys import Identity, find_active_key

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 from flask import Blueprint, Response, g, jsonify
+from kombu import Connection
 from sqlalchemy import text
 
+from api import config
 from api.errors import problem
 from api.openapi import document
-from kombu import Connection
-
-from api import config
 
 bp = Blueprint("health", __name__)
 

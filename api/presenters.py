@@ -13,10 +13,10 @@ from flask import g, request
 from sqlalchemy import Select, and_, or_
 
 from api.errors import validation_error
-
-ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 from db.models import ApiKey, File, WebhookDelivery, WebhookSecret
 from db.wire import job_json, rfc3339
+
+ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")  # every id this API hands out: a prefix and url-safe base64
 
 __all__ = [
     "delivery_json",

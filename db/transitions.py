@@ -26,8 +26,8 @@ from sqlalchemy import and_, delete, insert, select, update
 from sqlalchemy.orm import Session
 
 from db import webhooks
-from db.settings import Settings
 from db.models import Artifact, EventKind, Job, JobEvent, JobStatus, WebhookEvent, new_id, utcnow
+from db.settings import Settings
 
 
 class TransitionError(Exception):

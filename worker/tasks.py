@@ -12,8 +12,8 @@ from db.session import dispose_engines, get_engine
 from db.settings import get_settings
 from db.storage import get_storage
 from worker import reconciler, runner, webhooks
-from worker.heartbeat import Heartbeat
 from worker.celery_app import RECONCILE, RUN_JOB, SEND_WEBHOOKS, SWEEP_WEBHOOKS, app
+from worker.heartbeat import Heartbeat
 
 
 @worker_process_init.connect

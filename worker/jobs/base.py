@@ -7,9 +7,9 @@ to build the OpenAPI document. Heavy imports happen inside each type's ``run``.
 from __future__ import annotations
 
 import enum
+import typing
 from collections.abc import Callable
 from dataclasses import dataclass
-import typing
 from typing import TYPE_CHECKING, Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field
