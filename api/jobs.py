@@ -20,7 +20,7 @@ from api.body import json_object
 from api.errors import ApiError, from_pydantic, validation_error
 from api.openapi import document
 from api.presenters import job_json, page_params, paginate
-from db import notify, transitions
+from db import transitions
 from db.models import File, Job, JobStatus, utcnow
 from worker.celery_app import dispatch
 from worker.jobs import REGISTRY, get_job_type
@@ -259,13 +259,17 @@ def get_job(job_id: str) -> Response:
 @document("Cancel a job", responses={202: "Job", 409: "Problem"})
 def cancel_job(job_id: str) -> tuple[Response, int]:
     _load(job_id)
+    request_cancel(job_id)
+    g.db.expire_all()
+    return jsonify(job_json(_load(job_id))), 202
+
+
+def request_cancel(job_id: str) -> JobStatus:
+    """Cancel a visible job (the API and the dashboard): its status afterwards, or a 409 if it had finished."""
     try:
         status = transitions.request_cancel(g.db, job_id)
     except transitions.TransitionError as exc:
         g.db.rollback()
         raise ApiError(409, f"The job cannot be canceled: {exc}.") from None
     g.db.commit()
-    if status == JobStatus.CANCELED:
-        notify.job_finished(job_id)
-    g.db.expire_all()
-    return jsonify(job_json(_load(job_id))), 202
+    return status

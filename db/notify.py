@@ -10,6 +10,8 @@ import logging
 import threading
 
 import redis
+from sqlalchemy import event
+from sqlalchemy.orm import Session
 
 from db.settings import Settings, get_settings
 
@@ -41,6 +43,25 @@ def job_finished(job_id: str) -> None:
         client.publish(channel(job_id), b"1")
     except redis.RedisError as exc:
         log.warning("could not publish the end of %s: %s", job_id, exc)
+
+
+_FINISHED = "gpujobs.finished_jobs"  # session.info key: jobs that reached a final status in this transaction
+
+
+def after_commit(session: Session, job_id: str) -> None:
+    """Publish the end of ``job_id`` once the session's transaction commits (never for a rollback)."""
+    session.info.setdefault(_FINISHED, set()).add(job_id)
+
+
+@event.listens_for(Session, "after_commit")
+def _publish(session: Session) -> None:
+    for job_id in sorted(session.info.pop(_FINISHED, ())):
+        job_finished(job_id)
+
+
+@event.listens_for(Session, "after_rollback")
+def _forget(session: Session) -> None:
+    session.info.pop(_FINISHED, None)
 
 
 def reset_clients() -> None:

@@ -25,7 +25,7 @@ from typing import Any
 from sqlalchemy import and_, delete, insert, select, update
 from sqlalchemy.orm import Session
 
-from db import webhooks
+from db import notify, webhooks
 from db.models import Artifact, EventKind, Job, JobEvent, JobStatus, WebhookEvent, new_id, utcnow
 from db.settings import Settings
 
@@ -70,8 +70,10 @@ def _update(session: Session, job_id: str, *conditions: Any, **values: Any) -> b
 
 
 def _finished(session: Session, job_id: str) -> None:
-    """The job reached its final status: record its ``completed`` webhook, if it has one, in the same transaction."""
+    """The job reached its final status: record its ``completed`` webhook, if it has one, in the same
+    transaction, and wake whoever waits for it (``Prefer: wait``) once that transaction commits."""
     webhooks.job_event(session, job_id, WebhookEvent.COMPLETED)
+    notify.after_commit(session, job_id)
 
 
 def _running(attempt: int) -> tuple[Any, ...]:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 
-from db import notify, transitions
+from db import transitions
 from db.session import session_scope
 from db.settings import get_settings
 from worker.celery_app import dispatch, queue_depths
@@ -59,9 +59,6 @@ def reconcile() -> Report:
                 session, job_id, attempt, f"attempt {attempt} lost its worker (lease expired); requeued"
             ):
                 report.requeued.append(job_id)
-    for job_id in report.failed + report.canceled:
-        notify.job_finished(job_id)
-
     idle = idle_queues()
     with session_scope() as session:
         pending = [

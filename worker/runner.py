@@ -10,7 +10,7 @@ import uuid
 
 from pydantic import ValidationError
 
-from db import notify, transitions
+from db import transitions
 from db.session import session_scope
 from db.settings import get_settings
 from db.storage import StorageError
@@ -111,6 +111,5 @@ def _finish(job_id: str, outcome: str, transition) -> str:  # type: ignore[no-un
     if not done:
         log.warning("job %s: could not record %s (the job moved on without this worker)", job_id, outcome)
         return "lease_lost"
-    notify.job_finished(job_id)
     log.info("job %s %s", job_id, outcome)
     return outcome

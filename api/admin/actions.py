@@ -19,10 +19,11 @@ from api.admin import bp
 from api.admin.pages import keys_page
 from api.admin.session import current_admin
 from api.errors import ApiError
+from api.jobs import request_cancel
 from api.keys import KeyCreate
 from api.presenters import ID
 from db import keys as key_store
-from db import notify, transitions, webhooks
+from db import transitions, webhooks
 from db.models import ApiKey, Job, JobStatus, Tenant, WebhookDelivery
 
 log = logging.getLogger(__name__)
@@ -43,15 +44,9 @@ def _operator() -> str:
 @bp.post("/jobs/<job_id>/cancel")
 def cancel_job(job_id: str) -> BaseResponse:
     _job(job_id)
-    try:
-        status = transitions.request_cancel(g.db, job_id)
-    except transitions.TransitionError as exc:
-        g.db.rollback()
-        raise ApiError(409, f"The job cannot be canceled: {exc}.") from None
-    g.db.commit()
+    status = request_cancel(job_id)
     log.info("%s canceled job %s (now %s)", _operator(), job_id, status.value)
     if status == JobStatus.CANCELED:
-        notify.job_finished(job_id)
         flash("Canceled: the job will not run.", "info")
     else:
         flash("Cancel requested: the job stops at its next step.", "info")
