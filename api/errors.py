@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from http import HTTPStatus
 from typing import Any
 
 from flask import Flask, Response, json
@@ -57,8 +58,6 @@ def problem(
     headers: dict[str, str] | None = None,
     extra: dict[str, Any] | None = None,
 ) -> Response:
-    from http import HTTPStatus
-
     title = title or HTTPStatus(status).phrase
     body: dict[str, Any] = {
         "type": f"urn:gpujobs:problem:{title.lower().replace(' ', '-')}",
