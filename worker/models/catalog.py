@@ -141,6 +141,8 @@ def write_catalog(path: Path, entries: dict[str, dict[str, Any]]) -> None:
         for key, value in table.items():
             if isinstance(value, bool):
                 lines.append(f"{key} = {'true' if value else 'false'}")
+            elif isinstance(value, int | float):
+                lines.append(f"{key} = {value!r}")
             else:
                 lines.append(f'{key} = "{value}"')
         lines.append("")

@@ -3,10 +3,13 @@
 ``build_stable_diffusion`` writes a complete ``StableDiffusionPipeline`` folder (model_index.json,
 unet/, vae/, text_encoder/, tokenizer/, scheduler/, safetensors weights) and
 ``build_inpainting_unet`` a dedicated 9-channel inpainting UNet (``unet/``), both loaded back by
-the worker through ``from_pretrained`` like any real checkpoint. Sized so that CPU tests take
-seconds: a 64×64 image is 8×8 latents (the VAE downsamples by 8, like SD's).
+the worker through ``from_pretrained`` like any real checkpoint, and ``build_ip_adapter`` an
+IP-Adapter for the tiny UNet laid out like ``h94/IP-Adapter``'s ``models/`` folder (an
+``image_encoder/`` and an ``ip-adapter_sd15.safetensors``), loaded by diffusers'
+``load_ip_adapter``. Sized so that CPU tests take seconds: a 64×64 image is 8×8 latents (the VAE
+downsamples by 8, like SD's).
 
-The UNet and text encoder have random weights, so generated pictures are noise. The VAE's
+The UNet, text encoder and IP-Adapter have random weights, so generated pictures are noise. The VAE's
 weights are set by hand instead: it encodes each 8×8 block to its mean colour and decodes by
 repeating it. Image-to-image results are then real pictures whose colours follow the latents,
 which is what lets tests check style transfer and inpainting by their pixels.
@@ -26,6 +29,9 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 CROSS_ATTENTION_DIM = 32
+IMAGE_ENCODER_SIZE = 32  # the IP-Adapter's CLIP image encoder sees 32×32 pictures (SD 1.5's sees 224×224)
+IP_ADAPTER_WEIGHTS = "ip-adapter_sd15.safetensors"
+IP_ADAPTER_TOKENS = 4  # image tokens per picture, as the original (non-Plus) IP-Adapter makes
 SCHEDULER_CONFIG: dict[str, Any] = {  # what SD 1.5 ships (model-configs/sd15/scheduler)
     "beta_end": 0.012,
     "beta_schedule": "scaled_linear",
@@ -108,6 +114,53 @@ def tiny_text_encoder(tokenizer: Any, seed: int = 0) -> Any:
         pad_token_id=tokenizer.pad_token_id,
     )
     return CLIPTextModel(config)
+
+
+def tiny_image_encoder(seed: int = 0) -> Any:
+    """A CLIPVisionModelWithProjection whose image embeddings have the UNet's cross-attention width."""
+    import torch
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    torch.manual_seed(seed)
+    config = CLIPVisionConfig(
+        hidden_size=32,
+        intermediate_size=37,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        image_size=IMAGE_ENCODER_SIZE,
+        patch_size=8,
+        projection_dim=CROSS_ATTENTION_DIM,
+    )
+    return CLIPVisionModelWithProjection(config)
+
+
+def ip_adapter_weights(unet: Any, image_embed_dim: int, seed: int = 0) -> dict[str, Any]:
+    """Random IP-Adapter weights for ``unet`` in the original checkpoints' format (what diffusers converts).
+
+    ``image_proj.*``: a linear map of the image embedding to ``IP_ADAPTER_TOKENS`` tokens and their
+    LayerNorm. ``ip_adapter.<n>.to_k_ip/to_v_ip``: the extra key and value projections of each
+    cross-attention layer, numbered 1, 3, 5, … in the order of ``unet.attn_processors``.
+    """
+    import torch
+
+    generator = torch.Generator().manual_seed(seed)
+    width = unet.config.cross_attention_dim
+
+    def normal(rows: int, columns: int) -> torch.Tensor:
+        return torch.randn(rows, columns, generator=generator) / math.sqrt(columns)
+
+    weights = {
+        "image_proj.proj.weight": normal(width * IP_ADAPTER_TOKENS, image_embed_dim),
+        "image_proj.proj.bias": torch.zeros(width * IP_ADAPTER_TOKENS),
+        "image_proj.norm.weight": torch.ones(width),
+        "image_proj.norm.bias": torch.zeros(width),
+    }
+    cross_attention = [name for name in unet.attn_processors if not name.endswith("attn1.processor")]
+    for index, name in enumerate(cross_attention):
+        hidden = unet.get_submodule(name.removesuffix(".processor")).to_k.out_features
+        weights[f"ip_adapter.{2 * index + 1}.to_k_ip.weight"] = normal(hidden, width)
+        weights[f"ip_adapter.{2 * index + 1}.to_v_ip.weight"] = normal(hidden, width)
+    return weights
 
 
 def block_colour_vae() -> Any:
@@ -204,18 +257,50 @@ def build_inpainting_unet(folder: Path, seed: int = 1) -> None:
     tiny_unet(9, seed).save_pretrained(folder / "unet", safe_serialization=True)
 
 
+def build_ip_adapter(folder: Path, seed: int = 2) -> None:
+    """A tiny IP-Adapter for the demo UNet: ``image_encoder/`` (with its image processor) and the weights file."""
+    from safetensors.torch import save_file
+    from transformers.models.clip import CLIPImageProcessorPil
+
+    encoder = tiny_image_encoder(seed)
+    encoder.save_pretrained(folder / "image_encoder", safe_serialization=True)
+    side = IMAGE_ENCODER_SIZE
+    CLIPImageProcessorPil(size={"shortest_edge": side}, crop_size={"height": side, "width": side}).save_pretrained(
+        folder / "image_encoder"
+    )
+    layout = tiny_unet()  # the demo UNet's attention layers and widths (its weights play no part)
+    weights = ip_adapter_weights(layout, encoder.config.projection_dim, seed)
+    save_file({name: tensor.contiguous() for name, tensor in weights.items()}, folder / IP_ADAPTER_WEIGHTS)
+
+
 STABLE_DIFFUSION = "demo-sd"
 INPAINTING = "demo-sd-inpainting"
+IP_ADAPTER = "demo-sd-ip-adapter"
+# The default, written out. The random adapter moves the latents visibly, yet style transfer still
+# follows the style image's colours (AdaIN sets them), which is what the tests check.
+IP_ADAPTER_SCALE = 1.0
 
 
 def build_diffusion_models(directory: Path) -> dict[str, dict[str, Any]]:
-    """Build the demo pipeline and inpainting UNet under ``directory`` (unless built); their catalog entries."""
-    base, inpainting = directory / STABLE_DIFFUSION, directory / INPAINTING
+    """Build the demo pipeline, inpainting UNet and IP-Adapter under ``directory`` (unless built).
+
+    Returns their catalog entries.
+    """
+    base, inpainting, ip_adapter = directory / STABLE_DIFFUSION, directory / INPAINTING, directory / IP_ADAPTER
     _build_once(base, build_stable_diffusion)
     _build_once(inpainting, build_inpainting_unet)
+    _build_once(ip_adapter, build_ip_adapter)
     return {
-        STABLE_DIFFUSION: {"kind": "diffusion", "source": str(base), "default": True, "inpainting": INPAINTING},
+        STABLE_DIFFUSION: {
+            "kind": "diffusion",
+            "source": str(base),
+            "default": True,
+            "inpainting": INPAINTING,
+            "ip_adapter": IP_ADAPTER,
+            "ip_adapter_scale": IP_ADAPTER_SCALE,
+        },
         INPAINTING: {"kind": "inpainting", "source": str(inpainting)},
+        IP_ADAPTER: {"kind": "ip_adapter", "source": str(ip_adapter), "weight_name": IP_ADAPTER_WEIGHTS},
     }
 
 
