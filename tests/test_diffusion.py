@@ -1,11 +1,12 @@
 """Stable Diffusion jobs (text_to_image, inpainting, style_transfer) with the tiny demo models.
 
 Through the API and a real worker of this module's own (``sd_worker``), which loads the demo
-catalog (``gpujobs models demo``: a tiny SD pipeline and a 9-channel inpainting UNet). Their UNet
-and text encoder have random weights, so what is checked is what does not depend on them: sizes,
-PNG parameters, seeds, the pixels inpainting must keep, the colour statistics style transfer moves
-(the demo VAE preserves colour), cancel, loading once, and precise 422s. A few tests use the
-pipeline family in this process, where object identity and the step hook can be seen directly.
+catalog (``gpujobs models demo``: a tiny SD pipeline, a 9-channel inpainting UNet and an
+IP-Adapter that the pipeline's catalog entry names). Their UNet, text encoder and adapter have
+random weights, so what is checked is what does not depend on them: sizes, PNG parameters, seeds,
+the pixels inpainting must keep, the colour statistics style transfer moves (the demo VAE
+preserves colour), cancel, loading once, and precise 422s. A few tests use the pipeline family in
+this process, where object identity, the step hook and the IP-Adapter swap can be seen directly.
 """
 
 from __future__ import annotations
@@ -415,6 +416,152 @@ def test_the_step_hook_stops_the_pipeline_and_out_of_memory_is_a_job_error(demo_
     with pytest.raises(JobError) as failure:
         denoise(family, family.text_to_image, "euler", exhausted, **call)
     assert failure.value.code == "out_of_memory" and "ran out of memory" in failure.value.message
+
+
+# --- the IP-Adapter -----------------------------------------------------------------------------------
+
+IP_ADAPTER_KEY = "ip_adapter:demo-sd-ip-adapter@demo-sd"
+
+
+def test_the_ip_adapter_conditions_style_runs_and_no_other_run(demo_catalog):
+    """In this process: the adapter changes a style run, is swapped out after it (a failed one too), loads once."""
+    import torch
+    from PIL import Image
+
+    from db.settings import Settings
+    from worker.jobs.base import JobError
+    from worker.models.cache import ModelCache
+    from worker.models.diffusion import denoise, load_family
+
+    cache = ModelCache(Settings(model_catalog=demo_catalog, device="cpu", dtype="float32"))
+    family = cache.get("diffusion:demo-sd", cache.entry(None, "diffusion"), load_family)
+    assert (family.ip_adapter_model, family.ip_adapter_scale) == ("demo-sd-ip-adapter", 1.0)
+    unet = family.text_to_image.unet
+    content = Image.open(io.BytesIO(picture(64, 64, seed=10))).convert("RGB")
+    style = Image.open(io.BytesIO(picture(64, 64, base=(30, 60, 200), seed=11))).convert("RGB")
+
+    def plain_state() -> tuple[Any, ...]:
+        """Everything load_ip_adapter changes, as every run but a style run must see it."""
+        image_to_image = family.image_to_image
+        return (
+            {name: type(processor) for name, processor in unet.attn_processors.items()},
+            unet.encoder_hid_proj, unet.config.encoder_hid_dim_type, sorted(unet.state_dict()),
+            image_to_image.image_encoder, image_to_image.feature_extractor,
+            image_to_image.config["image_encoder"], image_to_image.config["feature_extractor"],
+        )  # fmt: skip
+
+    def generator() -> torch.Generator:
+        return torch.Generator().manual_seed(0)
+
+    def text_to_image() -> torch.Tensor:
+        with family.lock:
+            return denoise(
+                family, family.text_to_image, "euler", lambda step, total: False,
+                prompt="a boat", width=64, height=64, num_inference_steps=3, generator=generator(),
+            ).latents  # fmt: skip
+
+    seen_during_the_run = []
+
+    def watching(step: int, total: int) -> bool:
+        kinds = {type(processor).__name__ for processor in unet.attn_processors.values()}
+        seen_during_the_run.append(("IPAdapterAttnProcessor2_0" in kinds, unet.encoder_hid_proj is not None))
+        return False
+
+    def style_run(style_strength: float, on_step: Any = watching) -> torch.Tensor:
+        with family.lock, family.style_pipeline(cache, style, style_strength) as styled:
+            assert styled.pipe is family.image_to_image
+            return denoise(
+                family, styled.pipe, "euler", on_step,
+                prompt="", image=content, strength=0.5, num_inference_steps=4, generator=generator(), **styled.call,
+            ).latents  # fmt: skip
+
+    plain = plain_state()
+    assert plain[1] is None and plain[2] is None and plain[4] is None  # nothing of the adapter before its first run
+    before = text_to_image()
+    with family.lock:
+        without = denoise(
+            family, family.image_to_image, "euler", lambda step, total: False,
+            prompt="", image=content, strength=0.5, num_inference_steps=4, generator=generator(),
+        ).latents  # fmt: skip
+
+    styled = style_run(1.0)
+    assert seen_during_the_run and all(seen == (True, True) for seen in seen_during_the_run), seen_during_the_run
+    assert not torch.equal(styled, without) and (styled - without).abs().mean() > 0.01
+    assert plain_state() == plain, "the adapter stayed on the UNet or the pipeline after its run"
+    assert torch.equal(text_to_image(), before), "a text-to-image run changed after a style run"
+
+    seen_during_the_run.clear()
+    assert torch.equal(style_run(0.0), without), "style_strength 0 must be the plain image-to-image run"
+    assert seen_during_the_run == [(False, False)] * 2  # 4 steps × strength 0.5, without the adapter
+    assert torch.equal(style_run(1.0), styled), "the same seed with the adapter must give the same latents"
+
+    def exhausted(step: int, total: int) -> bool:  # a run that fails mid-way, with the adapter on
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    with pytest.raises(JobError):
+        style_run(1.0, exhausted)
+    assert plain_state() == plain, "a failed style run left the adapter on"
+    assert torch.equal(text_to_image(), before)
+
+    for pipe in (family.image_to_image, family.inpaint):
+        assert pipe.unet is unet and pipe.vae is family.vae
+    stats = cache.loaded()
+    assert stats[IP_ADAPTER_KEY]["loads"] == 1 and stats[IP_ADAPTER_KEY]["runs"] == 3, stats
+    assert stats[IP_ADAPTER_KEY]["hits"] == 2 and stats[IP_ADAPTER_KEY]["mb"] > 0, stats
+    assert stats["diffusion:demo-sd"]["loads"] == 1
+    key, adapter = family.ip_adapter(cache)
+    assert key == IP_ADAPTER_KEY and len(adapter.layers) == 4  # the tiny UNet's four cross-attention layers
+    assert all(name.endswith("attn2.processor") for name in adapter.layers)
+
+
+def test_an_ip_adapter_with_pickle_weights_is_refused_and_the_family_stays_plain(demo_catalog, tmp_path):
+    from db.settings import Settings
+    from worker.models.cache import ModelCache, ModelUnavailable
+    from worker.models.catalog import load_catalog, write_catalog
+    from worker.models.diffusion import load_family
+
+    entries = {
+        name: {"kind": entry.kind, "source": entry.source, "default": entry.default, **entry.options}
+        for name, entry in load_catalog(Settings(model_catalog=demo_catalog)).entries.items()
+    }
+    entries["demo-sd-ip-adapter"]["weight_name"] = "ip-adapter_sd15.bin"
+    write_catalog(tmp_path / "catalog.toml", entries)
+    cache = ModelCache(Settings(model_catalog=tmp_path / "catalog.toml", device="cpu", dtype="float32"))
+    family = cache.get("diffusion:demo-sd", cache.entry(None, "diffusion"), load_family)
+    unet = family.text_to_image.unet
+    processors = {name: type(processor) for name, processor in unet.attn_processors.items()}
+
+    with pytest.raises(ModelUnavailable) as refused, family.lock, family.style_pipeline(cache, None, 0.5):
+        pass
+    assert "safetensors only" in refused.value.message and "ip-adapter_sd15.bin" in refused.value.message
+    assert {name: type(processor) for name, processor in unet.attn_processors.items()} == processors
+    assert unet.encoder_hid_proj is None and family.image_to_image.image_encoder is None
+    with family.lock, family.style_pipeline(cache, None, 0.0) as styled:  # no style: the adapter is not needed
+        assert styled.call == {}
+    assert IP_ADAPTER_KEY not in cache.loaded()
+
+
+def test_style_transfer_jobs_use_the_ip_adapter_loaded_once_and_text_to_image_does_not(client, users, sd_worker):
+    key = users.me.secret
+    content = uploaded(client, key, picture(64, 64, base=(180, 90, 60), seed=12))
+    style = uploaded(client, key, picture(64, 64, base=(40, 90, 200), seed=13))
+    text = {"prompt": "a harbour", **SMALL, "seed": 21}
+    styled = {"content_image": content, "style_image": style, "strength": 0.5, "num_inference_steps": 4, "seed": 22}
+    runs_before = worker_models(sd_worker.node).get(IP_ADAPTER_KEY, {}).get("runs", 0)
+
+    first_text = run_job(client, key, "text_to_image", **text)
+    first_style = run_job(client, key, "style_transfer", style_strength=0.8, **styled)
+    run_job(client, key, "style_transfer", style_strength=0.0, **styled)  # adapter scale 0: run without it
+    again_text = run_job(client, key, "text_to_image", **text)
+    again_style = run_job(client, key, "style_transfer", style_strength=0.8, **styled)
+
+    assert np.array_equal(pixels_of(first_text)[0], pixels_of(again_text)[0]), "a style run changed text_to_image"
+    assert np.array_equal(pixels_of(first_style)[0], pixels_of(again_style)[0])
+    models = wait_models(sd_worker.node, lambda m: m.get(IP_ADAPTER_KEY, {}).get("runs", 0) >= runs_before + 2)
+    adapter = models[IP_ADAPTER_KEY]
+    assert adapter["loads"] == 1 and adapter["loaded"] is True and adapter["mb"] > 0, adapter
+    assert adapter["runs"] == runs_before + 2, adapter  # the style_strength 0 job ran without it
+    assert models["diffusion:demo-sd"]["loads"] == 1, models
 
 
 # --- bad input --------------------------------------------------------------------------------------

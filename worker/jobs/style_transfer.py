@@ -4,8 +4,14 @@ Both images are encoded with the VAE; the content latents' per-channel mean and 
 deviation move toward the style latents' by ``style_strength`` (latent AdaIN); image-to-image
 then denoises from them at ``strength`` with the optional prompt (``strength`` 0: the AdaIN result
 decoded as is). The output has the content image's size rounded to a multiple of 8; the style
-image is resized to it. IP-Adapter conditioning is not supported yet: a catalog ``ip_adapter``
-option is logged and ignored (see ``worker.models.diffusion``).
+image is resized to it.
+
+When the catalog names an IP-Adapter for the base model (``ip_adapter = "<name>"`` on the
+diffusion entry), the denoising is also conditioned on the style image through it, at the adapter
+scale ``ip_adapter_scale × style_strength`` (``ip_adapter_scale`` from the catalog, default 1.0):
+one knob moves both the latent statistics and the image prompt, and ``style_strength`` 0 is no
+style at all. Without an adapter, ``style_strength`` moves the statistics only. See
+``worker.models.diffusion`` for how the adapter is kept off every other run of the family.
 """
 
 from __future__ import annotations
@@ -40,7 +46,13 @@ class Input(JobInput):
     prompt: OptionalPrompt = ""
     negative_prompt: NegativePrompt = ""
     style_strength: float = Field(
-        0.7, ge=0, le=1, description="How far the content's latent statistics move toward the style's (0: not at all)."
+        0.7,
+        ge=0,
+        le=1,
+        description=(
+            "How far the content's latent statistics move toward the style's (0: not at all); with an IP-Adapter "
+            "configured for the model, also the adapter's scale (times the catalog's `ip_adapter_scale`)."
+        ),
     )
     strength: Strength = 0.6
     num_inference_steps: Steps = 25

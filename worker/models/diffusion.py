@@ -12,17 +12,23 @@ own, made by name from the model's scheduler config. Progress and stopping go th
 ``callback_on_step_end`` and diffusers' ``interrupt``, not a forked pipeline; pipelines return
 latents and the VAE decodes here, so a stopped run never pays for a decode.
 
-IP-Adapter style conditioning is not supported yet: ``load_ip_adapter`` rewires the shared UNet's
-attention, which would change every text-to-image run of the family. An ``ip_adapter`` option in
-the catalog is logged and ignored.
+When the catalog names an IP-Adapter for the base model (``ip_adapter = "<name>"``, optional
+``ip_adapter_scale``), style-transfer runs are also conditioned on the style image through it.
+``load_ip_adapter`` rewires the shared UNet (its cross-attention processors, ``encoder_hid_proj``,
+``config.encoder_hid_dim_type``) and gives the pipeline an image encoder: the adapter is loaded
+through it once, on the first style run that needs it (its own cache entry), its pieces are taken
+back off at once, and each style run swaps them in for its pipeline call and out again after it,
+under the family's lock. Every other run sees the plain UNet.
 """
 
 from __future__ import annotations
 
+import functools
 import gc
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -34,6 +40,7 @@ from worker.jobs.base import JobError
 from worker.jobs.generation import SCHEDULERS as SCHEDULER_NAMES
 from worker.models.cache import ModelUnavailable
 from worker.models.catalog import ModelEntry
+from worker.models.ip_adapter import IPAdapter, load_ip_adapter, swapped_in
 
 if TYPE_CHECKING:
     from worker.models.cache import ModelCache
@@ -81,6 +88,14 @@ def dtype_kwargs(dtype: torch.dtype) -> dict[str, torch.dtype]:
     return {"dtype": dtype}
 
 
+@dataclass
+class StylePipeline:
+    """What a style run calls: the image-to-image pipeline, and the arguments that condition it on the style image."""
+
+    pipe: Any  # StableDiffusionImg2ImgPipeline
+    call: dict[str, Any]  # what conditions the call on the style image ({} without an adapter)
+
+
 @dataclass(eq=False)
 class Family:
     key: str
@@ -92,6 +107,8 @@ class Family:
     device: str
     dtype: torch.dtype
     inpainting_model: str | None = None
+    ip_adapter_model: str | None = None
+    ip_adapter_scale: float = 1.0
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @property
@@ -126,6 +143,29 @@ class Family:
         )
         pipe.set_progress_bar_config(disable=True)
         return pipe
+
+    @contextmanager
+    def style_pipeline(self, cache: ModelCache, style_image: Any, style_strength: float) -> Iterator[StylePipeline]:
+        """The image-to-image pipeline of a style run, with the IP-Adapter swapped in when there is one. Under ``lock``.
+
+        The adapter's scale for the run is ``ip_adapter_scale × style_strength``: at 0 (or without an
+        adapter in the catalog) the run is the plain pipeline's. The adapter is taken out again when
+        the block ends, however it ends.
+        """
+        scale = self.ip_adapter_scale * style_strength
+        if self.ip_adapter_model is None or scale == 0:
+            yield StylePipeline(self.image_to_image, {})
+            return
+        key, adapter = self.ip_adapter(cache)
+        with swapped_in(self.image_to_image, adapter, scale):
+            cache.count(key, "runs")
+            yield StylePipeline(self.image_to_image, {"ip_adapter_image": style_image})
+
+    def ip_adapter(self, cache: ModelCache) -> tuple[str, IPAdapter]:
+        """The family's IP-Adapter and its cache key, loaded on first use. Under ``lock``: loading rewires the UNet."""
+        entry = cache.entry(self.ip_adapter_model, "ip_adapter")
+        key = f"ip_adapter:{entry.name}@{self.model}"  # per family: its processors' scale is set per run
+        return key, cache.get(key, entry, functools.partial(load_ip_adapter, self))
 
 
 def load_family(entry: ModelEntry, folder: Path, device: str, dtype: torch.dtype) -> Family:
@@ -163,8 +203,12 @@ def load_family(entry: ModelEntry, folder: Path, device: str, dtype: torch.dtype
     inpainting_model = entry.options.get("inpainting")
     if inpainting_model is not None and not isinstance(inpainting_model, str):
         raise ModelUnavailable(f"model {entry.name!r}: the catalog's `inpainting` option must be a model name")
-    if entry.options.get("ip_adapter"):
-        log.warning("model %s: IP-Adapter conditioning is not supported yet; `ip_adapter` is ignored", entry.name)
+    ip_adapter_model = entry.options.get("ip_adapter")
+    if ip_adapter_model is not None and not isinstance(ip_adapter_model, str):
+        raise ModelUnavailable(f"model {entry.name!r}: the catalog's `ip_adapter` option must be a model name")
+    ip_adapter_scale = entry.options.get("ip_adapter_scale", 1.0)
+    if isinstance(ip_adapter_scale, bool) or not isinstance(ip_adapter_scale, int | float) or ip_adapter_scale < 0:
+        raise ModelUnavailable(f"model {entry.name!r}: the catalog's `ip_adapter_scale` must be a number ≥ 0")
     return Family(
         key=f"diffusion:{entry.name}",
         model=entry.name,
@@ -175,6 +219,8 @@ def load_family(entry: ModelEntry, folder: Path, device: str, dtype: torch.dtype
         device=device,
         dtype=dtype,
         inpainting_model=inpainting_model,
+        ip_adapter_model=ip_adapter_model,
+        ip_adapter_scale=float(ip_adapter_scale),
     )
 
 

@@ -113,20 +113,23 @@ def style_transfer(ctx: JobContext, params: style_transfer_job.Input) -> Output:
             ctx.progress(0, 0, "decoding")
             pixels = decode(family, mixed)
         else:
-            result = denoise(
-                family,
-                family.image_to_image,
-                params.scheduler,
-                _on_step(ctx),
-                prompt=params.prompt,
-                negative_prompt=params.negative_prompt or None,
-                image=mixed,  # 4 channels: taken as latents, not encoded again
-                strength=params.strength,
-                num_inference_steps=params.num_inference_steps,
-                guidance_scale=params.guidance_scale,
-                num_images_per_prompt=params.num_outputs,
-                generator=_generators(seeds),
-            )
+            # With an IP-Adapter in the catalog, the style image also conditions every step through it.
+            with family.style_pipeline(get_cache(), style, params.style_strength) as styled:
+                result = denoise(
+                    family,
+                    styled.pipe,
+                    params.scheduler,
+                    _on_step(ctx),
+                    prompt=params.prompt,
+                    negative_prompt=params.negative_prompt or None,
+                    image=mixed,  # 4 channels: taken as latents, not encoded again
+                    strength=params.strength,
+                    num_inference_steps=params.num_inference_steps,
+                    guidance_scale=params.guidance_scale,
+                    num_images_per_prompt=params.num_outputs,
+                    generator=_generators(seeds),
+                    **styled.call,
+                )
             pixels, steps = _decoded(ctx, family, result), result.total
     return _store(ctx, "style_transfer", params, family, pixels, seeds, steps)
 
