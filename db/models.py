@@ -183,6 +183,8 @@ class EventKind(str, enum.Enum):
     CANCELED = "canceled"
     REQUEUED = "requeued"
     RETRIED = "retried"  # an operator ran a failed or canceled job again (admin dashboard)
+    CHECKPOINT = "checkpoint"  # a fine-tune stored its state (data: step, key); a requeued run resumes from it
+    RESUMED = "resumed"  # a requeued fine-tune continued from a checkpoint (data: step)
 
 
 class JobEvent(Base):
@@ -219,6 +221,35 @@ class Artifact(Base):
     def describe(self) -> dict[str, Any]:
         """The Artifact as stored in a job's output (the API adds a fresh presigned ``url``)."""
         return {"name": self.name, "content_type": self.content_type, "size": self.size, "sha256": self.sha256}
+
+
+class ModelKind(str, enum.Enum):
+    BASE = "base"  # a catalog entry (not a row: the catalog is the source of base models)
+    LORA = "lora"
+
+
+class Model(Base):
+    """A tenant's fine-tuned model: a LoRA over a catalog base model, made by a ``finetune`` job.
+
+    The weights are one object in storage (``models/<id>/pytorch_lora_weights.safetensors``),
+    which is also the job's ``weights`` artifact; deleting the model deletes the object.
+    """
+
+    __tablename__ = "models"
+    __table_args__ = (Index("ix_models_tenant_created", "tenant_id", "created_at", "id"),)
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True, default=lambda: new_id("mdl"))
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id"))
+    name: Mapped[str] = mapped_column(String(200))
+    kind: Mapped[ModelKind] = mapped_column(String(16), default=ModelKind.LORA)
+    base_model: Mapped[str] = mapped_column(String(200))
+    job_id: Mapped[str | None] = mapped_column(ForeignKey("jobs.id", ondelete="SET NULL"))
+    storage_key: Mapped[str] = mapped_column(String(300))
+    size: Mapped[int] = mapped_column(BigInteger)
+    sha256: Mapped[str] = mapped_column(String(64))
+    # How it was made (rank, alpha, steps, resolution…), shown as is.
+    details: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
 class WorkerProcess(Base):

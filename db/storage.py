@@ -109,6 +109,13 @@ class Storage:
         except (BotoCoreError, ClientError) as exc:
             raise StorageError(f"could not read {key}: {exc}") from exc
 
+    def delete(self, key: str) -> None:
+        """Remove an object (S3 answers success for a key that is already gone)."""
+        try:
+            self.client.delete_object(Bucket=self.bucket, Key=key)
+        except (BotoCoreError, ClientError) as exc:
+            raise StorageError(f"could not delete {key}: {exc}") from exc
+
     def presigned_url(self, key: str, filename: str | None = None) -> str:
         params = {"Bucket": self.bucket, "Key": key}
         if filename:

@@ -26,7 +26,7 @@ from sqlalchemy import and_, delete, insert, select, update
 from sqlalchemy.orm import Session
 
 from db import notify, webhooks
-from db.models import Artifact, EventKind, Job, JobEvent, JobStatus, WebhookEvent, new_id, utcnow
+from db.models import Artifact, EventKind, Job, JobEvent, JobStatus, Model, WebhookEvent, new_id, utcnow
 from db.settings import Settings
 
 
@@ -159,8 +159,9 @@ def succeed(
     output: dict[str, Any],
     progress: dict[str, Any],
     artifacts: Sequence[dict[str, Any]] = (),
+    models: Sequence[dict[str, Any]] = (),
 ) -> bool:
-    """running → succeeded, with the rows of the artifacts this run stored (their objects are in S3 already)."""
+    """running → succeeded, with the rows of the artifacts (and models) this run stored (objects in S3 already)."""
     now = utcnow()
     done = _update(
         session,
@@ -179,9 +180,46 @@ def succeed(
             session.execute(insert(Artifact.__table__), [{**a, "job_id": job_id, "created_at": now} for a in artifacts])
             names = [a["name"] for a in artifacts]
             record_event(session, job_id, EventKind.STORED, attempt, f"{len(names)} artifact(s) stored", {"names": names}, at=now)
+        if models:
+            session.execute(insert(Model.__table__), [{**m, "job_id": job_id, "created_at": now} for m in models])
         record_event(session, job_id, EventKind.SUCCEEDED, attempt, at=now)
         _finished(session, job_id)
     return done
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    step: int
+    key: str
+    attempt: int
+
+
+def checkpointed(
+    session: Session, job_id: str, attempt: int, lease_seconds: float, step: int, key: str, data: dict[str, Any]
+) -> bool:
+    """Record that the running attempt stored a checkpoint at ``key`` (and renew its lease); False if it lost the job."""
+    if not _update(session, job_id, *_running(attempt), lease_expires_at=utcnow() + timedelta(seconds=lease_seconds)):
+        return False
+    record_event(session, job_id, EventKind.CHECKPOINT, attempt, f"checkpoint at step {step}", {"step": step, "key": key, **data})
+    return True
+
+
+def latest_checkpoint(session: Session, job_id: str) -> Checkpoint | None:
+    """The job's newest checkpoint, whichever attempt stored it."""
+    row = session.execute(
+        select(JobEvent.data, JobEvent.attempt)
+        .where(JobEvent.job_id == job_id, JobEvent.kind == EventKind.CHECKPOINT.value)
+        .order_by(JobEvent.id.desc())
+        .limit(1)
+    ).first()
+    if row is None or not row.data:
+        return None
+    return Checkpoint(step=int(row.data["step"]), key=str(row.data["key"]), attempt=row.attempt)
+
+
+def resumed(session: Session, job_id: str, attempt: int, checkpoint: Checkpoint, load_seconds: float) -> None:
+    data = {"step": checkpoint.step, "key": checkpoint.key, "from_attempt": checkpoint.attempt, "load_seconds": load_seconds}
+    record_event(session, job_id, EventKind.RESUMED, attempt, f"resumed from the checkpoint at step {checkpoint.step}", data)
 
 
 def fail(

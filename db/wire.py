@@ -9,7 +9,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from db.models import Job, JobStatus
+from db.models import Job, JobStatus, Model
 from db.storage import Storage, get_storage
 
 
@@ -61,4 +61,30 @@ def job_json(job: Job, *, urls: bool = True, storage: Storage | None = None) -> 
         "webhook": job.webhook,
         "webhook_events_filter": job.webhook_events_filter,
         "urls": {"self": f"/v1/jobs/{job.id}", "cancel": f"/v1/jobs/{job.id}/cancel"},
+    }
+
+
+LORA_WEIGHTS_NAME = "pytorch_lora_weights.safetensors"  # the name diffusers' load_lora_weights looks for
+
+
+def model_json(model: Model, *, urls: bool = True, storage: Storage | None = None) -> dict[str, Any]:
+    """A fine-tuned ``Model`` (API.md); ``urls=False`` leaves out the presigned weights URL."""
+    weights: dict[str, Any] = {
+        "name": LORA_WEIGHTS_NAME,
+        "content_type": "application/octet-stream",
+        "size": model.size,
+        "sha256": model.sha256,
+    }
+    if urls:
+        weights["url"] = (storage or get_storage()).presigned_url(model.storage_key, LORA_WEIGHTS_NAME)
+    return {
+        "id": model.id,
+        "name": model.name,
+        "kind": model.kind,
+        "base_model": model.base_model,
+        "created_at": rfc3339(model.created_at),
+        "job_id": model.job_id,
+        "weights": weights,
+        "details": model.details or {},
+        "urls": {"self": f"/v1/models/{model.id}"},
     }

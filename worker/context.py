@@ -48,6 +48,7 @@ class JobContext:
         *,
         job_id: str,
         attempt: int,
+        tenant_id: str = "",
         worker_id: str,
         deadline_seconds: float,
         settings: Settings,
@@ -55,11 +56,13 @@ class JobContext:
     ):
         self.job_id = job_id
         self.attempt = attempt
+        self.tenant_id = tenant_id
         self.worker_id = worker_id
         self.settings = settings
         self.deadline = time.monotonic() + deadline_seconds
         self.deadline_seconds = deadline_seconds
         self.stored: dict[str, dict[str, Any]] = {}  # artifacts uploaded by this run, by name
+        self.models: list[dict[str, Any]] = []  # Model rows this run made (``add_model``)
         self._progress: dict[str, Any] = {"step": 0, "total": None, "fraction": 0.0, "message": None}
         self._dirty = False
         self._milestone: str | None = None
@@ -108,13 +111,17 @@ class JobContext:
             raise JobError(f"the input file {file_id!r} no longer exists", "input_missing")
         return get_storage(self.settings).get(key)
 
-    def store(self, name: str, data: bytes, content_type: str) -> Artifact:
-        """Upload an output to ``jobs/<job id>/<name>``; its row (size, sha256) is written when the job succeeds."""
-        obj = get_storage(self.settings).put(f"jobs/{self.job_id}/{name}", data, content_type)
+    def store(self, name: str, data: bytes, content_type: str, key: str | None = None) -> Artifact:
+        """Upload an output to ``jobs/<job id>/<name>`` (or ``key``); its row is written when the job succeeds."""
+        obj = get_storage(self.settings).put(key or f"jobs/{self.job_id}/{name}", data, content_type)
         self.stored[name] = {
             "name": name, "content_type": content_type, "size": obj.size, "sha256": obj.sha256, "storage_key": obj.key
         }
         return Artifact(name=name, content_type=content_type, size=obj.size, sha256=obj.sha256)
+
+    def add_model(self, model: dict[str, Any]) -> None:
+        """A model this run made (its weights already stored): its row is written when the job succeeds."""
+        self.models.append(model)
 
     # --- what the runner calls ------------------------------------------------
     def snapshot(self) -> dict[str, Any]:

@@ -52,6 +52,7 @@ def execute(job_id: str) -> str:
     ctx = JobContext(
         job_id=job_id,
         attempt=attempt,
+        tenant_id=job.tenant_id,
         worker_id=me,
         deadline_seconds=job.deadline_seconds,
         settings=settings,
@@ -100,7 +101,7 @@ def execute(job_id: str) -> str:
         progress.update(step=progress["total"], fraction=1.0)
 
     def succeed(session):  # type: ignore[no-untyped-def]
-        return transitions.succeed(session, job_id, attempt, result, progress, list(ctx.stored.values()))
+        return transitions.succeed(session, job_id, attempt, result, progress, list(ctx.stored.values()), ctx.models)
 
     return _finish(job_id, "succeeded", succeed)
 
