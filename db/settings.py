@@ -159,6 +159,22 @@ class Settings(BaseSettings):
     generation_max_prompt_chars: int = Field(
         2000, ge=1, le=100_000, description="Longest `prompt` / `negative_prompt` (characters) a generation job takes."
     )
+    lora_cache_size: int = Field(
+        8,
+        ge=0,
+        le=256,
+        description="LoRA adapters a worker keeps loaded in each warm UNet (least recently used dropped first); "
+        "a job's LoRAs are switched on for its run only. 0: load and unload them for every job.",
+    )
+    finetune_max_images: int = Field(
+        1000, ge=1, le=100_000, description="Most training images of one `finetune` job (file ids or zip members)."
+    )
+    finetune_max_resolution: int = Field(
+        1024, ge=64, le=4096, multiple_of=8, description="Largest `resolution` a `finetune` job may train at."
+    )
+    finetune_max_dataset_bytes: int = Field(
+        2 * 1024**3, ge=1024, description="Largest total uncompressed size of a dataset zip's members."
+    )
     torch_compile: bool = Field(
         False,
         description="Compile the diffusion UNet with `torch.compile` (CUDA): faster steps after a slow first run "

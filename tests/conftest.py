@@ -46,6 +46,8 @@ TEST_SETTINGS = {
     # Webhook tests send to a receiver on loopback; beat looks for due deliveries every second.
     "GPUJOBS_WEBHOOK_ALLOW_PRIVATE": "true",
     "GPUJOBS_WEBHOOK_SWEEP_SECONDS": "1",
+    # A dataset over the image limit is cheap to build at this size.
+    "GPUJOBS_FINETUNE_MAX_IMAGES": "20",
 }
 
 

@@ -272,6 +272,7 @@ def test_another_tenants_image_or_a_dataset_is_refused(client, keys):
 
     buffer = io.BytesIO()
     with zipfile.ZipFile(buffer, "w") as archive:
+        archive.writestr("a.png", picture(16, 16))
         archive.writestr("a.txt", "caption")
     dataset = upload(client, keys.user_a.secret, buffer.getvalue(), filename="d.zip", purpose="dataset")
     assert dataset.status_code == 201, dataset.get_data(as_text=True)
