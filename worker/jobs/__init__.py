@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from worker.jobs import diagnostic, inpainting, segmentation, style_transfer, text_to_image
+from worker.jobs import diagnostic, finetune, inpainting, segmentation, style_transfer, text_to_image
 from worker.jobs.base import JobType
 
 REGISTRY: dict[str, JobType] = {
     module.JOB_TYPE.name: module.JOB_TYPE
-    for module in (diagnostic, segmentation, text_to_image, inpainting, style_transfer)
+    for module in (diagnostic, segmentation, text_to_image, inpainting, style_transfer, finetune)
 }
 
 
