@@ -18,10 +18,11 @@ from api import config, waiting
 from api.auth import current_key, is_admin
 from api.body import json_object
 from api.errors import ApiError, from_pydantic, validation_error
+from api.models import default_model
 from api.openapi import document
 from api.presenters import job_json, page_params, paginate
 from db import transitions
-from db.models import File, Job, JobStatus, utcnow
+from db.models import File, Job, JobStatus, Model, utcnow
 from worker.celery_app import dispatch
 from worker.jobs import REGISTRY, get_job_type
 from worker.jobs.base import JobInput, file_fields
@@ -120,6 +121,7 @@ def create_job() -> tuple[Response, int, dict[str, str]]:
     except ValidationError as exc:
         raise from_pydantic(exc, ["body", "input"]) from None
     _check_files(params)
+    _check_loras(params)
     if spec.webhook is not None:
         _check_webhook(spec.webhook)
     if len(json.dumps(spec.metadata)) > settings.max_json_field_bytes:
@@ -199,6 +201,28 @@ def _check_files(params: JobInput) -> None:
         if found[file_id] != purpose:
             raise validation_error(
                 ["body", "input", field], f"file {file_id!r} was uploaded as {found[file_id]}, not as {purpose}"
+            )
+
+
+def _check_loras(params: JobInput) -> None:
+    """Every LoRA a generation job names is a model of this tenant made for the job's base model (else 422)."""
+    loras = getattr(params, "loras", None)
+    if not loras:
+        return
+    rows = g.db.execute(
+        select(Model.id, Model.base_model).where(
+            Model.id.in_([ref.model for ref in loras]), Model.tenant_id == current_key().tenant_id
+        )
+    ).all()
+    bases = dict(rows)
+    base = getattr(params, "model", None) or default_model("diffusion")
+    for index, ref in enumerate(loras):
+        loc = ["body", "input", "loras", index, "model"]
+        if ref.model not in bases:
+            raise validation_error(loc, f"no model {ref.model!r} (GET /v1/models lists this tenant's models)")
+        if base is not None and bases[ref.model] != base:
+            raise validation_error(
+                loc, f"model {ref.model!r} is a LoRA of {bases[ref.model]!r}, but this job runs {base!r}"
             )
 
 

@@ -21,6 +21,7 @@ QUERY_PARAMS: dict[str, dict[str, Any]] = {
     "cursor": {"schema": {"type": "string"}, "description": "`next_cursor` of the previous page."},
     "status": {"schema": {"type": "string", "enum": ["queued", "running", "succeeded", "failed", "canceled"]}},
     "type": {"schema": {"type": "string"}, "description": "A job type."},
+    "kind": {"schema": {"type": "string", "enum": ["base", "lora"]}, "description": "Only models of this kind."},
 }
 
 STATUS_TEXT = {200: "OK", 201: "Created", 202: "Accepted", 204: "No content", 302: "Redirect", 409: "Conflict"}
@@ -136,6 +137,22 @@ def _components() -> dict[str, Any]:
                 ]
             },
         },
+        "Model": {
+            "type": "object",
+            "required": ["id", "name", "kind", "base_model", "created_at"],
+            "properties": {
+                "id": {"type": "string", "description": "`mdl_…` for a fine-tuned model; the catalog name for a base model."},
+                "name": {"type": "string"},
+                "kind": {"type": "string", "enum": ["base", "lora"]},
+                "base_model": {"type": ["string", "null"], "description": "The catalog model a LoRA applies to."},
+                "task": {"type": "string", "description": "Base models: the catalog kind (`diffusion`, `segmentation`)."},
+                "created_at": {"type": ["string", "null"], "format": "date-time"},
+                "job_id": {"type": ["string", "null"], "description": "The `finetune` job that made it."},
+                "weights": {"$ref": "#/components/schemas/Artifact"},
+                "details": {"type": "object", "description": "How it was trained (rank, alpha, steps, resolution…)."},
+                "urls": {"type": "object", "additionalProperties": {"type": "string"}},
+            },
+        },
         "Key": {
             "type": "object",
             "properties": {
@@ -145,7 +162,8 @@ def _components() -> dict[str, Any]:
         },
     }
     schemas.update(_webhook_schemas())
-    for list_name, item in [("JobList", "Job"), ("KeyList", "Key"), ("WebhookDeliveryList", "WebhookDelivery")]:
+    lists = [("JobList", "Job"), ("KeyList", "Key"), ("ModelList", "Model"), ("WebhookDeliveryList", "WebhookDelivery")]
+    for list_name, item in lists:
         schemas[list_name] = {
             "type": "object",
             "properties": {

@@ -104,7 +104,7 @@ def test_an_overlong_idempotency_key_is_a_422(client, keys):
 # --- lists -----------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("path", ["/v1/jobs", "/v1/keys"])
+@pytest.mark.parametrize("path", ["/v1/jobs", "/v1/keys", "/v1/models"])
 @pytest.mark.parametrize("limit", ["0", "101", "-1", "x", "1.5", ""])
 def test_a_bad_limit_is_a_422(client, keys, path, limit):
     response = client.get(f"{path}?limit={limit}", headers=auth(keys.admin.secret))
@@ -115,7 +115,7 @@ def test_a_bad_limit_is_a_422(client, keys, path, limit):
     assert_problem(response, 422, ["limit"])
 
 
-@pytest.mark.parametrize("path", ["/v1/jobs", "/v1/keys"])
+@pytest.mark.parametrize("path", ["/v1/jobs", "/v1/keys", "/v1/models"])
 @pytest.mark.parametrize(
     "cursor",
     [
@@ -135,9 +135,12 @@ def test_a_bad_cursor_is_a_422(client, keys, path, cursor):
     assert_problem(response, 422, ["cursor"])
 
 
-@pytest.mark.parametrize("query,loc", [("status=done", "status"), ("type=no_such_type", "type")])
-def test_a_bad_list_filter_is_a_422(client, keys, query, loc):
-    assert_problem(client.get(f"/v1/jobs?{query}", headers=auth(keys.admin.secret)), 422, [loc])
+@pytest.mark.parametrize(
+    "path,query,loc",
+    [("/v1/jobs", "status=done", "status"), ("/v1/jobs", "type=no_such_type", "type"), ("/v1/models", "kind=x", "kind")],
+)
+def test_a_bad_list_filter_is_a_422(client, keys, path, query, loc):
+    assert_problem(client.get(f"{path}?{query}", headers=auth(keys.admin.secret)), 422, [loc])
 
 
 # --- keys ------------------------------------------------------------------------------------------
@@ -173,8 +176,10 @@ def test_revoking_an_unknown_key_is_a_404(client, keys):
 
 
 @pytest.mark.parametrize(
-    "path", ["/v1/nothing-here", "/v1/jobs/job_nope", "/v1/jobs/job_nope/nope", "/nothing", "/v2/jobs"]
-)
+    "path",
+    ["/v1/nothing-here", "/v1/jobs/job_nope", "/v1/jobs/job_nope/nope", "/nothing", "/v2/jobs", "/v1/models/mdl_nope",
+     "/v1/models/no-such-base-model"],
+)  # fmt: skip
 def test_an_unknown_route_or_id_is_a_404(client, keys, path):
     assert_problem(client.get(path, headers=auth(keys.admin.secret)), 404)
 
@@ -188,6 +193,8 @@ def test_an_unknown_route_or_id_is_a_404(client, keys, path):
         ("PATCH", "/v1/files", {"POST"}),
         ("PUT", "/v1/keys", {"GET", "POST"}),
         ("POST", "/healthz", {"GET"}),
+        ("POST", "/v1/models", {"GET"}),
+        ("PUT", "/v1/models/mdl_x", {"GET", "DELETE"}),
     ],
 )
 def test_a_wrong_method_is_a_405_with_allow(client, keys, method, path, allowed):
@@ -246,6 +253,13 @@ def _weird_requests(admin: str) -> list[tuple[str, str, dict]]:
         ("POST", "/v1/keys", {"headers": j, "data": json.dumps({"name": "x", "role": "user", "tenant": "ten_\u0000"})}),
         ("GET", "/v1/jobs", {"headers": {"Authorization": "Bearer " + "x" * 10_000}}),
         ("GET", "/v1/jobs", {"headers": {"Authorization": "Bearer \u00e9\u00e9"}}),
+        ("GET", "/v1/models/" + "m" * 5000, {"headers": h}),
+        ("GET", "/v1/models/mdl_%00", {"headers": h}),
+        ("DELETE", "/v1/models/mdl_%00", {"headers": h}),
+        ("GET", "/v1/models?cursor=%00&kind=%00", {"headers": h}),
+        ("POST", "/v1/jobs", {"headers": j, "data": json.dumps({"type": "finetune", "input": {"images": [None] * 3}})}),
+        ("POST", "/v1/jobs", {"headers": j, "data": json.dumps({"type": "text_to_image", "input": {
+            "prompt": "x", "loras": [{"model": "mdl_\u0000", "scale": "NaN"}]}})}),
     ]
 
 

@@ -572,6 +572,7 @@ def files(client_module, users) -> dict[str, str]:
     """An image and a dataset zip of user a, and an image of user b."""
     buffer = io.BytesIO()
     with zipfile.ZipFile(buffer, "w") as archive:
+        archive.writestr("a.png", picture(16, 16))
         archive.writestr("a.txt", "a caption")
     return {
         "image": uploaded(client_module, users.me.secret, picture(16, 16)),
@@ -606,7 +607,7 @@ TEXT = {"prompt": "a bridge"}
         ("text_to_image", {**TEXT, "scheduler": "karras_magic"}, ["input", "scheduler"]),
         ("text_to_image", {**TEXT, "seed": -1}, ["input", "seed"]),
         ("text_to_image", {**TEXT, "num_outputs": 5}, ["input", "num_outputs"]),
-        ("text_to_image", {**TEXT, "loras": [{"model": "mdl_x", "scale": 1}]}, ["input", "loras"]),
+        ("text_to_image", {**TEXT, "loras": [{"model": "mdl_x", "scale": 1}]}, ["input", "loras", 0, "model"]),
         ("inpainting", {"image": "@image", "mask": "@zip"}, ["input", "mask"]),
         ("inpainting", {"image": "@other_tenant", "mask": "@image"}, ["input", "image"]),
         ("inpainting", {"image": "@image"}, ["input", "mask"]),

@@ -40,6 +40,7 @@ class JobError(Exception):
 
 
 FILE_KIND = "x-gpujobs-file"
+MODEL_KIND = "x-gpujobs-model"
 
 ImageFile = Annotated[
     str,
@@ -55,6 +56,16 @@ DatasetFile = Annotated[
         pattern=r"^file_[A-Za-z0-9_-]{1,64}$",
         description="The id of an uploaded zip (`POST /v1/files` with `purpose=dataset`).",
         json_schema_extra={FILE_KIND: "dataset"},
+    ),
+]
+
+
+ModelId = Annotated[
+    str,
+    Field(
+        pattern=r"^mdl_[A-Za-z0-9_-]{1,64}$",
+        description="The id of a fine-tuned model of this tenant (`GET /v1/models`).",
+        json_schema_extra={MODEL_KIND: "lora"},
     ),
 ]
 

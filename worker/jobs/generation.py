@@ -13,7 +13,7 @@ from typing import Annotated, Literal
 from pydantic import AfterValidator, BaseModel, Field, ValidationInfo
 
 from db.settings import get_settings
-from worker.jobs.base import Artifact
+from worker.jobs.base import Artifact, JobInput, ModelId
 
 # The samplers a job may name (worker/models/diffusion.py maps each to a diffusers scheduler).
 SCHEDULERS = ("euler", "euler_a", "heun", "lms", "ddim", "pndm", "dpmpp_2m", "dpmpp_2m_karras", "unipc")
@@ -21,6 +21,7 @@ SchedulerName = Literal["euler", "euler_a", "heun", "lms", "ddim", "pndm", "dpmp
 DEFAULT_SCHEDULER = "euler"
 MAX_SEED = 2**32 - 1
 MAX_OUTPUTS = 4
+MAX_LORAS = 4
 DEADLINE_SECONDS = 900
 
 
@@ -86,6 +87,29 @@ NumOutputs = Annotated[int, Field(ge=1, le=MAX_OUTPUTS, description="Images made
 Strength = Annotated[float, Field(ge=0, le=1, description="How far to denoise from the input (1: all the way).")]
 ModelName = Annotated[
     str | None, Field(max_length=200, description="A diffusion model of the catalog (default: the catalog's default).")
+]
+
+
+class LoraRef(JobInput):
+    model: ModelId
+    scale: float = Field(1.0, ge=-2, le=2, description="How strongly the LoRA applies (0: not at all, 1: as trained).")
+
+
+def _distinct_models(value: list[LoraRef]) -> list[LoraRef]:
+    ids = [ref.model for ref in value]
+    if len(set(ids)) != len(ids):
+        raise ValueError("names the same model twice; give each LoRA once, with its scale")
+    return value
+
+
+Loras = Annotated[
+    list[LoraRef],
+    Field(
+        max_length=MAX_LORAS,
+        description="Fine-tuned LoRA models of this tenant (`finetune` jobs) over the job's base model, "
+        "each with its scale; applied for this job only.",
+    ),
+    AfterValidator(_distinct_models),
 ]
 
 

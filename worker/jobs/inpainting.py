@@ -22,6 +22,7 @@ from worker.jobs.generation import (
     DEADLINE_SECONDS,
     DEFAULT_SCHEDULER,
     GuidanceScale,
+    Loras,
     ModelName,
     NegativePrompt,
     NumOutputs,
@@ -54,6 +55,7 @@ class Input(JobInput):
     scheduler: Scheduler = DEFAULT_SCHEDULER
     seed: Seed = None
     num_outputs: NumOutputs = 1
+    loras: Loras = Field(default_factory=list)
     model: ModelName = None
 
     @field_validator("height")

@@ -25,6 +25,7 @@ from worker.jobs.generation import (
     DEADLINE_SECONDS,
     DEFAULT_SCHEDULER,
     GuidanceScale,
+    Loras,
     ModelName,
     NegativePrompt,
     NumOutputs,
@@ -60,6 +61,7 @@ class Input(JobInput):
     scheduler: Scheduler = DEFAULT_SCHEDULER
     seed: Seed = None
     num_outputs: NumOutputs = 1
+    loras: Loras = Field(default_factory=list)
     model: ModelName = None
 
 

@@ -27,7 +27,7 @@ import functools
 import gc
 import logging
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,6 +44,7 @@ from worker.models.ip_adapter import IPAdapter, load_ip_adapter, swapped_in
 
 if TYPE_CHECKING:
     from worker.models.cache import ModelCache
+    from worker.models.lora import Lora
 
 log = logging.getLogger(__name__)
 
@@ -278,13 +279,18 @@ def make_scheduler(family: Family, name: str) -> Any:
     return getattr(diffusers, class_name).from_config(family.scheduler_config, **options)
 
 
-def denoise(family: Family, pipe: Any, scheduler: str, on_step: StepHook, **call: Any) -> Denoised:
-    """One pipeline call (under ``family.lock``) with a fresh scheduler; latents out, or None if stopped."""
+def denoise(
+    family: Family, pipe: Any, scheduler: str, on_step: StepHook, loras: Sequence[Lora] = (), **call: Any
+) -> Denoised:
+    """One pipeline call (under ``family.lock``) with a fresh scheduler and exactly ``loras`` active;
+    latents out, or None if stopped."""
+    from worker.models.lora import applied
+
     counter = _StepCounter(on_step)
     pipe.scheduler = make_scheduler(family, scheduler)
 
     def run() -> torch.Tensor:
-        with torch.inference_mode():
+        with applied(pipe.unet, loras, get_settings().lora_cache_size, family.key), torch.inference_mode():
             return pipe(**call, output_type="latent", return_dict=False, callback_on_step_end=counter)[0]
 
     latents = guard_out_of_memory(family.device, "denoising", run)

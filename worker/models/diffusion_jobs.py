@@ -27,6 +27,7 @@ from worker.jobs.base import JobError
 from worker.jobs.generation import MAX_SEED, Output
 from worker.models.cache import get_cache
 from worker.models.diffusion import Denoised, Family, StepHook, adain, decode, denoise, encode, load_family
+from worker.models.lora import resolve as resolve_loras
 
 if TYPE_CHECKING:
     from worker.context import JobContext
@@ -41,6 +42,7 @@ MASK_ASPECT_TOLERANCE = 0.01
 
 def text_to_image(ctx: JobContext, params: text_to_image_job.Input) -> Output:
     family = _family(ctx, params.model)
+    loras = resolve_loras(ctx, params.loras, family.model)
     seeds = _seeds(params.seed, params.num_outputs)
     with _turn(ctx, family):
         result = denoise(
@@ -48,6 +50,7 @@ def text_to_image(ctx: JobContext, params: text_to_image_job.Input) -> Output:
             family.text_to_image,
             params.scheduler,
             _on_step(ctx),
+            loras,
             prompt=params.prompt,
             negative_prompt=params.negative_prompt or None,
             width=params.width,
@@ -63,6 +66,7 @@ def text_to_image(ctx: JobContext, params: text_to_image_job.Input) -> Output:
 
 def inpaint(ctx: JobContext, params: inpainting.Input) -> Output:
     family = _family(ctx, params.model)
+    loras = resolve_loras(ctx, params.loras, family.model)
     image = decode_image(ctx.input_file(params.image), "image")
     mask = fit_mask(decode_image(ctx.input_file(params.mask), "mask").convert("L"), image.size)
     size = (params.width, params.height) if params.width and params.height else output_size(image.size, "image")
@@ -80,6 +84,7 @@ def inpaint(ctx: JobContext, params: inpainting.Input) -> Output:
                 family.inpaint_pipeline(get_cache()),
                 params.scheduler,
                 _on_step(ctx),
+                loras,
                 prompt=params.prompt,
                 negative_prompt=params.negative_prompt or None,
                 image=image,
@@ -99,6 +104,7 @@ def inpaint(ctx: JobContext, params: inpainting.Input) -> Output:
 
 def style_transfer(ctx: JobContext, params: style_transfer_job.Input) -> Output:
     family = _family(ctx, params.model)
+    loras = resolve_loras(ctx, params.loras, family.model)
     content = decode_image(ctx.input_file(params.content_image), "content_image")
     style = decode_image(ctx.input_file(params.style_image), "style_image")
     width, height = output_size(content.size, "content image")
@@ -120,6 +126,7 @@ def style_transfer(ctx: JobContext, params: style_transfer_job.Input) -> Output:
                     styled.pipe,
                     params.scheduler,
                     _on_step(ctx),
+                    loras,
                     prompt=params.prompt,
                     negative_prompt=params.negative_prompt or None,
                     image=mixed,  # 4 channels: taken as latents, not encoded again
