@@ -192,6 +192,7 @@ class Checkpoint:
     step: int
     key: str
     attempt: int
+    latents_key: str | None = None  # the encoded training set, stored once per job
 
 
 def checkpointed(
@@ -214,7 +215,8 @@ def latest_checkpoint(session: Session, job_id: str) -> Checkpoint | None:
     ).first()
     if row is None or not row.data:
         return None
-    return Checkpoint(step=int(row.data["step"]), key=str(row.data["key"]), attempt=row.attempt)
+    data = row.data
+    return Checkpoint(step=int(data["step"]), key=str(data["key"]), attempt=row.attempt, latents_key=data.get("latents_key"))
 
 
 def resumed(session: Session, job_id: str, attempt: int, checkpoint: Checkpoint, load_seconds: float) -> None:

@@ -100,29 +100,57 @@ class Encoded:
 
     latent_mean: torch.Tensor  # (n, 4, h, w), scaled like the UNet's latents
     latent_std: torch.Tensor
-    text: torch.Tensor  # (n, 77, d)
+    text: torch.Tensor  # (captions, 77, d): each distinct caption once
+    caption_index: torch.Tensor  # (n,): sample → its row of ``text``
 
 
-def encode_samples(family: Family, samples: list[Sample], params: Input, device: str) -> Encoded:
+def encode_samples(
+    family: Family, samples: list[Sample], params: Input, device: str, latents: tuple[torch.Tensor, torch.Tensor] | None
+) -> Encoded:
+    """Latent distributions (unless ``latents`` brings them, from an earlier attempt) and caption features."""
     vae, text_encoder, tokenizer = family.vae, family.text_to_image.text_encoder, family.text_to_image.tokenizer
-    means, stds, texts = [], [], []
     with torch.inference_mode():
-        for start in range(0, len(samples), ENCODE_BATCH):
-            chunk = samples[start : start + ENCODE_BATCH]
-            pixels = torch.from_numpy(np.stack([square_pixels(s.image, params.resolution) for s in chunk]))
-            posterior = vae.encode(pixels.to(device, vae.dtype)).latent_dist
-            means.append((posterior.mean * vae.config.scaling_factor).float().cpu())
-            stds.append((posterior.std * vae.config.scaling_factor).float().cpu())
-            captions = [s.caption if s.caption is not None else params.instance_prompt for s in chunk]
+        if latents is None:
+            means, stds = [], []
+            for start in range(0, len(samples), ENCODE_BATCH):
+                chunk = samples[start : start + ENCODE_BATCH]
+                pixels = torch.from_numpy(np.stack([square_pixels(s.image, params.resolution) for s in chunk]))
+                posterior = vae.encode(pixels.to(device, vae.dtype)).latent_dist
+                means.append((posterior.mean * vae.config.scaling_factor).float().cpu())
+                stds.append((posterior.std * vae.config.scaling_factor).float().cpu())
+            # Contiguous, as latents read back from a checkpoint are: a channels-last layout here would pick
+            # other conv kernels in the UNet, and a resumed run would drift from an uninterrupted one.
+            latents = torch.cat(means).contiguous(), torch.cat(stds).contiguous()
+        captions = [s.caption if s.caption is not None else params.instance_prompt for s in samples]
+        distinct = list(dict.fromkeys(captions))
+        texts = []
+        for start in range(0, len(distinct), ENCODE_BATCH):
             ids = tokenizer(
-                captions,
+                distinct[start : start + ENCODE_BATCH],
                 padding="max_length",
                 max_length=tokenizer.model_max_length,
                 truncation=True,
                 return_tensors="pt",
             ).input_ids
             texts.append(text_encoder(ids.to(device))[0].float().cpu())
-    return Encoded(torch.cat(means), torch.cat(stds), torch.cat(texts))
+    row = {caption: index for index, caption in enumerate(distinct)}
+    return Encoded(*latents, torch.cat(texts), torch.tensor([row[c] for c in captions]))
+
+
+def latents_file(encoded: Encoded) -> bytes:
+    from safetensors.torch import save
+
+    return save({"mean": encoded.latent_mean.contiguous(), "std": encoded.latent_std.contiguous()})
+
+
+def read_latents(data: bytes, count: int, resolution: int) -> tuple[torch.Tensor, torch.Tensor]:
+    from safetensors.torch import load
+
+    tensors = load(data)
+    mean, std = tensors["mean"].contiguous(), tensors["std"].contiguous()
+    if mean.shape != std.shape or mean.shape[0] != count or mean.shape[-1] * 8 != resolution:
+        raise ValueError(f"stored latents of shape {tuple(mean.shape)} do not fit {count} images at {resolution}²")
+    return mean, std
 
 
 # --- the trainer ------------------------------------------------------------------------------------
@@ -196,6 +224,7 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(self.lora, lr=params.learning_rate, weight_decay=WEIGHT_DECAY)
         self.scaler = torch.amp.GradScaler("cuda") if self.autocast and self.dtype == torch.float16 else None
         self.samples_seen = 0  # micro-batch samples drawn so far: the position in the epoch order
+        self.rate = 0.0  # steps per second of this attempt
         self.step_count = 0
         self.loss = LossCurve.for_steps(params.steps)
         self._orders: dict[int, torch.Tensor] = {}
@@ -203,7 +232,7 @@ class Trainer:
     # --- one step ---------------------------------------------------------------------------------
     def _indices(self, count: int) -> torch.Tensor:
         """The next ``count`` samples of the epoch order (a permutation per epoch, seeded by seed and epoch)."""
-        n = len(self.encoded.text)
+        n = len(self.encoded.caption_index)
         picked = []
         for position in range(self.samples_seen, self.samples_seen + count):
             epoch = position // n
@@ -225,7 +254,7 @@ class Trainer:
             target = self.noise_scheduler.get_velocity(latents, noise, timesteps)
         else:
             target = noise
-        text = self.encoded.text[batch]
+        text = self.encoded.text[self.encoded.caption_index[batch]]
         with torch.autocast(self.device.split(":")[0], dtype=self.dtype, enabled=self.autocast):
             prediction = self.unet(
                 noisy.to(self.device, self.unet.dtype), timesteps.to(self.device), text.to(self.device, self.unet.dtype)
@@ -306,7 +335,11 @@ class Trainer:
 
         layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(self.unet, adapter_name=ADAPTER))
         layers = {name: tensor.detach().cpu().float().contiguous() for name, tensor in layers.items()}
-        metadata = self.unet.peft_config[ADAPTER].to_dict()
+        # Sets (target_modules) sorted: their order follows string hashing, which differs between processes.
+        metadata = {
+            key: sorted(value) if isinstance(value, set | frozenset) else value
+            for key, value in self.unet.peft_config[ADAPTER].to_dict().items()
+        }
         with tempfile.TemporaryDirectory() as folder:
             StableDiffusionPipeline.save_lora_weights(
                 folder, unet_lora_layers=layers, unet_lora_adapter_metadata=metadata, safe_serialization=True
@@ -333,30 +366,34 @@ def finetune(ctx: JobContext, params: Input) -> Output:
     ctx.check()
 
     try:
-        resumed_from, weights, curve = _run_training(ctx, params, family, folder, samples)
+        resumed_from, weights, curve, rate = _run_training(ctx, params, family, folder, samples)
     finally:
         release_memory(family.device)  # the run's UNet copy, optimizer and encodings are unreferenced by now
-    return _result(ctx, params, entry.name, len(samples), resumed_from, weights, curve)
+    return _result(ctx, params, entry.name, len(samples), resumed_from, weights, curve, rate)
 
 
 def _run_training(
     ctx: JobContext, params: Input, family: Family, folder: Path, samples: list[Sample]
-) -> tuple[int | None, bytes, list[dict[str, float]]]:
+) -> tuple[int | None, bytes, list[dict[str, float]], float]:
+    checkpoint = _latest_checkpoint(ctx)
+    stored = _stored_latents(ctx, checkpoint, len(samples), params.resolution)
     ctx.progress(0, params.steps, "encoding the training set")
     encoded = guard_out_of_memory(
         family.device,
         "encoding the training set",
-        functools.partial(encode_samples, family, samples, params, family.device),
+        functools.partial(encode_samples, family, samples, params, family.device, stored),
     )
+    ctx.progress(0, params.steps, "loading the UNet")
     trainer = guard_out_of_memory(
         family.device, "preparing the UNet", functools.partial(Trainer, folder, params, params.seed, encoded, family)
     )
-    resumed_from = _resume(ctx, trainer)
-    _train(ctx, trainer)
-    return resumed_from, trainer.lora_weights(), trainer.loss.points
+    resumed_from = _resume(ctx, trainer, checkpoint)
+    latents_key = checkpoint.latents_key if checkpoint is not None and stored is not None else None
+    _train(ctx, trainer, latents_key)
+    return resumed_from, trainer.lora_weights(), trainer.loss.points, trainer.rate
 
 
-def _train(ctx: JobContext, trainer: Trainer) -> None:
+def _train(ctx: JobContext, trainer: Trainer, latents_key: str | None) -> None:
     params = trainer.params
     previous_key = None
     started, first = time.monotonic(), trainer.step_count
@@ -364,13 +401,16 @@ def _train(ctx: JobContext, trainer: Trainer) -> None:
         ctx.check()  # cancel, deadline, lost lease: stop before the next step (the last checkpoint stays)
         loss = guard_out_of_memory(trainer.device, "training", trainer.step)
         step = trainer.step_count
-        rate = (step - first) / max(time.monotonic() - started, 1e-9)
-        ctx.progress(step, params.steps, "training", loss=round(loss, 6), steps_per_second=round(rate, 3))
+        trainer.rate = (step - first) / max(time.monotonic() - started, 1e-9)
+        ctx.progress(step, params.steps, "training", loss=round(loss, 6), steps_per_second=round(trainer.rate, 4))
         if step % params.checkpoint_every == 0 and step < params.steps:
-            previous_key = _store_checkpoint(ctx, trainer, previous_key)
+            if latents_key is None:  # once per job: a resumed attempt downloads them instead of encoding again
+                latents_key = f"jobs/{ctx.job_id}/checkpoints/latents.safetensors"
+                get_storage(ctx.settings).put(latents_key, latents_file(trainer.encoded), "application/octet-stream")
+            previous_key = _store_checkpoint(ctx, trainer, previous_key, latents_key)
 
 
-def _store_checkpoint(ctx: JobContext, trainer: Trainer, previous_key: str | None) -> str:
+def _store_checkpoint(ctx: JobContext, trainer: Trainer, previous_key: str | None, latents_key: str) -> str:
     step = trainer.step_count
     key = f"jobs/{ctx.job_id}/checkpoints/step-{step:06d}.safetensors"
     data = trainer.checkpoint()
@@ -378,7 +418,8 @@ def _store_checkpoint(ctx: JobContext, trainer: Trainer, previous_key: str | Non
     with session_scope() as session:
         owned = transitions.checkpointed(
             session, ctx.job_id, ctx.attempt, ctx.settings.lease_seconds, step, key,
-            {"size": stored.size, "sha256": stored.sha256, "loss": trainer.loss.points[-1:] or None},
+            {"size": stored.size, "sha256": stored.sha256, "loss": trainer.loss.points[-1:] or None,
+             "latents_key": latents_key},
         )  # fmt: skip
     if not owned:
         ctx.check()  # the control thread will have seen the lost lease too
@@ -390,12 +431,28 @@ def _store_checkpoint(ctx: JobContext, trainer: Trainer, previous_key: str | Non
     return key
 
 
-def _resume(ctx: JobContext, trainer: Trainer) -> int | None:
-    """Continue from the job's newest checkpoint, if an earlier attempt stored one; the step resumed from."""
+def _latest_checkpoint(ctx: JobContext) -> transitions.Checkpoint | None:
     if ctx.attempt == 1:
         return None
     with session_scope() as session:
-        checkpoint = transitions.latest_checkpoint(session, ctx.job_id)
+        return transitions.latest_checkpoint(session, ctx.job_id)
+
+
+def _stored_latents(
+    ctx: JobContext, checkpoint: transitions.Checkpoint | None, count: int, resolution: int
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The training set's latents as an earlier attempt stored them, if it did (and they fit)."""
+    if checkpoint is None or not checkpoint.latents_key:
+        return None
+    try:
+        return read_latents(get_storage(ctx.settings).get(checkpoint.latents_key), count, resolution)
+    except (StorageError, KeyError, ValueError, RuntimeError) as exc:
+        log.warning("job %s: the stored latents cannot be used (%s); encoding again", ctx.job_id, exc)
+        return None
+
+
+def _resume(ctx: JobContext, trainer: Trainer, checkpoint: transitions.Checkpoint | None) -> int | None:
+    """Continue from the job's newest checkpoint, if an earlier attempt stored one; the step resumed from."""
     if checkpoint is None:
         return None
     started = time.monotonic()
@@ -423,9 +480,11 @@ def _result(
     resumed_from: int | None,
     weights: bytes,
     curve: list[dict[str, float]],
+    rate: float,
 ) -> Output:
     ctx.check()
-    ctx.progress(params.steps, params.steps, "storing", loss=round(curve[-1]["loss"], 6) if curve else None)
+    ctx.progress(params.steps, params.steps, "storing", loss=round(curve[-1]["loss"], 6) if curve else None,
+                 steps_per_second=round(rate, 4))  # fmt: skip
     model_id = new_id("mdl")
     key = f"models/{model_id}/{LORA_WEIGHTS_NAME}"
     artifact = ctx.store(LORA_WEIGHTS_NAME, weights, "application/octet-stream", key=key)
