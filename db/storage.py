@@ -116,6 +116,19 @@ class Storage:
         except (BotoCoreError, ClientError) as exc:
             raise StorageError(f"could not delete {key}: {exc}") from exc
 
+    def delete_prefix(self, prefix: str) -> int:
+        """Remove every object whose key starts with ``prefix``; how many there were."""
+        removed = 0
+        try:
+            for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=prefix):
+                keys = [{"Key": obj["Key"]} for obj in page.get("Contents", [])]
+                if keys:
+                    self.client.delete_objects(Bucket=self.bucket, Delete={"Objects": keys, "Quiet": True})
+                    removed += len(keys)
+        except (BotoCoreError, ClientError) as exc:
+            raise StorageError(f"could not delete {prefix}*: {exc}") from exc
+        return removed
+
     def presigned_url(self, key: str, filename: str | None = None) -> str:
         params = {"Bucket": self.bucket, "Key": key}
         if filename:

@@ -272,12 +272,20 @@ def request_cancel(session: Session, job_id: str) -> JobStatus:
     return JobStatus(status)  # running, cancel already requested
 
 
-def cancel(session: Session, job_id: str, attempt: int, message: str = "stopped at the client's request") -> bool:
-    """running → canceled, by the worker that saw the cancel flag (or the reconciler for a dead one)."""
+def cancel(
+    session: Session,
+    job_id: str,
+    attempt: int,
+    message: str = "stopped at the client's request",
+    progress: dict[str, Any] | None = None,
+) -> bool:
+    """running → canceled, by the worker that saw the cancel flag (with the progress it stopped at), or the
+    reconciler for a dead one."""
     now = utcnow()
-    done = _update(
-        session, job_id, *_running(attempt), status=JobStatus.CANCELED.value, finished_at=now, lease_expires_at=None
-    )
+    values: dict[str, Any] = {"status": JobStatus.CANCELED.value, "finished_at": now, "lease_expires_at": None}
+    if progress is not None:
+        values["progress"] = progress
+    done = _update(session, job_id, *_running(attempt), **values)
     if done:
         record_event(session, job_id, EventKind.CANCELED, attempt, message, at=now)
         _finished(session, job_id)

@@ -69,7 +69,8 @@ def execute(job_id: str) -> str:
         ctx.check()  # a cancel that arrived during the last step still wins over success
         result = output.model_dump(mode="json")
     except Canceled:
-        return _finish(job_id, "canceled", lambda s: transitions.cancel(s, job_id, attempt))
+        stopped_at = ctx.snapshot()  # the step it stopped at, not the last one the control thread saved
+        return _finish(job_id, "canceled", lambda s: transitions.cancel(s, job_id, attempt, progress=stopped_at))
     except LeaseLost:
         log.warning("job %s attempt %d: lease lost, leaving it to its new owner", job_id, attempt)
         return "lease_lost"
