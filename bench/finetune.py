@@ -17,8 +17,9 @@ Measured:
 
 - **steps/s, plain loop**: in this process, the loop a user writes by hand with diffusers + peft
   (the same LoRA config, AdamW, clipping, batch, precomputed latents and text features, and
-  mixed precision on CUDA), ``--steps`` steps timed after one warm-up step; run before and after
-  the job (the mean is the baseline) and freed before the job runs.
+  mixed precision on CUDA), ``--steps`` steps timed after one warm-up step, freed before a job runs.
+- ``--rounds`` rounds (default 3) of one plain loop and one job, alternating which goes first (this
+  machine drifts); the medians are compared.
 - **steps/s, gpujobs**: a ``finetune`` job of ``--steps`` + 1 steps with the same data and
   settings, timed by its own timeline in the database: from its ``training`` milestone (written
   when step 1 is done) to its ``storing`` milestone (after the last step), so ``--steps`` steps with
@@ -43,6 +44,7 @@ import io
 import json
 import os
 import signal
+import statistics
 import sys
 import tempfile
 import time
@@ -244,6 +246,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, help="measured steps (default: 4 on CPU, 100 on CUDA)")
     parser.add_argument("--images", type=int, default=4, help="training images (default 4)")
     parser.add_argument("--batch-size", type=int, default=1)
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds of plain loop + job (default 3)")
     parser.add_argument("--checkpoint-every", type=int, default=100, help="the measured job's checkpoints (default 100)")
     parser.add_argument("--resume-checkpoint-every", type=int, default=2, help="the resume job's checkpoints")
     parser.add_argument("--lease", type=float, default=10.0, help="GPUJOBS_LEASE_SECONDS (default 10)")
@@ -352,19 +355,32 @@ def measure(args: argparse.Namespace, deployment: Deployment) -> dict[str, Any]:
         log(f"plain loop: {figures['steps_per_second']:.4f} steps/s")
         return figures
 
-    plain = [plain_run("before the job")]
-    log(f"gpujobs finetune job: {args.steps} + 1 steps")
-    job = client.submit({**common, "steps": args.steps + 1, "checkpoint_every": args.checkpoint_every})
-    done = client.finish(job["id"])
-    if done["status"] != "succeeded":
-        raise RuntimeError(f"the measured job ended {done['status']}: {done.get('error')}")
-    service = job_rate(events(deployment.database_url, job["id"]), args.steps) | {
-        "reported_steps_per_second": done["progress"].get("steps_per_second"),
-        "run_seconds": done["metrics"]["run_seconds"],
-    }
-    log(f"gpujobs job: {service['steps_per_second']:.4f} steps/s")
-    plain.append(plain_run("after the job"))
-    plain_rate = sum(p["steps_per_second"] for p in plain) / len(plain)
+    def job_run() -> dict[str, Any]:
+        log(f"gpujobs finetune job: {args.steps} + 1 steps")
+        job = client.submit({**common, "steps": args.steps + 1, "checkpoint_every": args.checkpoint_every})
+        done = client.finish(job["id"])
+        if done["status"] != "succeeded":
+            raise RuntimeError(f"the measured job ended {done['status']}: {done.get('error')}")
+        figures = job_rate(events(deployment.database_url, job["id"]), args.steps) | {
+            "reported_steps_per_second": done["progress"].get("steps_per_second"),
+            "run_seconds": done["metrics"]["run_seconds"],
+        }
+        log(f"gpujobs job: {figures['steps_per_second']:.4f} steps/s")
+        return figures | {"weights_url": done["output"]["weights"]["url"]}
+
+    plain, service = [], []
+    for round_ in range(args.rounds):  # interleaved, alternating which goes first: the machine drifts
+        job_first = round_ % 2 == 1
+        if job_first:
+            service.append(job_run())
+        plain.append(plain_run(f"round {round_ + 1}"))
+        if not job_first:
+            service.append(job_run())
+    plain_rate = statistics.median(p["steps_per_second"] for p in plain)
+    job_rate_ = statistics.median(j["steps_per_second"] for j in service)
+    weights_url = service[-1].pop("weights_url")
+    for figures in service:
+        figures.pop("weights_url", None)
 
     results = {
         "device": args.device,
@@ -376,12 +392,13 @@ def measure(args: argparse.Namespace, deployment: Deployment) -> dict[str, Any]:
         "plain": plain,
         "plain_steps_per_second": round(plain_rate, 4),
         "gpujobs": service,
-        "ratio": round(service["steps_per_second"] / plain_rate, 4),
+        "gpujobs_steps_per_second": round(job_rate_, 4),
+        "ratio": round(job_rate_ / plain_rate, 4),
         "cold_two_jobs_s": round(cold_seconds, 2),
     }
     if not args.no_resume:
         results["resume"] = measure_resume(args, deployment, client, common, workers)
-    weights = requests.get(done["output"]["weights"]["url"], timeout=60).content
+    weights = requests.get(weights_url, timeout=60).content
     results["lora_switching"] = lora_switching(args, deployment.tmp, weights)
     free_memory(args.device)
     return results
@@ -502,11 +519,12 @@ def report(r: dict[str, Any]) -> None:
     print(f"LoRA fine-tuning on {r['device']} ({r['machine']}), {r['resolution']}², batch {r['batch_size']}, "
           f"{r['images']} images, rank {RANK}, {r['dtype']}")  # fmt: skip
     plain = ", ".join(f"{p['steps_per_second']:.4f}" for p in r["plain"])
-    print(f"  plain diffusers + peft loop : {r['plain_steps_per_second']:.4f} steps/s (mean of {plain}; "
-          f"{r['plain'][0]['steps']} steps each, before and after the job)")  # fmt: skip
-    print(f"  gpujobs finetune job        : {r['gpujobs']['steps_per_second']:.4f} steps/s "
-          f"({r['gpujobs']['steps']} steps in {r['gpujobs']['seconds']:.2f} s by the job's timeline; it reports "
-          f"{r['gpujobs']['reported_steps_per_second']})")  # fmt: skip
+    jobs = ", ".join(f"{j['steps_per_second']:.4f}" for j in r["gpujobs"])
+    reported = ", ".join(str(j["reported_steps_per_second"]) for j in r["gpujobs"])
+    print(f"  plain diffusers + peft loop : {r['plain_steps_per_second']:.4f} steps/s median ({plain}; "
+          f"{r['plain'][0]['steps']} steps each)")  # fmt: skip
+    print(f"  gpujobs finetune job        : {r['gpujobs_steps_per_second']:.4f} steps/s median ({jobs}; by the "
+          f"job's timeline; the jobs report {reported})")  # fmt: skip
     print(f"  ratio gpujobs / plain       : {r['ratio']:.3f}  (aim ≥ 0.95)")
     print(f"  two cold one-step jobs      : {r['cold_two_jobs_s']:.1f} s (both workers load the model)")
     if "resume" in r:
