@@ -400,8 +400,11 @@ def main(argv: list[str] | None = None) -> int:
         stop_all(deployment, keep_logs=args.keep_logs or failed)
 
 
-def measure_service(args: argparse.Namespace, deployment: Deployment, settings: dict[str, str]) -> dict[str, Any]:
-    """Jobs through ``gpujobs api`` and ``gpujobs worker`` against the raw call in this process."""
+def prepare_deployment(
+    deployment: Deployment, args: argparse.Namespace, settings: dict[str, str], purpose: str
+) -> tuple[dict[str, str], str]:
+    """Start the services, put their settings in this process's environment, migrate, make the bucket and an
+    admin key; the environment for ``gpujobs`` children, and the key (also used by ``bench.finetune``)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("GPUJOBS_")}
     env |= start_services(deployment, args) | settings | {"PYTHONUNBUFFERED": "1"}
     os.environ.update({k: v for k, v in env.items() if k.startswith("GPUJOBS_")})
@@ -412,21 +415,33 @@ def measure_service(args: argparse.Namespace, deployment: Deployment, settings: 
     from db.session import session_scope
     from db.settings import reset_settings
     from db.storage import get_storage
-    from gpujobs.embedded import free_port
 
     reset_settings()
     migrations.upgrade(deployment.database_url)
     with session_scope(deployment.database_url) as session:
-        _, key = create_key(session, "diffusion benchmark", Role.ADMIN)
+        _, key = create_key(session, purpose, Role.ADMIN)
     get_storage().ensure_bucket()
+    return env, key
+
+
+def start_api(deployment: Deployment, env: dict[str, str]) -> str:
+    """``gpujobs api`` on a free loopback port, once it answers; its base URL."""
+    from gpujobs.embedded import free_port
 
     port = free_port()
     base = f"http://127.0.0.1:{port}"
     api = start(deployment, "api", [sys.executable, "-m", "gpujobs", "api", "--host", "127.0.0.1", "--port", str(port)], env)
+    wait_until(api, deployment.logs["api"], lambda: requests.get(f"{base}/healthz", timeout=2).ok, "the API")
+    return base
+
+
+def measure_service(args: argparse.Namespace, deployment: Deployment, settings: dict[str, str]) -> dict[str, Any]:
+    """Jobs through ``gpujobs api`` and ``gpujobs worker`` against the raw call in this process."""
+    env, key = prepare_deployment(deployment, args, settings, "diffusion benchmark")
     worker = start(deployment, "worker", [
         sys.executable, "-m", "gpujobs", "worker", "--queues", "gpu", "--concurrency", "1", "--name", "bench-diffusion",
     ], env)  # fmt: skip
-    wait_until(api, deployment.logs["api"], lambda: requests.get(f"{base}/healthz", timeout=2).ok, "the API")
+    base = start_api(deployment, env)
     wait_until(worker, deployment.logs["worker"], lambda: " ready." in deployment.logs["worker"].read_text(), "the worker")
     client = Client(base, key)
     log(f"API and worker up; {args.device}: {args.size}×{args.size}, {args.steps} steps, guidance {GUIDANCE}, {SCHEDULER}")

@@ -61,8 +61,9 @@ from bench.diffusion import (
     build_model,
     log,
     machine,
+    prepare_deployment,
     start,
-    start_services,
+    start_api,
     stop_all,
     wait_until,
 )
@@ -290,8 +291,7 @@ def main(argv: list[str] | None = None) -> int:
 def measure(args: argparse.Namespace, deployment: Deployment) -> dict[str, Any]:
     catalog = deployment.tmp / "catalog.toml"
     catalog.write_text(f'[models.{MODEL_NAME}]\nkind = "diffusion"\nsource = "{args.model_dir}"\ndefault = true\n')
-    env = {k: v for k, v in os.environ.items() if not k.startswith("GPUJOBS_")}
-    env |= start_services(deployment, args) | {
+    settings = {
         "GPUJOBS_MODEL_CATALOG": str(catalog),
         "GPUJOBS_DEVICE": args.device,
         "GPUJOBS_DTYPE": args.dtype,
@@ -299,33 +299,14 @@ def measure(args: argparse.Namespace, deployment: Deployment) -> dict[str, Any]:
         "GPUJOBS_CONTROL_POLL_SECONDS": "0.2",
         "GPUJOBS_RECONCILE_INTERVAL_SECONDS": "1",
         "GPUJOBS_MAX_BODY_BYTES": str(256 * 2**20),
-        "PYTHONUNBUFFERED": "1",
     }
-    os.environ.update({k: v for k, v in env.items() if k.startswith("GPUJOBS_")})
-
-    import migrations
-    from db.keys import create_key
-    from db.models import Role
-    from db.session import session_scope
-    from db.settings import reset_settings
-    from db.storage import get_storage
-    from gpujobs.embedded import free_port
-
-    reset_settings()
-    migrations.upgrade(deployment.database_url)
-    with session_scope(deployment.database_url) as session:
-        _, key = create_key(session, "finetune benchmark", Role.ADMIN)
-    get_storage().ensure_bucket()
-
-    port = free_port()
-    base = f"http://127.0.0.1:{port}"
+    env, key = prepare_deployment(deployment, args, settings, "finetune benchmark")
     python = [sys.executable, "-m", "gpujobs"]
-    api = start(deployment, "api", [*python, "api", "--host", "127.0.0.1", "--port", str(port)], env)
     workers = {
         name: start(deployment, name, [*python, "worker", "--queues", "train", "--concurrency", "1", "--name", name], env)
         for name in ("bench-train-a", "bench-train-b")
     }
-    wait_until(api, deployment.logs["api"], lambda: requests.get(f"{base}/healthz", timeout=2).ok, "the API")
+    base = start_api(deployment, env)
     for name, worker in workers.items():
         wait_until(worker, deployment.logs[name], lambda n=name: " ready." in deployment.logs[n].read_text(), name)
     beat = start(deployment, "beat", [*python, "beat"], env)
