@@ -23,8 +23,8 @@ import pytest
 import requests
 
 from tests.client import assert_problem, auth, events, submit, wait_for
+from tests.generation import download, picture, pixels_of, run_job, uploaded, worker_models
 from tests.processes import Stack
-from tests.test_diffusion import download, picture, pixels_of, run_job, uploaded, worker_models
 
 TRAIN_TIMEOUT = 180.0
 SMALL = {"width": 64, "height": 64, "num_inference_steps": 3, "seed": 21}
