@@ -13,8 +13,10 @@ Reproducible: all randomness comes from one CPU ``torch.Generator`` seeded with 
 (the LoRA initialisation included), and the order of images is a permutation per epoch seeded by
 the seed and the epoch. A checkpoint (one safetensors file: LoRA and optimizer tensors, the
 generator's state, the step and the loss curve as metadata; no pickle) therefore lets a requeued
-run continue exactly where the stored one was: on the same device and software its final weights
-equal an uninterrupted run's. ``worker.models.finetune`` runs it as a job.
+run continue exactly where the stored one was: on the CPU its final weights equal an uninterrupted
+run's bit for bit (tested); on CUDA, cuDNN's non-deterministic kernels (not switched off here: that
+setting is process-wide and would slow generation too) can make two runs differ in the last bits.
+``worker.models.finetune`` runs it as a job.
 """
 
 from __future__ import annotations
