@@ -161,12 +161,17 @@ def test_list_filters_by_status_and_type(client, keys, gpu_worker):
 
 
 def test_a_tenant_lists_only_its_own_jobs(client, keys, gpu_worker):
+    from tests.conftest import make_key
+
     job = diagnostic(client, keys.admin.secret)
-    for user in (keys.user_a, keys.user_b):
-        listed = client.get("/v1/jobs?limit=100", headers=auth(user.secret))
-        assert listed.status_code == 200
-        assert job["id"] not in {j["id"] for j in listed.get_json()["items"]}
-        assert listed.get_json() == {"items": [], "next_cursor": None}  # users cannot run diagnostics: none of theirs
+    # Tenants of this test's own: the session's shared user keys have jobs of other modules' tests.
+    owner, other = make_key("lists a", "user"), make_key("lists b", "user")
+    body = {"type": "text_to_image", "input": {"prompt": "x", "width": 64, "height": 64, "num_inference_steps": 1}}
+    own = submit(client, owner.secret, body).get_json()
+    listed = {user: client.get("/v1/jobs?limit=100", headers=auth(user.secret)) for user in (owner, other)}
+    assert all(response.status_code == 200 for response in listed.values())
+    assert [j["id"] for j in listed[owner].get_json()["items"]] == [own["id"]]
+    assert listed[other].get_json() == {"items": [], "next_cursor": None}
     admin_b = client.get("/v1/jobs?limit=100", headers=auth(keys.admin_b.secret)).get_json()
     assert job["id"] in {j["id"] for j in admin_b["items"]}  # admin keys see every tenant
 
