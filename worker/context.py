@@ -48,7 +48,7 @@ class JobContext:
         *,
         job_id: str,
         attempt: int,
-        tenant_id: str = "",
+        tenant_id: str,
         worker_id: str,
         deadline_seconds: float,
         settings: Settings,

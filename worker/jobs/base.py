@@ -40,7 +40,6 @@ class JobError(Exception):
 
 
 FILE_KIND = "x-gpujobs-file"
-MODEL_KIND = "x-gpujobs-model"
 
 ImageFile = Annotated[
     str,
@@ -65,7 +64,6 @@ ModelId = Annotated[
     Field(
         pattern=r"^mdl_[A-Za-z0-9_-]{1,64}$",
         description="The id of a fine-tuned model of this tenant (`GET /v1/models`).",
-        json_schema_extra={MODEL_KIND: "lora"},
     ),
 ]
 

@@ -142,7 +142,7 @@ def _run_training(
     )
     ctx.progress(0, params.steps, "loading the UNet")
     trainer = guard_out_of_memory(
-        family.device, "preparing the UNet", functools.partial(Trainer, folder, params, params.seed, encoded, family)
+        family.device, "preparing the UNet", functools.partial(Trainer, folder, params, encoded, family)
     )
     resumed_from = _resume(ctx, trainer, checkpoint)
     latents_key = checkpoint.latents_key if checkpoint is not None and stored is not None else None

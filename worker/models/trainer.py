@@ -100,11 +100,11 @@ class LossCurve:
 class Trainer:
     """One fine-tune's UNet with LoRA, optimizer and generator; ``step()`` runs one optimizer step."""
 
-    def __init__(self, folder: Path, params: Input, seed: int, encoded: Encoded, family: Family) -> None:
+    def __init__(self, folder: Path, params: Input, encoded: Encoded, family: Family) -> None:
         from diffusers import DDPMScheduler, UNet2DConditionModel
         from peft import LoraConfig
 
-        self.params, self.seed, self.encoded = params, seed, encoded
+        self.params, self.seed, self.encoded = params, params.seed, encoded
         self.device, self.dtype = family.device, family.dtype
         self.autocast = self.device.startswith("cuda") and self.dtype != torch.float32
         self.noise_scheduler = DDPMScheduler.from_config(family.scheduler_config)
@@ -125,7 +125,7 @@ class Trainer:
                 target_modules=TARGET_MODULES,
             )
         )
-        self.generator = torch.Generator("cpu").manual_seed(seed)
+        self.generator = torch.Generator("cpu").manual_seed(self.seed)
         self.names, self.lora = [], []
         for name, parameter in unet.named_parameters():
             if parameter.requires_grad:
