@@ -107,7 +107,7 @@ def plain_loop(folder: Path, images: list[bytes], args: argparse.Namespace) -> d
     from transformers import CLIPTextModel, CLIPTokenizer
 
     device, dtype = args.device, getattr(torch, args.dtype)
-    mixed = device == "cuda" and dtype != torch.float32
+    mixed = dtype != torch.float32  # as the service trains: a half dtype means autocast, on any device
     vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", torch_dtype=dtype).to(device)
     text_encoder = CLIPTextModel.from_pretrained(folder, subfolder="text_encoder", torch_dtype=dtype).to(device)
     tokenizer = CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer")
@@ -132,7 +132,7 @@ def plain_loop(folder: Path, images: list[bytes], args: argparse.Namespace) -> d
         p.data = p.data.float()
     unet.to(device).train()
     optimizer = torch.optim.AdamW(lora, lr=LEARNING_RATE, weight_decay=1e-2)
-    scaler = torch.amp.GradScaler("cuda") if mixed and dtype == torch.float16 else None
+    scaler = torch.amp.GradScaler(torch.device(device).type) if mixed and dtype == torch.float16 else None
     scheduler = DDPMScheduler.from_pretrained(folder, subfolder="scheduler")
     generator = torch.Generator("cpu").manual_seed(0)
 
@@ -142,7 +142,7 @@ def plain_loop(folder: Path, images: list[bytes], args: argparse.Namespace) -> d
         noise = torch.randn(latents.shape, generator=generator).to(device)
         timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (args.batch_size,), generator=generator)
         noisy = scheduler.add_noise(latents, noise, timesteps.to(device))
-        with torch.autocast(device, dtype=dtype, enabled=mixed):
+        with torch.autocast(torch.device(device).type, dtype=dtype, enabled=mixed):
             prediction = unet(noisy.to(unet.dtype), timesteps.to(device), text[index].to(unet.dtype)).sample
         loss = torch.nn.functional.mse_loss(prediction.float(), noise.float())
         (scaler.scale(loss) if scaler else loss).backward()

@@ -138,6 +138,12 @@ def services(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Services]:
 
 
 @pytest.fixture(scope="session")
+def demo_catalog(services: Services) -> Path:
+    """The session's model catalog: every demo model (``gpujobs models demo``), for tests in this process."""
+    return Path(services.env["GPUJOBS_MODEL_CATALOG"])
+
+
+@pytest.fixture(scope="session")
 def database_url(services: Services) -> str:
     return services.database.url
 

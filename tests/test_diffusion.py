@@ -16,7 +16,6 @@ import os
 import secrets
 import time
 import zipfile
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -40,20 +39,6 @@ SMALL = {"width": 64, "height": 64, "num_inference_steps": 3}
 
 
 # --- fixtures and helpers -------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def demo_catalog(services, tmp_path_factory) -> Path:
-    """The session's demo catalog when it has the SD models, else one built for this module."""
-    from db.settings import Settings
-    from worker.models.catalog import load_catalog
-
-    given = services.env.get("GPUJOBS_MODEL_CATALOG")
-    if given and "demo-sd" in load_catalog(Settings(model_catalog=Path(given))).entries:
-        return Path(given)
-    from worker.models.demo import build_demo_models
-
-    return build_demo_models(tmp_path_factory.mktemp("demo-models"))
 
 
 @pytest.fixture(scope="module")

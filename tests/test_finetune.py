@@ -465,3 +465,85 @@ def test_a_dataset_zip_with_a_link_is_a_422(client, users):
         content_type="multipart/form-data",
     )
     assert "is a link" in assert_problem(response, 422, ["file"])["detail"]
+
+
+# --- mixed precision, in this process ------------------------------------------------------------------
+# A CUDA worker trains in its half dtype: the frozen UNet in float16 or bfloat16 under autocast, the LoRA
+# parameters in float32, and (float16 only) a gradient scaler. The trainer takes that path whenever the
+# worker's dtype is a half one, on any device; here it runs on the CPU, the same code but for the device.
+
+
+def _trainer(catalog: Path, dtype: str, **params: Any) -> Any:
+    import functools
+
+    from db.settings import Settings
+    from worker.jobs.finetune import Input
+    from worker.jobs.training_data import Sample
+    from worker.models.cache import ModelCache
+    from worker.models.diffusion import load_family
+    from worker.models.finetune import encode_samples
+    from worker.models.trainer import Trainer
+
+    cache = ModelCache(Settings(model_catalog=catalog, device="cpu", dtype=dtype))
+    entry = cache.entry(None, "diffusion")
+    family = cache.get("diffusion:demo-sd", entry, load_family)
+    ids = ["file_a", "file_b", "file_c"]
+    inputs = Input(images=ids, resolution=64, seed=5, learning_rate=1e-2, **params)
+    samples = [Sample(name, picture(64, 64, seed=i), None, 64, 64) for i, name in enumerate(ids)]
+    encoded = encode_samples(family, samples, inputs, "cpu", None)
+    return functools.partial(Trainer, cache.local_folder(entry), inputs, encoded, family)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_half_precision_training_keeps_float32_lora_weights_and_resumes_exactly(demo_catalog, dtype):
+    import torch
+    from safetensors.torch import load
+
+    half = getattr(torch, dtype)
+    make = _trainer(demo_catalog, dtype, steps=6)
+    trainer = make()
+    assert trainer.autocast and trainer.unet.dtype == half
+    assert {parameter.dtype for parameter in trainer.lora} == {torch.float32}
+    assert (trainer.scaler is not None) == (dtype == "float16")
+
+    initial = [parameter.detach().clone() for parameter in trainer.lora]
+    losses = [trainer.step() for _ in range(3)]
+    checkpoint = trainer.checkpoint()
+    losses += [trainer.step() for _ in range(3)]
+    assert all(np.isfinite(loss) and loss > 0 for loss in losses), losses
+    full = _trainer(demo_catalog, "float32", steps=6)()  # the same run in float32, without autocast
+    assert not full.autocast and full.scaler is None
+    assert np.allclose([full.step() for _ in range(3)], losses[:3], rtol=2e-2), "the half-precision loss is off"
+    assert not all(torch.equal(a, b) for a, b in zip(initial, trainer.lora, strict=True)), "no weight moved"
+
+    resumed = make()
+    resumed.restore(checkpoint)
+    assert resumed.step_count == 3
+    assert [resumed.step() for _ in range(3)] == losses[3:]
+    assert all(torch.equal(a, b) for a, b in zip(trainer.lora, resumed.lora, strict=True))
+    if trainer.scaler is not None:
+        assert resumed.scaler.state_dict() == trainer.scaler.state_dict()
+
+    layers = load(trainer.lora_weights())
+    assert layers and {tensor.dtype for tensor in layers.values()} == {torch.float32}
+
+
+def test_an_overflowing_float16_step_is_skipped_and_its_loss_scale_kept_in_the_checkpoint(demo_catalog):
+    """Loss scaling is wired in: gradients that overflow float16 skip the update and halve the scale."""
+    import torch
+
+    make = _trainer(demo_catalog, "float16", steps=4)
+    trainer = make()
+    trainer.step()
+    trainer.scaler.update(new_scale=2.0**100)  # far past float16's range: every gradient becomes inf
+    before = [parameter.detach().clone() for parameter in trainer.lora]
+    optimizer_step = [state["step"].item() for state in trainer.optimizer.state.values()]
+    trainer.step()
+    assert all(torch.equal(a, b) for a, b in zip(before, trainer.lora, strict=True)), "an inf update was applied"
+    assert [state["step"].item() for state in trainer.optimizer.state.values()] == optimizer_step
+    assert trainer.scaler.get_scale() == 2.0**99
+
+    resumed = make()
+    resumed.restore(trainer.checkpoint())
+    assert resumed.scaler.get_scale() == 2.0**99
+    assert resumed.step_count == 2

@@ -5,9 +5,10 @@ attention projections ``to_q``, ``to_k``, ``to_v`` and ``to_out.0``; the trainin
 encoded (``Encoded``: each image's latent distribution, each distinct caption's text features).
 Every step samples latents from the distribution, noise and timesteps, and takes the standard
 noise-prediction (or v-prediction, as the scheduler config says) MSE loss. AdamW on the LoRA
-parameters only, gradient clipping at 1.0, optional accumulation; on CUDA the frozen UNet is in
-the worker's dtype with autocast (and a gradient scaler for float16) while the LoRA parameters
-stay float32.
+parameters only, gradient clipping at 1.0, optional accumulation. When the worker's dtype is a
+half one (float16 by default on CUDA; float16 or bfloat16 on the CPU when configured) the frozen
+UNet is in that dtype under autocast, with a gradient scaler for float16, while the LoRA
+parameters stay float32: the same code on every device.
 
 Reproducible: all randomness comes from one CPU ``torch.Generator`` seeded with the job's seed
 (the LoRA initialisation included), and the order of images is a permutation per epoch seeded by
@@ -106,7 +107,8 @@ class Trainer:
 
         self.params, self.seed, self.encoded = params, params.seed, encoded
         self.device, self.dtype = family.device, family.dtype
-        self.autocast = self.device.startswith("cuda") and self.dtype != torch.float32
+        self.device_type = torch.device(self.device).type
+        self.autocast = self.dtype != torch.float32
         self.noise_scheduler = DDPMScheduler.from_config(family.scheduler_config)
         self.prediction_type = self.noise_scheduler.config.prediction_type
 
@@ -140,7 +142,8 @@ class Trainer:
                     parameter.zero_()
         self.unet = unet.to(self.device).train()
         self.optimizer = torch.optim.AdamW(self.lora, lr=params.learning_rate, weight_decay=WEIGHT_DECAY)
-        self.scaler = torch.amp.GradScaler("cuda") if self.autocast and self.dtype == torch.float16 else None
+        # float16 gradients underflow without loss scaling; bfloat16 has float32's range and needs none.
+        self.scaler = torch.amp.GradScaler(self.device_type) if self.dtype == torch.float16 else None
         self.samples_seen = 0  # micro-batch samples drawn so far: the position in the epoch order
         self.rate = 0.0  # steps per second of this attempt
         self.step_count = 0
@@ -173,7 +176,7 @@ class Trainer:
         else:
             target = noise
         text = self.encoded.text[self.encoded.caption_index[batch]]
-        with torch.autocast(self.device.split(":")[0], dtype=self.dtype, enabled=self.autocast):
+        with torch.autocast(self.device_type, dtype=self.dtype, enabled=self.autocast):
             prediction = self.unet(
                 noisy.to(self.device, self.unet.dtype), timesteps.to(self.device), text.to(self.device, self.unet.dtype)
             ).sample
