@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import and_, delete, insert, select, update
+from sqlalchemy import and_, delete, func, insert, select, update
 from sqlalchemy.orm import Session
 
 from db import notify, webhooks
@@ -373,6 +373,15 @@ def expired_leases(session: Session, limit: int = 500) -> list[Job]:
             select(Job)
             .where(and_(Job.status == JobStatus.RUNNING.value, Job.lease_expires_at < utcnow()))
             .limit(limit)
+        )
+    )
+
+
+def next_lease_expiry(session: Session) -> datetime | None:
+    """When the earliest lease of a running job that has not expired yet will expire (None: no such lease)."""
+    return session.scalar(
+        select(func.min(Job.lease_expires_at)).where(
+            and_(Job.status == JobStatus.RUNNING.value, Job.lease_expires_at >= utcnow())
         )
     )
 

@@ -17,6 +17,7 @@ import os
 import sys
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -210,6 +211,17 @@ class Cluster:
     def __init__(self, stack: Stack) -> None:
         self.stack = stack
         self.gpu: ManagedProcess | None = None
+        self.beat: ManagedProcess | None = None
+
+    @contextmanager
+    def beat_paused(self) -> Iterator[None]:
+        """No beat inside the block (so no periodic reconcile or webhook sweep); started again after it."""
+        if self.beat is not None:
+            self.beat.stop()
+        try:
+            yield
+        finally:
+            self.beat = self.stack.start_beat()
 
     def ensure_gpu_worker(self) -> ManagedProcess:
         if self.gpu is None or not self.gpu.alive:
@@ -267,7 +279,7 @@ def cluster(services: Services) -> Iterator[Cluster]:
         cluster = Cluster(stack)
         cluster.ensure_gpu_worker()
         stack.wait_worker_ready(maintenance)
-        stack.start_beat()
+        cluster.beat = stack.start_beat()
         yield cluster
     finally:
         stack.stop_all()

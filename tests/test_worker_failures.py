@@ -100,6 +100,39 @@ def test_a_killed_workers_job_is_requeued_and_completes_elsewhere(client, keys, 
     assert done["output"]["artifact"]["sha256"]
 
 
+def test_a_dead_workers_job_is_requeued_as_its_lease_expires_not_at_the_next_beat(
+    client, keys, no_gpu_worker, start_worker
+):
+    """With beat stopped, one reconcile run shortly before the lease expires must requeue the job on time:
+    it schedules a reconcile of its own for the moment of expiry (beat's next run may be a period later)."""
+    from db.models import Job, utcnow
+    from db.session import session_scope
+    from db.settings import get_settings
+    from worker.celery_app import schedule_reconcile
+
+    admin = keys.admin.secret
+    interval = get_settings().reconcile_interval_seconds
+    doomed = start_worker()
+    job = diagnostic(client, admin, steps=30, sleep_seconds=1)
+    wait_for(client, admin, job["id"], "running", until=lambda j: j["progress"]["step"] >= 1)
+    with no_gpu_worker.beat_paused():
+        doomed.kill()
+        with session_scope() as session:
+            expires_at = session.get(Job, job["id"]).lease_expires_at
+        # A run that would leave the lease to a next beat: it expires within one interval of this run.
+        wait = (expires_at - utcnow()).total_seconds() - interval / 2
+        assert wait > 0, "the lease expired before the test could reconcile: a longer lease is needed"
+        time.sleep(wait)
+        schedule_reconcile(0, expires=interval)
+        requeued = wait_for(client, admin, job["id"], "queued", timeout=10, until=lambda j: j["attempts"] == 1)
+    assert requeued["status"] == "queued"
+    (event,) = [e for e in events(job["id"]) if e["kind"] == "requeued"]
+    late = (event["at"] - expires_at).total_seconds()
+    assert 0 <= late < 0.5, f"requeued {late:.2f} s after the lease expired"
+    start_worker()  # the job runs to the end on another worker
+    assert wait_for(client, admin, job["id"], ("succeeded", "failed"), timeout=60)["status"] == "succeeded"
+
+
 def test_a_job_whose_worker_dies_on_every_attempt_fails_as_worker_lost(client, keys, no_gpu_worker, start_worker):
     from db.settings import get_settings
 

@@ -15,6 +15,7 @@ RECONCILE = "gpujobs.reconcile"
 SEND_WEBHOOKS = "gpujobs.send_webhooks"
 SWEEP_WEBHOOKS = "gpujobs.sweep_webhooks"
 WEBHOOKS_QUEUE = "webhooks"
+MAINTENANCE_QUEUE = "maintenance"
 
 
 def make_celery() -> Celery:
@@ -46,7 +47,7 @@ def make_celery() -> Celery:
             "reconcile": {
                 "task": RECONCILE,
                 "schedule": settings.reconcile_interval_seconds,
-                "options": {"queue": "maintenance", "expires": max(settings.reconcile_interval_seconds * 2, 5)},
+                "options": {"queue": MAINTENANCE_QUEUE, "expires": max(settings.reconcile_interval_seconds * 2, 5)},
             },
             # Retries are scheduled in the database (next_attempt_at); this finds the due ones.
             "sweep-webhooks": {
@@ -97,6 +98,11 @@ def dispatch(job_id: str, queue: str, broker_url: str | None = None) -> None:
     if broker_url and broker_url != app.conf.broker_url:  # an API app built with other settings
         producer = _producers.setdefault(broker_url, _producer(broker_url))
     producer.send_task(RUN_JOB, args=[job_id], queue=queue, retry=False)
+
+
+def schedule_reconcile(countdown: float, expires: float) -> None:
+    """Ask a maintenance worker for one reconcile ``countdown`` seconds from now (besides beat's)."""
+    app.send_task(RECONCILE, queue=MAINTENANCE_QUEUE, countdown=countdown, expires=expires, retry=False)
 
 
 def send_webhooks(job_id: str, countdown: float | None = None, expires: float | None = None) -> None:

@@ -73,7 +73,8 @@ def run_job(job_id: str) -> str:
 @app.task(name=RECONCILE, ignore_result=True)
 def reconcile() -> dict[str, int]:
     report = reconciler.reconcile()
-    return {name: len(ids) for name, ids in vars(report).items()}
+    reconciler.follow_up(report)
+    return report.counts()
 
 
 @app.task(name=SEND_WEBHOOKS, ignore_result=True)
