@@ -18,14 +18,14 @@ from api import config, waiting
 from api.auth import current_key, is_admin
 from api.body import json_object
 from api.errors import ApiError, from_pydantic, validation_error
-from api.models import default_model
+from api.models import default_model, readable_catalog
 from api.openapi import document
 from api.presenters import job_json, page_params, paginate
 from db import transitions
 from db.models import File, Job, JobStatus, Model, utcnow
 from worker.celery_app import dispatch
 from worker.jobs import REGISTRY, get_job_type
-from worker.jobs.base import JobInput, file_fields
+from worker.jobs.base import JobInput, catalog_fields, file_fields
 from worker.webhooks import guard
 
 log = logging.getLogger(__name__)
@@ -121,6 +121,7 @@ def create_job() -> tuple[Response, int, dict[str, str]]:
     except ValidationError as exc:
         raise from_pydantic(exc, ["body", "input"]) from None
     _check_files(params)
+    _check_models(params)
     _check_loras(params)
     if spec.webhook is not None:
         _check_webhook(spec.webhook)
@@ -201,6 +202,27 @@ def _check_files(params: JobInput) -> None:
         if found[file_id] != purpose:
             raise validation_error(
                 ["body", "input", field], f"file {file_id!r} was uploaded as {found[file_id]}, not as {purpose}"
+            )
+
+
+def _check_models(params: JobInput) -> None:
+    """Every catalog model the input names is in the service's catalog, of the kind the job runs (else 422).
+
+    The API reads the same catalog file as the workers (``GPUJOBS_MODEL_CATALOG``); if it cannot, the
+    names are left to the worker (which fails the job, saying why) rather than refusing every job.
+    """
+    named = {field: kind for field, kind in catalog_fields(type(params)).items() if getattr(params, field) is not None}
+    catalog = readable_catalog() if named else None
+    if catalog is None:
+        return
+    for field, kind in named.items():
+        name = getattr(params, field)
+        entry = catalog.entries.get(name)
+        if entry is None or entry.kind != kind:
+            known = ", ".join(sorted(n for n, e in catalog.entries.items() if e.kind == kind)) or "none"
+            raise validation_error(
+                ["body", "input", field],
+                f"no {kind} model {name!r} in this service's catalog (it has: {known}; GET /v1/models lists them)",
             )
 
 

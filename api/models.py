@@ -24,7 +24,7 @@ from api.presenters import page_params, paginate
 from db.models import Model, ModelKind
 from db.storage import StorageError
 from db.wire import model_json
-from worker.models.catalog import CatalogError, ModelEntry, load_catalog
+from worker.models.catalog import Catalog, CatalogError, ModelEntry, load_catalog
 
 log = logging.getLogger(__name__)
 
@@ -33,12 +33,19 @@ bp = Blueprint("models", __name__, url_prefix="/v1/models")
 BASE_KINDS = ("diffusion", "segmentation")  # catalog kinds that jobs run (the others are their parts)
 
 
-def base_models() -> dict[str, ModelEntry]:
-    """The catalog's base models by name (none if the catalog cannot be read: the error is logged)."""
+def readable_catalog() -> Catalog | None:
+    """The service's model catalog, or None if it cannot be read (the error is logged)."""
     try:
-        catalog = load_catalog(config.settings())
+        return load_catalog(config.settings())
     except CatalogError as exc:
         log.error("the model catalog cannot be read: %s", exc)
+        return None
+
+
+def base_models() -> dict[str, ModelEntry]:
+    """The catalog's base models by name (none if the catalog cannot be read)."""
+    catalog = readable_catalog()
+    if catalog is None:
         return {}
     return {name: entry for name, entry in catalog.entries.items() if entry.kind in BASE_KINDS}
 

@@ -144,6 +144,21 @@ def demo_catalog(services: Services) -> Path:
     return Path(services.env["GPUJOBS_MODEL_CATALOG"])
 
 
+@pytest.fixture
+def api_catalog(app: Any, demo_catalog: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Any:
+    """``use(extra)``: the in-process API's catalog becomes the demo models plus the ``extra`` TOML, for this
+    test (the workers keep theirs unless given the returned path)."""
+
+    def use(extra: str) -> Path:
+        path = tmp_path / "api-catalog.toml"
+        path.write_text(demo_catalog.read_text() + "\n" + extra)
+        settings = app.config["GPUJOBS_SETTINGS"].model_copy(update={"model_catalog": path})
+        monkeypatch.setitem(app.config, "GPUJOBS_SETTINGS", settings)
+        return path
+
+    return use
+
+
 @pytest.fixture(scope="session")
 def database_url(services: Services) -> str:
     return services.database.url

@@ -310,7 +310,9 @@ def test_cancel_stops_training_at_the_next_step_and_keeps_the_last_checkpoint(cl
 # --- models: tenants and deletion ----------------------------------------------------------------------
 
 
-def test_a_model_is_its_tenants_alone_and_deleting_it_removes_the_weights(client, users, workers, training_images):
+def test_a_model_is_its_tenants_alone_and_deleting_it_removes_the_weights(
+    client, users, workers, training_images, api_catalog, demo_catalog
+):
     me, other = users.me.secret, users.other.secret
     job = finetune(client, me, images=training_images[:1], steps=2, resolution=64, checkpoint_every=100)
     done = wait_for(client, me, job["id"], timeout=TRAIN_TIMEOUT)
@@ -321,9 +323,12 @@ def test_a_model_is_its_tenants_alone_and_deleting_it_removes_the_weights(client
     assert model_id not in [m["id"] for m in client.get("/v1/models", headers=auth(other)).get_json()["items"]]
     body = {"type": "text_to_image", "input": {"prompt": "x", "loras": [{"model": model_id}], **SMALL}}
     assert_problem(submit(client, other, body), 422, ["input", "loras", 0, "model"])
-    mismatched = {**body, "input": {**body["input"], "model": "some-other-model"}}
+    unknown = {**body, "input": {**body["input"], "model": "some-other-model"}}
+    assert "some-other-model" in assert_problem(submit(client, me, unknown), 422, ["input", "model"])["detail"]
+    api_catalog(f'[models.other-sd]\nkind = "diffusion"\nsource = "{demo_catalog.parent / "demo-sd"}"\n')
+    mismatched = {**body, "input": {**body["input"], "model": "other-sd"}}
     problem = assert_problem(submit(client, me, mismatched), 422, ["input", "loras", 0, "model"])
-    assert "demo-sd" in problem["detail"]
+    assert "a LoRA of 'demo-sd'" in problem["detail"] and "other-sd" in problem["detail"]
     assert_problem(client.delete("/v1/models/demo-sd", headers=auth(me)), 409)
 
     url = done["output"]["weights"]["url"]
@@ -390,6 +395,8 @@ def inputs(app, users, training_images) -> dict[str, str]:
         ({"images": ["@image"], "seed": -1}, ["input", "seed"]),
         ({"images": ["@image"], "name": ""}, ["input", "name"]),
         ({"images": ["@image"], "epochs": 3}, ["input", "epochs"]),
+        ({"images": ["@image"], "base_model": "no-such-model"}, ["input", "base_model"]),
+        ({"images": ["@image"], "base_model": "demo-mask2former"}, ["input", "base_model"]),
     ],
 )  # fmt: skip
 def test_bad_finetune_input_is_a_precise_422(client, users, inputs, params, loc):

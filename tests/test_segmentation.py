@@ -213,17 +213,14 @@ def test_model_is_loaded_once_for_many_jobs(client, keys, no_gpu_worker, seg_sta
     assert stats["hits"] == 4
 
 
-def test_a_missing_or_pickle_only_model_fails_the_job_clearly(client, keys, no_gpu_worker, seg_stack, services, tmp_path):
-    catalog = tmp_path / "catalog.toml"
-    demo = open(services.env["GPUJOBS_MODEL_CATALOG"]).read()
+def test_a_missing_or_pickle_only_model_fails_the_job_clearly(client, keys, no_gpu_worker, seg_stack, api_catalog, tmp_path):
     pickled = tmp_path / "pickled"
     pickled.mkdir()
     (pickled / "config.json").write_text("{}")
     (pickled / "pytorch_model.bin").write_bytes(b"not loaded: pickle checkpoints are refused before any read")
-    catalog.write_text(
-        demo
-        + '\n[models.gone]\nkind = "segmentation"\nsource = "/nonexistent/m2f"\n'
-        + f'\n[models.pickled]\nkind = "segmentation"\nsource = "{pickled}"\n'
+    catalog = api_catalog(
+        '[models.gone]\nkind = "segmentation"\nsource = "/nonexistent/m2f"\n'
+        f'\n[models.pickled]\nkind = "segmentation"\nsource = "{pickled}"\n'
     )
     stack = seg_stack(GPUJOBS_MODEL_CATALOG=str(catalog))
     stack.start_worker("gpu", concurrency=1, name="seg-missing")
@@ -236,9 +233,10 @@ def test_a_missing_or_pickle_only_model_fails_the_job_clearly(client, keys, no_g
     refused = wait_for(client, keys.user_a.secret, refused["id"], timeout=60)
     assert refused["status"] == "failed" and refused["error"]["code"] == "model_unavailable"
     assert "pickle" in refused["error"]["message"] and "safetensors" in refused["error"]["message"]
-    unknown = segment(client, keys.user_a.secret, file_id, model="no-such-model")
-    unknown = wait_for(client, keys.user_a.secret, unknown["id"], timeout=60)
-    assert unknown["status"] == "failed" and "no-such-model" in unknown["error"]["message"]
+    # Not in the catalog at all: refused at submit, naming the models there are.
+    unknown = {"type": "segmentation", "input": {"image": file_id, "model": "no-such-model"}}
+    problem = assert_problem(submit(client, keys.user_a.secret, unknown), 422, ["input", "model"])
+    assert "no-such-model" in problem["detail"] and "demo-mask2former, gone, pickled" in problem["detail"]
 
 
 @pytest.mark.parametrize(
@@ -252,6 +250,10 @@ def test_a_missing_or_pickle_only_model_fails_the_job_clearly(client, keys, no_g
         ({"labels": []}, ["input", "labels"]),
         ({"image": "not-a-file-id"}, ["input", "image"]),
         ({"image": "file_doesnotexist"}, ["input", "image"]),
+        ({"model": "no-such-model"}, ["input", "model"]),
+        ({"model": "demo-sd"}, ["input", "model"]),  # a diffusion model
+        ({"model": ""}, ["input", "model"]),
+        ({"model": "x" * 201}, ["input", "model"]),
     ],
 )
 def test_bad_segmentation_input_is_a_precise_422(client, keys, change, loc):

@@ -68,8 +68,38 @@ ModelId = Annotated[
 ]
 
 
+CATALOG_KIND = "x-gpujobs-catalog-kind"
+
+
+SegmentationModel = Annotated[
+    str | None,
+    Field(
+        max_length=200,
+        description="A segmentation model of the catalog (default: the catalog's default).",
+        json_schema_extra={CATALOG_KIND: "segmentation"},
+    ),
+]
+DiffusionModel = Annotated[
+    str | None,
+    Field(
+        max_length=200,
+        description="A diffusion model of the catalog (default: the catalog's default).",
+        json_schema_extra={CATALOG_KIND: "diffusion"},
+    ),
+]
+
+
 def file_fields(model: type[BaseModel]) -> dict[str, str]:
     """Input fields that hold file ids (or lists of them), with the upload purpose each needs."""
+    return _marked_fields(model, FILE_KIND)
+
+
+def catalog_fields(model: type[BaseModel]) -> dict[str, str]:
+    """Input fields that name a catalog model, with the catalog kind each names."""
+    return _marked_fields(model, CATALOG_KIND)
+
+
+def _marked_fields(model: type[BaseModel], marker: str) -> dict[str, str]:
     found = {}
     for name, info in model.model_fields.items():
         annotations = [info]
@@ -79,8 +109,8 @@ def file_fields(model: type[BaseModel]) -> dict[str, str]:
                 annotations += [m for m in getattr(inner, "__metadata__", ())]
         for item in annotations:
             extra = getattr(item, "json_schema_extra", None)
-            if isinstance(extra, dict) and FILE_KIND in extra:
-                found[name] = str(extra[FILE_KIND])
+            if isinstance(extra, dict) and marker in extra:
+                found[name] = str(extra[marker])
     return found
 
 

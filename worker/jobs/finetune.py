@@ -21,8 +21,8 @@ from typing import TYPE_CHECKING, Annotated, Any
 from pydantic import AfterValidator, BaseModel, Field, model_validator
 
 from db.settings import get_settings
-from worker.jobs.base import Artifact, DatasetFile, ImageFile, JobInput, JobType, Queue
-from worker.jobs.generation import MAX_SEED, ModelName
+from worker.jobs.base import Artifact, DatasetFile, DiffusionModel, ImageFile, JobInput, JobType, Queue
+from worker.jobs.generation import MAX_SEED
 
 if TYPE_CHECKING:
     from worker.context import JobContext
@@ -64,7 +64,7 @@ class Input(JobInput):
     name: str | None = Field(
         None, min_length=1, max_length=200, description="The fine-tuned model's name (default: from the job)."
     )
-    base_model: ModelName = None
+    base_model: DiffusionModel = None
     steps: int = Field(500, ge=1, le=MAX_STEPS, description="Optimizer steps.")
     learning_rate: float = Field(1e-4, gt=0, le=1, description="AdamW learning rate (constant).")
     rank: int = Field(4, ge=1, le=128, description="LoRA rank of the UNet's attention projections.")

@@ -85,9 +85,6 @@ Seed = Annotated[
 ]
 NumOutputs = Annotated[int, Field(ge=1, le=MAX_OUTPUTS, description="Images made in one batch.")]
 Strength = Annotated[float, Field(ge=0, le=1, description="How far to denoise from the input (1: all the way).")]
-ModelName = Annotated[
-    str | None, Field(max_length=200, description="A diffusion model of the catalog (default: the catalog's default).")
-]
 
 
 class LoraRef(JobInput):

@@ -17,13 +17,12 @@ from typing import TYPE_CHECKING
 
 from pydantic import Field, ValidationInfo, field_validator
 
-from worker.jobs.base import ImageFile, JobInput, JobType, Queue
+from worker.jobs.base import DiffusionModel, ImageFile, JobInput, JobType, Queue
 from worker.jobs.generation import (
     DEADLINE_SECONDS,
     DEFAULT_SCHEDULER,
     GuidanceScale,
     Loras,
-    ModelName,
     NegativePrompt,
     NumOutputs,
     OptionalPrompt,
@@ -56,7 +55,7 @@ class Input(JobInput):
     seed: Seed = None
     num_outputs: NumOutputs = 1
     loras: Loras = Field(default_factory=list)
-    model: ModelName = None
+    model: DiffusionModel = None
 
     @field_validator("height")
     @classmethod

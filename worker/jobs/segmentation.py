@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 
 from pydantic import BaseModel, Field, field_validator
 
-from worker.jobs.base import Artifact, ImageFile, JobInput, JobType, Queue
+from worker.jobs.base import Artifact, ImageFile, JobInput, JobType, Queue, SegmentationModel
 from worker.models.coco import COCO_LABELS
 
 if TYPE_CHECKING:
@@ -27,7 +27,7 @@ class Input(JobInput):
     labels: list[str] | None = Field(
         None, min_length=1, max_length=80, description="Keep only these COCO categories (e.g. `[\"person\", \"dog\"]`)."
     )
-    model: str | None = Field(None, max_length=200, description="A segmentation model of the catalog.")
+    model: SegmentationModel = None
 
     @field_validator("labels")
     @classmethod

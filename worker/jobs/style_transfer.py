@@ -20,13 +20,12 @@ from typing import TYPE_CHECKING
 
 from pydantic import Field
 
-from worker.jobs.base import ImageFile, JobInput, JobType, Queue
+from worker.jobs.base import DiffusionModel, ImageFile, JobInput, JobType, Queue
 from worker.jobs.generation import (
     DEADLINE_SECONDS,
     DEFAULT_SCHEDULER,
     GuidanceScale,
     Loras,
-    ModelName,
     NegativePrompt,
     NumOutputs,
     OptionalPrompt,
@@ -62,7 +61,7 @@ class Input(JobInput):
     seed: Seed = None
     num_outputs: NumOutputs = 1
     loras: Loras = Field(default_factory=list)
-    model: ModelName = None
+    model: DiffusionModel = None
 
 
 def run(ctx: JobContext, params: Input) -> Output:

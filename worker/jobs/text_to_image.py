@@ -6,13 +6,12 @@ from typing import TYPE_CHECKING
 
 from pydantic import Field, ValidationInfo, field_validator
 
-from worker.jobs.base import JobInput, JobType, Queue
+from worker.jobs.base import DiffusionModel, JobInput, JobType, Queue
 from worker.jobs.generation import (
     DEADLINE_SECONDS,
     DEFAULT_SCHEDULER,
     GuidanceScale,
     Loras,
-    ModelName,
     NegativePrompt,
     NumOutputs,
     Output,
@@ -39,7 +38,7 @@ class Input(JobInput):
     seed: Seed = None
     num_outputs: NumOutputs = 1
     loras: Loras = Field(default_factory=list)
-    model: ModelName = None
+    model: DiffusionModel = None
 
     @field_validator("height")
     @classmethod
