@@ -554,3 +554,46 @@ def test_an_overflowing_float16_step_is_skipped_and_its_loss_scale_kept_in_the_c
     resumed.restore(trainer.checkpoint())
     assert resumed.scaler.get_scale() == 2.0**99
     assert resumed.step_count == 2
+
+
+def test_a_loaded_lora_counts_in_the_model_cache_budget_and_makes_room(demo_catalog, tmp_path, monkeypatch):
+    """In this process: a LoRA loaded into the warm UNet grows its model's measured size; past the budget the
+    least recently used other model goes; dropping the adapter gives the size back."""
+    import math
+
+    from db.settings import Settings
+    from worker.models import cache as cache_module
+    from worker.models.cache import ModelCache
+    from worker.models.diffusion import load_family
+    from worker.models.lora import Lora, applied
+    from worker.models.segmentation import load_segmenter
+
+    trainer = _trainer(demo_catalog, "float32", steps=1, rank=128)()  # over 1 MB, the budget's granularity
+    trainer.step()
+    path = tmp_path / "lora" / "pytorch_lora_weights.safetensors"
+    path.parent.mkdir()
+    path.write_bytes(trainer.lora_weights())
+    lora = Lora("mdl_budget", 1.0, path, hashlib.sha256(path.read_bytes()).hexdigest())
+
+    cache = ModelCache(Settings(model_catalog=demo_catalog, device="cpu", dtype="float32"))
+    monkeypatch.setattr(cache_module, "_cache", cache)
+    segmenter = cache.get("segmentation:demo-mask2former", cache.entry(None, "segmentation"), load_segmenter)
+    family = cache.get("diffusion:demo-sd", cache.entry(None, "diffusion"), load_family)
+    assert segmenter is not None
+    plain = cache.stats["diffusion:demo-sd"].bytes
+    both = plain + cache.stats["segmentation:demo-mask2former"].bytes
+    budget_mb = math.ceil(both / 2**20)
+    cache.settings = cache.settings.model_copy(update={"model_memory_mb": budget_mb})
+
+    unet = family.text_to_image.unet
+    with applied(unet, [lora], capacity=8, cache_key=family.key):
+        adapter = sum(p.numel() * p.element_size() for n, p in unet.named_parameters() if "mdl_budget" in n)
+    assert both + adapter > budget_mb * 2**20, "the budget must not hold both models and the adapter"
+    assert cache.stats["diffusion:demo-sd"].bytes == plain + adapter
+    held = cache.loaded()
+    assert held["diffusion:demo-sd"]["loaded"] and not held["segmentation:demo-mask2former"]["loaded"], held
+
+    with applied(unet, [lora], capacity=0, cache_key=family.key):  # capacity 0: no adapter stays after a run
+        pass
+    assert cache.stats["diffusion:demo-sd"].bytes == plain
+    assert not any("mdl_budget" in name for name, _ in unet.named_parameters())

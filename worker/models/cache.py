@@ -11,7 +11,7 @@ import logging
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -74,6 +74,16 @@ def footprint(value: Any) -> int:
                 seen.add(tensor.data_ptr())
                 total += tensor.numel() * tensor.element_size()
     return total
+
+
+def _holds(value: Any, module: Any) -> bool:
+    """Whether ``module`` is ``value`` or one of its modules (a pipeline's components, a dataclass's fields)."""
+    if value is module:
+        return True
+    parts = list(vars(value).values()) if hasattr(value, "__dict__") else []
+    if hasattr(value, "components"):
+        parts += list(value.components.values())
+    return any(part is module for part in parts)
 
 
 def check_safetensors(name: str, folder: Path) -> None:
@@ -166,10 +176,23 @@ class ModelCache:
             log.info("loaded model %s (%s) on %s in %.2f s, %.1f MB", key, entry.source, device, elapsed, size / 2**20)
             return value
 
-    def _evict_for(self, incoming: int) -> None:
+    def remeasure(self, module: Any) -> None:
+        """Measure again the loaded models that hold ``module`` (a UNet whose LoRA adapters changed); past the
+        budget, others go, least recently used first. Call while nothing else changes ``module``."""
+        with self._lock:
+            holders = [key for key, slot in self._slots.items() if _holds(slot.value, module)]
+            for key in holders:
+                slot = self._slots[key]
+                slot.bytes = self.stats[key].bytes = footprint(slot.value)
+            self._evict_for(0, keep=holders)
+
+    def _evict_for(self, incoming: int, keep: Collection[str] = ()) -> None:
         budget = self.budget_bytes()
-        while self._slots and sum(s.bytes for s in self._slots.values()) + incoming > budget:
-            name, slot = self._slots.popitem(last=False)
+        while sum(s.bytes for s in self._slots.values()) + incoming > budget:
+            name = next((key for key in self._slots if key not in keep), None)
+            if name is None:
+                return
+            slot = self._slots.pop(name)
             self.stats[name].bytes = 0
             log.info("evicted model %s (%.1f MB) to stay within %.0f MB", name, slot.bytes / 2**20, budget / 2**20)
             del slot

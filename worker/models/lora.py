@@ -7,7 +7,8 @@ the recorded sha256), and loaded into the UNet as a peft adapter named by the mo
 
 Adapters stay in the UNet after the run, up to ``lora_cache_size`` per UNet (least recently used
 dropped first): loading one costs a file read and a few hundred module swaps, switching costs
-almost nothing. Every run sets the adapters it wants before it starts, under the family's lock:
+almost nothing. Their weights count in the model cache's memory budget (the UNet's model is
+measured again when its adapters change, and other models make room). Every run sets the adapters it wants before it starts, under the family's lock:
 the job's LoRAs at their scales, or all adapters off, so a run without LoRAs computes exactly what
 the base model computes (peft then calls the original layers only).
 """
@@ -110,13 +111,19 @@ def applied(unet: Any, loras: Sequence[Lora], capacity: int, cache_key: str) -> 
             unet.disable_lora()
         yield
         return
-    for lora in loras:
-        if loaded.get(lora.model_id) == lora.sha256:
-            loaded.move_to_end(lora.model_id)
-            continue
-        _load(unet, lora)
-        loaded[lora.model_id] = lora.sha256
-        get_cache().count(cache_key, "lora_loads")
+    cache = get_cache()
+    count = len(loaded)
+    try:
+        for lora in loras:
+            if loaded.get(lora.model_id) == lora.sha256:
+                loaded.move_to_end(lora.model_id)
+                continue
+            _load(unet, lora)
+            loaded[lora.model_id] = lora.sha256
+            cache.count(cache_key, "lora_loads")
+    finally:
+        if len(loaded) != count:  # the adapters' weights count in the model cache's memory budget
+            cache.remeasure(unet)
     unet.enable_lora()
     unet.set_adapters([lora.model_id for lora in loras], [lora.scale for lora in loras])
     try:
@@ -124,6 +131,7 @@ def applied(unet: Any, loras: Sequence[Lora], capacity: int, cache_key: str) -> 
     finally:
         wanted = {lora.model_id for lora in loras}
         spare = [name for name in loaded if name not in wanted]
+        count = len(loaded)
         while len(loaded) > max(capacity, len(wanted)) and spare:  # drop the least recently used
             name = spare.pop(0)
             unet.delete_adapters([name])
@@ -131,6 +139,8 @@ def applied(unet: Any, loras: Sequence[Lora], capacity: int, cache_key: str) -> 
         if capacity == 0:
             unet.delete_adapters(list(loaded))
             loaded.clear()
+        if len(loaded) != count:
+            cache.remeasure(unet)
 
 
 def _load(unet: Any, lora: Lora) -> None:
