@@ -17,18 +17,21 @@ Measured:
 
 - **steps/s, plain loop**: in this process, the loop a user writes by hand with diffusers + peft
   (the same LoRA config, AdamW, clipping, batch, precomputed latents and text features, and
-  mixed precision on CUDA), ``--steps`` steps timed after one warm-up step, freed before a job runs.
+  mixed precision in a half dtype), ``--steps`` steps timed after one warm-up step, freed before a job runs.
 - ``--rounds`` rounds (default 3) of one plain loop and one job, alternating which goes first (this
   machine drifts); the medians are compared.
 - **steps/s, gpujobs**: a ``finetune`` job of ``--steps`` + 1 steps with the same data and
   settings, timed by its own timeline in the database: from its ``training`` milestone (written
-  when step 1 is done) to its ``storing`` milestone (after the last step), so ``--steps`` steps with
-  everything gpujobs does per step (progress, cancel and deadline checks, the lease thread) and any
-  checkpoint it stores. The job's own steps/s (its progress) is shown beside it.
+  when step 1 is done) to its ``training done`` milestone (as the last step ends; before the LoRA
+  file is made), so ``--steps`` steps with everything gpujobs does per step (progress, cancel and
+  deadline checks, the lease thread) and any checkpoint it stores. The job's own steps/s (its
+  progress, which counts step 1 too) is shown beside it.
 - **resume**: a second fine-tune checkpoints every ``--resume-checkpoint-every`` steps; after its
   first checkpoint the worker running it is SIGKILLed, and the other, warm worker takes it over once
-  its lease (``--lease`` s) expires and the reconciler requeues it. From the job's events: kill →
-  requeued → claimed → resumed (checkpoint restored) → its next step done, with the parts in between.
+  its lease (``--lease`` s) expires and the reconciler (beat's default period, plus the follow-up
+  it schedules for a lease about to expire) requeues it. From the job's events: kill → lease expiry
+  (the job's ``lease_expires_at``) → requeued → claimed → resumed (checkpoint restored) → its next
+  step done, with the parts in between.
 - **LoRA switching**: on the full UNet in this process, loading + unloading the job's LoRA (what a
   generation worker would pay per job without an adapter cache) against switching a loaded one on
   and off, and UNet forward passes with no adapter, a loaded one switched off, and on.
@@ -212,9 +215,9 @@ class Client:
 
 def job_rate(timeline: list[dict[str, Any]], steps: int) -> dict[str, Any]:
     """Steps/s from the job's own timeline: its ``training`` milestone (recorded when step 1 is done) to its
-    ``storing`` milestone (after the last step), so ``steps`` steps, the warm-up step excluded; no polling."""
+    ``training done`` milestone (as the last step ends), so ``steps`` steps, the warm-up step excluded; no polling."""
     at = {e["message"]: e["at"] for e in timeline if e["kind"] == "progress"}
-    seconds = (at["storing"] - at["training"]).total_seconds()
+    seconds = (at["training done"] - at["training"]).total_seconds()
     return {"steps": steps, "seconds": round(seconds, 3), "steps_per_second": round(steps / seconds, 4)}
 
 
@@ -251,6 +254,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--checkpoint-every", type=int, default=100, help="the measured job's checkpoints (default 100)")
     parser.add_argument("--resume-checkpoint-every", type=int, default=2, help="the resume job's checkpoints")
     parser.add_argument("--lease", type=float, default=10.0, help="GPUJOBS_LEASE_SECONDS (default 10)")
+    parser.add_argument("--control-poll", type=float, default=0.5,
+                        help="GPUJOBS_CONTROL_POLL_SECONDS: lease renewal and progress saves (default 0.5, the service's)")
     parser.add_argument("--no-resume", action="store_true", help="skip the worker-death part")
     parser.add_argument("--configs", type=Path, default=DEFAULT_CONFIGS, help=f"SD 1.5 configs (default {DEFAULT_CONFIGS})")
     parser.add_argument("--model-dir", type=Path, default=REPO / "var" / "bench" / MODEL_NAME)
@@ -296,8 +301,7 @@ def measure(args: argparse.Namespace, deployment: Deployment) -> dict[str, Any]:
         "GPUJOBS_DEVICE": args.device,
         "GPUJOBS_DTYPE": args.dtype,
         "GPUJOBS_LEASE_SECONDS": str(args.lease),
-        "GPUJOBS_CONTROL_POLL_SECONDS": "0.2",
-        "GPUJOBS_RECONCILE_INTERVAL_SECONDS": "1",
+        "GPUJOBS_CONTROL_POLL_SECONDS": str(args.control_poll),
         "GPUJOBS_MAX_BODY_BYTES": str(256 * 2**20),
     }
     env, key = prepare_deployment(deployment, args, settings, "finetune benchmark")
@@ -451,6 +455,7 @@ def measure_resume(
     victim = next(name for name in workers if f"claimed by {name}@" in claimed["message"])
     os.killpg(workers[victim].pid, signal.SIGKILL)
     killed_at = _utcnow()
+    expires_at = _lease_expiry(deployment.database_url, job["id"])  # its last renewal + the lease
     workers[victim].wait(30)
     log(f"killed {victim} after the checkpoint at step {checkpoint['data']['step']}")
 
@@ -473,6 +478,8 @@ def measure_resume(
         "lease_seconds": args.lease,
         "checkpoint_step": step,
         "checkpoint_bytes": checkpoint["data"].get("size"),
+        "kill_to_lease_expiry_s": since(killed_at, expires_at),
+        "lease_expiry_to_requeued_s": since(expires_at, requeued),
         "kill_to_requeued_s": since(killed_at, requeued),
         "kill_to_claimed_s": since(killed_at, at["claimed"]),
         "kill_to_resumed_s": since(killed_at, at["resumed"]),
@@ -487,6 +494,14 @@ def measure_resume(
 
 def _milestone(database_url: str, job_id: str, attempt: int, message: str) -> bool:
     return any(e["attempt"] == attempt and e["message"] == message for e in events(database_url, job_id))
+
+
+def _lease_expiry(database_url: str, job_id: str) -> Any:
+    from db.models import Job
+    from db.session import session_scope
+
+    with session_scope(database_url) as session:
+        return session.get(Job, job_id).lease_expires_at
 
 
 def _utcnow() -> Any:
@@ -512,6 +527,8 @@ def report(r: dict[str, Any]) -> None:
         s = r["resume"]
         print(f"  resume after SIGKILL (lease {s['lease_seconds']:g} s, checkpoint at step {s['checkpoint_step']}, "
               f"{s['checkpoint_bytes']} bytes):")  # fmt: skip
+        print(f"    kill → lease expired {s['kill_to_lease_expiry_s']:.2f} s (requeued "
+              f"{s['lease_expiry_to_requeued_s']:.2f} s after that)")  # fmt: skip
         print(f"    kill → requeued {s['kill_to_requeued_s']:.2f} s → claimed {s['kill_to_claimed_s']:.2f} s "
               f"→ resumed {s['kill_to_resumed_s']:.2f} s → next step done {s['kill_to_next_step_s']:.2f} s")  # fmt: skip
         print(f"    after the claim: {s['claimed_to_encoding_s']:.2f} s to start, encoding the captions (latents "

@@ -167,6 +167,8 @@ def _train(ctx: JobContext, trainer: Trainer, latents_key: str | None) -> None:
                 latents_key = f"jobs/{ctx.job_id}/checkpoints/latents.safetensors"
                 get_storage(ctx.settings).put(latents_key, latents_file(trainer.encoded), "application/octet-stream")
             previous_key = _store_checkpoint(ctx, trainer, previous_key, latents_key)
+    # A milestone as the last step ends: the timeline separates training from making the weights file.
+    ctx.progress(trainer.step_count, params.steps, "training done", steps_per_second=round(trainer.rate, 4))
 
 
 def _store_checkpoint(ctx: JobContext, trainer: Trainer, previous_key: str | None, latents_key: str) -> str:
