@@ -377,11 +377,16 @@ def expired_leases(session: Session, limit: int = 500) -> list[Job]:
     )
 
 
-def next_lease_expiry(session: Session) -> datetime | None:
-    """When the earliest lease of a running job that has not expired yet will expire (None: no such lease)."""
+def next_lease_expiry(session: Session, within_seconds: float) -> datetime | None:
+    """The earliest expiry of a running job's lease in the next ``within_seconds`` (None: no lease expires then)."""
+    now = utcnow()
     return session.scalar(
         select(func.min(Job.lease_expires_at)).where(
-            and_(Job.status == JobStatus.RUNNING.value, Job.lease_expires_at >= utcnow())
+            and_(
+                Job.status == JobStatus.RUNNING.value,
+                Job.lease_expires_at >= now,
+                Job.lease_expires_at < now + timedelta(seconds=within_seconds),
+            )
         )
     )
 

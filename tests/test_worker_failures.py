@@ -133,6 +133,39 @@ def test_a_dead_workers_job_is_requeued_as_its_lease_expires_not_at_the_next_bea
     assert wait_for(client, admin, job["id"], ("succeeded", "failed"), timeout=60)["status"] == "succeeded"
 
 
+def test_only_a_lease_that_missed_its_renewals_gets_a_reconcile_of_its_own(client, keys, no_gpu_worker, monkeypatch):
+    """A live worker keeps its lease about ``lease_seconds`` ahead, so even with beat's period longer than the
+    lease, a live job schedules no follow-up (else each beat would start a chain of them); a lease that fell
+    behind by more than two renewals does, for its expiry."""
+    from datetime import timedelta
+
+    from db import transitions
+    from db.models import Job, utcnow
+    from db.session import session_scope
+    from db.settings import get_settings
+    from worker import reconciler
+
+    settings = get_settings().model_copy(update={"reconcile_interval_seconds": 60.0})
+    monkeypatch.setattr(reconciler, "get_settings", lambda: settings)
+    live, behind = diagnostic(client, keys.admin.secret), diagnostic(client, keys.admin.secret)
+    with session_scope() as session:
+        for job in (live, behind):
+            assert transitions.claim(session, job["id"], "test:0:0", lease_seconds=settings.lease_seconds)
+    assert reconciler.reconcile().next_expiry is None, "a fresh lease scheduled a follow-up"
+
+    missed = 2 * settings.control_poll_seconds + 0.3  # renewals that never came
+    with session_scope() as session:
+        due = utcnow() + timedelta(seconds=settings.lease_seconds - missed)
+        session.get(Job, behind["id"]).lease_expires_at = due
+    report = reconciler.reconcile()
+    assert report.next_expiry == due
+    delay = reconciler.follow_up(report)
+    assert delay is not None and 0 < delay <= settings.lease_seconds - missed + reconciler.FOLLOW_UP_DELAY
+    with session_scope() as session:
+        for job in (live, behind):
+            assert transitions.cancel(session, job["id"], 1, "the test is over")
+
+
 def test_a_job_whose_worker_dies_on_every_attempt_fails_as_worker_lost(client, keys, no_gpu_worker, start_worker):
     from db.settings import get_settings
 

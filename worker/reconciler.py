@@ -5,9 +5,10 @@
 - queued jobs whose message was never sent (the broker refused it) or is presumed lost
   are dispatched again. A duplicate message is harmless: only one claim can win.
 
-Beat runs it every ``reconcile_interval_seconds``; when a lease will expire before the next
-beat, the run also schedules one reconcile for that moment (``follow_up``), so a dead worker's
-job is requeued one lease after its last renewal, not up to a beat period later.
+Beat runs it every ``reconcile_interval_seconds``; when a lease that has missed its renewals
+will expire before the next beat, the run also schedules one reconcile for that moment
+(``follow_up``), so a dead worker's job is requeued one lease after its last renewal, not up to
+a beat period later.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from datetime import datetime
 from db import transitions
 from db.models import utcnow
 from db.session import session_scope
-from db.settings import get_settings
+from db.settings import Settings, get_settings
 from worker.celery_app import dispatch, queue_depths, schedule_reconcile
 
 log = logging.getLogger(__name__)
@@ -34,7 +35,7 @@ class Report:
     canceled: list[str] = field(default_factory=list)
     dispatched: list[str] = field(default_factory=list)
     undeliverable: list[str] = field(default_factory=list)
-    next_expiry: datetime | None = None  # the earliest lease still running after this run
+    next_expiry: datetime | None = None  # the earliest lease due before beat's next run, of a job that looks dead
 
     def counts(self) -> dict[str, int]:
         return {name: len(value) for name, value in vars(self).items() if isinstance(value, list)}
@@ -72,7 +73,7 @@ def reconcile() -> Report:
             ):
                 report.requeued.append(job_id)
     with session_scope() as session:
-        report.next_expiry = transitions.next_lease_expiry(session)
+        report.next_expiry = transitions.next_lease_expiry(session, follow_up_horizon(settings))
     idle = idle_queues()
     with session_scope() as session:
         pending = [
@@ -100,19 +101,23 @@ def reconcile() -> Report:
     return report
 
 
-def follow_up(report: Report) -> float | None:
-    """Schedule a reconcile for the moment the next lease expires, if that comes before beat's next run.
+def follow_up_horizon(settings: Settings) -> float:
+    """How soon a lease must expire to get a reconcile of its own: before beat's next run, and sooner than a
+    live worker's lease ever gets (it renews every ``control_poll_seconds``), so only a job that missed
+    renewals counts. Live jobs never schedule follow-ups, even with a lease shorter than beat's period."""
+    return min(settings.reconcile_interval_seconds, settings.lease_seconds - 2 * settings.control_poll_seconds)
 
-    Returns the delay in seconds (None: nothing scheduled). Only future expiries count, so a lease this
-    run could not settle waits for beat instead of looping; at most one follow-up per run.
+
+def follow_up(report: Report) -> float | None:
+    """Schedule a reconcile for the moment ``report.next_expiry`` comes; the delay in seconds (None: none).
+
+    At most one per run, and only for a future expiry, so a lease this run could not settle waits for
+    beat instead of looping.
     """
     if report.next_expiry is None:
         return None
     interval = get_settings().reconcile_interval_seconds
-    delay = (report.next_expiry - utcnow()).total_seconds() + FOLLOW_UP_DELAY
-    if delay >= interval:
-        return None  # beat gets there first
-    delay = max(delay, FOLLOW_UP_DELAY)
+    delay = max((report.next_expiry - utcnow()).total_seconds() + FOLLOW_UP_DELAY, FOLLOW_UP_DELAY)
     try:
         schedule_reconcile(delay, expires=delay + interval)
     except Exception as exc:  # the broker is down: beat's next run still finds the lease
