@@ -9,8 +9,8 @@ The model is SD 1.5's UNet, VAE and CLIP text encoder built from ``/work/shared/
 (or ``--configs``) with random weights and an offline tokenizer, saved once with ``save_pretrained``
 (safetensors) into ``--model-dir`` and reused: same shapes, so the same cost as the real weights.
 
-Started here: an embedded Redis and S3 server (``gpujobs.embedded``), a fresh PostgreSQL database
-when one answers on 127.0.0.1:5432 (else SQLite), then ``gpujobs api`` and ``gpujobs worker
+Started here (by ``bench.deployment``): an embedded Redis and S3 server (``gpujobs.embedded``), a fresh
+PostgreSQL database when one answers on 127.0.0.1:5432 (else SQLite, or ``--database-url``), then ``gpujobs api`` and ``gpujobs worker
 --queues gpu --concurrency 1`` with a catalog naming the model (not preloaded).
 
 Measured, one client, the same prompt, size, steps, guidance, sampler (``euler``) and seed for both:
@@ -35,25 +35,22 @@ Every process it starts is stopped at the end (and on Ctrl-C); a database it cre
 from __future__ import annotations
 
 import argparse
-import contextlib
 import io
 import json
 import os
 import platform
-import secrets
 import shutil
 import signal
 import statistics
 import sys
-import tempfile
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import requests
 
-REPO = Path(__file__).resolve().parent.parent
+from bench.deployment import REPO, Deployment, cpu_model, interrupt_on, log
+
 DEFAULT_CONFIGS = Path("/work/shared/model-configs/sd15")
 MODEL_NAME = "sd15-random"
 PROMPT = "a lighthouse on a cliff at dusk, oil painting"
@@ -64,12 +61,7 @@ PROFILES = {  # device → (size, steps)
     "cpu": (256, 4),
     "cuda": (512, 25),
 }
-READY_TIMEOUT = 180.0
 JOB_TIMEOUT = 1800.0
-
-
-def log(message: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
 # --- the model ------------------------------------------------------------------------------------
@@ -119,6 +111,13 @@ def build_model(configs: Path, folder: Path) -> None:
     log(f"model: built in {time.monotonic() - started:.0f} s")
 
 
+def write_catalog(folder: Path, model_dir: Path) -> Path:
+    """A model catalog naming the built model (``GPUJOBS_MODEL_CATALOG``), written into ``folder``."""
+    catalog = folder / "catalog.toml"
+    catalog.write_text(f'[models.{MODEL_NAME}]\nkind = "diffusion"\nsource = "{model_dir}"\ndefault = true\n')
+    return catalog
+
+
 def load_raw_pipeline(folder: Path, device: str, torch_compile: bool = False, channels_last: bool = False) -> Any:
     """The baseline: the pipeline a user would load by hand, with the sampler the jobs use."""
     import torch
@@ -156,123 +155,6 @@ def raw_call(pipe: Any, size: int, steps: int, seed: int) -> tuple[float, Any]:
     if torch.cuda.is_available():
         torch.cuda.synchronize()
     return time.perf_counter() - started, image
-
-
-# --- services and processes -----------------------------------------------------------------------
-
-
-@dataclass
-class Deployment:
-    tmp: Path
-    database_url: str = ""
-    created_database: str | None = None
-    maintenance_conninfo: str | None = None
-    embedded: list[Any] = field(default_factory=list)
-    processes: list[Any] = field(default_factory=list)
-    logs: dict[str, Path] = field(default_factory=dict)
-
-
-def postgres_conninfo() -> str | None:
-    import psycopg
-
-    for dbname in ("postgres", "test"):
-        conninfo = f"host=127.0.0.1 port=5432 user={os.environ.get('PGUSER', 'postgres')} dbname={dbname} connect_timeout=2"
-        try:
-            with psycopg.connect(conninfo, autocommit=True) as conn:
-                conn.execute("SELECT 1")
-            return conninfo
-        except psycopg.Error:
-            continue
-    return None
-
-
-def start_services(deployment: Deployment, args: argparse.Namespace) -> dict[str, str]:
-    from gpujobs import embedded
-
-    if args.database_url:
-        deployment.database_url = args.database_url
-    elif (conninfo := postgres_conninfo()) is not None:
-        import psycopg
-
-        name = f"gpujobs_bench_{secrets.token_hex(4)}"
-        with psycopg.connect(conninfo, autocommit=True) as conn:
-            conn.execute(f'CREATE DATABASE "{name}"')
-        deployment.created_database, deployment.maintenance_conninfo = name, conninfo
-        deployment.database_url = f"postgresql://{os.environ.get('PGUSER', 'postgres')}@127.0.0.1:5432/{name}"
-    else:
-        deployment.database_url = f"sqlite:///{deployment.tmp / 'bench.db'}"
-    redis_server = embedded.start_redis(deployment.tmp / "redis")
-    deployment.embedded.append(redis_server)
-    s3 = embedded.start_s3(deployment.tmp / "s3")
-    deployment.embedded.append(s3)
-    log(f"services: database {deployment.database_url.split('@')[-1]}, Redis :{redis_server.port}, S3 {s3.endpoint_url}")
-    return {
-        "GPUJOBS_DATABASE_URL": deployment.database_url,
-        "GPUJOBS_BROKER_URL": redis_server.url,
-        "GPUJOBS_S3_ENDPOINT_URL": s3.endpoint_url,
-        "GPUJOBS_S3_ACCESS_KEY": s3.access_key,
-        "GPUJOBS_S3_SECRET_KEY": s3.secret_key,
-        "GPUJOBS_S3_BUCKET": "gpujobs-bench-diffusion",
-        "GPUJOBS_VAR_DIR": str(deployment.tmp / "var"),
-        "GPUJOBS_RATE_LIMIT_PER_MINUTE": "0",
-    }
-
-
-def start(deployment: Deployment, name: str, args: list[str], env: dict[str, str]) -> Any:
-    from gpujobs import embedded
-
-    log_path = deployment.tmp / "logs" / f"{name}.log"
-    process = embedded.start_process(args, log_path, env=env, cwd=REPO)
-    deployment.processes.append(process)
-    deployment.logs[name] = log_path
-    return process
-
-
-def wait_until(process: Any, log_path: Path, ready: Any, what: str) -> None:
-    deadline = time.monotonic() + READY_TIMEOUT
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"{what} exited ({process.returncode}):\n{tail(log_path)}")
-        with contextlib.suppress(Exception):
-            if ready():
-                return
-        time.sleep(0.2)
-    raise RuntimeError(f"{what} was not ready in {READY_TIMEOUT:g} s:\n{tail(log_path)}")
-
-
-def tail(path: Path, lines: int = 30) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-    except OSError:
-        return "(no log)"
-
-
-def stop_all(deployment: Deployment, keep_logs: bool) -> None:
-    if deployment.processes:
-        from gpujobs import embedded
-
-        for process in reversed(deployment.processes):
-            with contextlib.suppress(Exception):
-                embedded.stop_process(process)
-    with contextlib.suppress(Exception):
-        from db.session import dispose_engines
-
-        dispose_engines()
-    if deployment.created_database and deployment.maintenance_conninfo:
-        try:
-            import psycopg
-
-            with psycopg.connect(deployment.maintenance_conninfo, autocommit=True) as conn:
-                conn.execute(f'DROP DATABASE IF EXISTS "{deployment.created_database}" WITH (FORCE)')
-        except psycopg.Error as exc:
-            log(f"could not drop database {deployment.created_database}: {exc}")
-    for part in reversed(deployment.embedded):
-        with contextlib.suppress(Exception):
-            part.stop()
-    if keep_logs:
-        log(f"logs kept in {deployment.tmp / 'logs'}")
-    else:
-        shutil.rmtree(deployment.tmp, ignore_errors=True)
 
 
 # --- jobs -----------------------------------------------------------------------------------------
@@ -325,17 +207,7 @@ def machine(device: str) -> str:
 
     if device == "cuda":
         return f"{torch.cuda.get_device_name(0)}, torch {torch.__version__}, CUDA {torch.version.cuda}"
-    cpu = "unknown CPU"
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    return f"{os.cpu_count()} cores ({cpu}), torch {torch.__version__} ({torch.get_num_threads()} threads), Python {platform.python_version()}"
-
-
-def _interrupt(*_: object) -> None:
-    raise KeyboardInterrupt
+    return f"{os.cpu_count()} cores ({cpu_model()}), torch {torch.__version__} ({torch.get_num_threads()} threads), Python {platform.python_version()}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -372,16 +244,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.size % 8:
         parser.error("--size must be a multiple of 8")
 
-    signal.signal(signal.SIGTERM, _interrupt)
-    deployment = Deployment(tmp=Path(tempfile.mkdtemp(prefix="gpujobs-bench-diffusion-")))
+    interrupt_on(signal.SIGTERM)
+    deployment = Deployment.new("diffusion")
     failed = True
     try:
         sys.path.insert(0, str(REPO))
         args.model_dir = args.model_dir.resolve()
         build_model(args.configs, args.model_dir)
-        catalog = deployment.tmp / "catalog.toml"
-        catalog.write_text(f'[models.{MODEL_NAME}]\nkind = "diffusion"\nsource = "{args.model_dir}"\ndefault = true\n')
-        settings = {"GPUJOBS_MODEL_CATALOG": str(catalog), "GPUJOBS_DEVICE": args.device}
+        settings = {"GPUJOBS_MODEL_CATALOG": str(write_catalog(deployment.tmp, args.model_dir)), "GPUJOBS_DEVICE": args.device}
         if args.torch_compile:
             settings["GPUJOBS_TORCH_COMPILE"] = "true"
         if args.channels_last:
@@ -397,52 +267,18 @@ def main(argv: list[str] | None = None) -> int:
         log("interrupted")
         return 130
     finally:
-        stop_all(deployment, keep_logs=args.keep_logs or failed)
-
-
-def prepare_deployment(
-    deployment: Deployment, args: argparse.Namespace, settings: dict[str, str], purpose: str
-) -> tuple[dict[str, str], str]:
-    """Start the services, put their settings in this process's environment, migrate, make the bucket and an
-    admin key; the environment for ``gpujobs`` children, and the key (also used by ``bench.finetune``)."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("GPUJOBS_")}
-    env |= start_services(deployment, args) | settings | {"PYTHONUNBUFFERED": "1"}
-    os.environ.update({k: v for k, v in env.items() if k.startswith("GPUJOBS_")})
-
-    import migrations
-    from db.keys import create_key
-    from db.models import Role
-    from db.session import session_scope
-    from db.settings import reset_settings
-    from db.storage import get_storage
-
-    reset_settings()
-    migrations.upgrade(deployment.database_url)
-    with session_scope(deployment.database_url) as session:
-        _, key = create_key(session, purpose, Role.ADMIN)
-    get_storage().ensure_bucket()
-    return env, key
-
-
-def start_api(deployment: Deployment, env: dict[str, str]) -> str:
-    """``gpujobs api`` on a free loopback port, once it answers; its base URL."""
-    from gpujobs.embedded import free_port
-
-    port = free_port()
-    base = f"http://127.0.0.1:{port}"
-    api = start(deployment, "api", [sys.executable, "-m", "gpujobs", "api", "--host", "127.0.0.1", "--port", str(port)], env)
-    wait_until(api, deployment.logs["api"], lambda: requests.get(f"{base}/healthz", timeout=2).ok, "the API")
-    return base
+        deployment.stop(keep_logs=args.keep_logs or failed)
 
 
 def measure_service(args: argparse.Namespace, deployment: Deployment, settings: dict[str, str]) -> dict[str, Any]:
     """Jobs through ``gpujobs api`` and ``gpujobs worker`` against the raw call in this process."""
-    env, key = prepare_deployment(deployment, args, settings, "diffusion benchmark")
-    worker = start(deployment, "worker", [
+    deployment.start_services(database_url=args.database_url)
+    env, key = deployment.prepare("gpujobs-bench-diffusion", settings, "diffusion benchmark")
+    deployment.start("worker", [
         sys.executable, "-m", "gpujobs", "worker", "--queues", "gpu", "--concurrency", "1", "--name", "bench-diffusion",
     ], env)  # fmt: skip
-    base = start_api(deployment, env)
-    wait_until(worker, deployment.logs["worker"], lambda: " ready." in deployment.logs["worker"].read_text(), "the worker")
+    base = deployment.start_api(env)
+    deployment.wait_for_log("worker")
     client = Client(base, key)
     log(f"API and worker up; {args.device}: {args.size}×{args.size}, {args.steps} steps, guidance {GUIDANCE}, {SCHEDULER}")
 

@@ -9,9 +9,10 @@ The model is SD 1.5 (UNet, VAE, CLIP text encoder) built from ``/work/shared/mod
 with random weights by ``bench.diffusion`` (same shapes, same cost as the real weights), and the
 training set is ``--images`` generated pictures uploaded as files.
 
-Started here: an embedded Redis and S3 server, a fresh PostgreSQL database when one answers on
-127.0.0.1:5432 (else SQLite), ``gpujobs api`` and two ``gpujobs worker --queues train
---concurrency 1`` (both warmed up with a one-step fine-tune, so both hold the model).
+Started here (by ``bench.deployment``): an embedded Redis and S3 server, a fresh PostgreSQL database
+when one answers on 127.0.0.1:5432 (else SQLite, or ``--database-url``), ``gpujobs api``, two
+``gpujobs worker --queues train --concurrency 1`` (both warmed up with a one-step fine-tune, so both
+hold the model), and ``gpujobs beat`` with a ``maintenance`` worker for the reconciler.
 
 Measured:
 
@@ -49,27 +50,14 @@ import os
 import signal
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 import requests
 
-from bench.diffusion import (
-    DEFAULT_CONFIGS,
-    MODEL_NAME,
-    REPO,
-    Deployment,
-    build_model,
-    log,
-    machine,
-    prepare_deployment,
-    start,
-    start_api,
-    stop_all,
-    wait_until,
-)
+from bench.deployment import REPO, Deployment, interrupt_on, log
+from bench.diffusion import DEFAULT_CONFIGS, MODEL_NAME, build_model, machine, write_catalog
 
 PROFILES = {"cpu": (256, 4), "cuda": (512, 100)}  # device → (resolution, measured steps)
 RANK = 4
@@ -273,8 +261,8 @@ def main(argv: list[str] | None = None) -> int:
     args.resolution, args.steps = args.resolution or resolution, args.steps or steps
     args.dtype = args.dtype or ("float16" if args.device == "cuda" else "float32")
 
-    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
-    deployment = Deployment(tmp=Path(tempfile.mkdtemp(prefix="gpujobs-bench-finetune-")))
+    interrupt_on(signal.SIGTERM)
+    deployment = Deployment.new("finetune")
     failed = True
     try:
         sys.path.insert(0, str(REPO))
@@ -290,33 +278,32 @@ def main(argv: list[str] | None = None) -> int:
         log("interrupted")
         return 130
     finally:
-        stop_all(deployment, keep_logs=args.keep_logs or failed)
+        deployment.stop(keep_logs=args.keep_logs or failed)
 
 
 def measure(args: argparse.Namespace, deployment: Deployment) -> dict[str, Any]:
-    catalog = deployment.tmp / "catalog.toml"
-    catalog.write_text(f'[models.{MODEL_NAME}]\nkind = "diffusion"\nsource = "{args.model_dir}"\ndefault = true\n')
     settings = {
-        "GPUJOBS_MODEL_CATALOG": str(catalog),
+        "GPUJOBS_MODEL_CATALOG": str(write_catalog(deployment.tmp, args.model_dir)),
         "GPUJOBS_DEVICE": args.device,
         "GPUJOBS_DTYPE": args.dtype,
         "GPUJOBS_LEASE_SECONDS": str(args.lease),
         "GPUJOBS_CONTROL_POLL_SECONDS": str(args.control_poll),
         "GPUJOBS_MAX_BODY_BYTES": str(256 * 2**20),
     }
-    env, key = prepare_deployment(deployment, args, settings, "finetune benchmark")
+    deployment.start_services(database_url=args.database_url)
+    env, key = deployment.prepare("gpujobs-bench-finetune", settings, "finetune benchmark")
     python = [sys.executable, "-m", "gpujobs"]
     workers = {
-        name: start(deployment, name, [*python, "worker", "--queues", "train", "--concurrency", "1", "--name", name], env)
+        name: deployment.start(name, [*python, "worker", "--queues", "train", "--concurrency", "1", "--name", name], env)
         for name in ("bench-train-a", "bench-train-b")
     }
-    base = start_api(deployment, env)
-    for name, worker in workers.items():
-        wait_until(worker, deployment.logs[name], lambda n=name: " ready." in deployment.logs[n].read_text(), name)
-    beat = start(deployment, "beat", [*python, "beat"], env)
-    beat_worker = start(deployment, "maintenance", [*python, "worker", "--queues", "maintenance", "--name", "bench-m"], env)
-    for process, name in ((beat, "beat"), (beat_worker, "maintenance")):
-        wait_until(process, deployment.logs[name], lambda n=name: deployment.logs[n].stat().st_size > 0, name)
+    base = deployment.start_api(env)
+    for name in workers:
+        deployment.wait_for_log(name)
+    deployment.start("beat", [*python, "beat"], env)
+    deployment.start("maintenance", [*python, "worker", "--queues", "maintenance", "--name", "bench-m"], env)
+    for name in ("beat", "maintenance"):
+        deployment.wait_until(name, lambda n=name: deployment.logs[n].stat().st_size > 0)
 
     client = Client(base, key)
     images = pictures(args.images, args.resolution)

