@@ -480,25 +480,32 @@ def test_a_dataset_zip_with_a_link_is_a_422(client, users):
 # worker's dtype is a half one, on any device; here it runs on the CPU, the same code but for the device.
 
 
-def _trainer(catalog: Path, dtype: str, **params: Any) -> Any:
-    import functools
-
+def _training_set(catalog: Path, dtype: str, images: int = 3, **params: Any) -> tuple[Any, ...]:
+    """The demo family in ``dtype`` (its cache of its own), its folder, an ``Input`` and ``images`` samples."""
     from db.settings import Settings
     from worker.jobs.finetune import Input
     from worker.jobs.training_data import Sample
     from worker.models.cache import ModelCache
     from worker.models.diffusion import load_family
-    from worker.models.finetune import encode_samples
-    from worker.models.trainer import Trainer
 
     cache = ModelCache(Settings(model_catalog=catalog, device="cpu", dtype=dtype))
     entry = cache.entry(None, "diffusion")
     family = cache.get("diffusion:demo-sd", entry, load_family)
-    ids = ["file_a", "file_b", "file_c"]
+    ids = [f"file_{i}" for i in range(images)]
     inputs = Input(images=ids, resolution=64, seed=5, learning_rate=1e-2, **params)
     samples = [Sample(name, picture(64, 64, seed=i), None, 64, 64) for i, name in enumerate(ids)]
+    return family, cache.local_folder(entry), inputs, samples
+
+
+def _trainer(catalog: Path, dtype: str, **params: Any) -> Any:
+    import functools
+
+    from worker.models.finetune import encode_samples
+    from worker.models.trainer import Trainer
+
+    family, folder, inputs, samples = _training_set(catalog, dtype, **params)
     encoded = encode_samples(family, samples, inputs, "cpu", None)
-    return functools.partial(Trainer, cache.local_folder(entry), inputs, encoded, family)
+    return functools.partial(Trainer, folder, inputs, encoded, family)
 
 
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
@@ -597,3 +604,23 @@ def test_a_loaded_lora_counts_in_the_model_cache_budget_and_makes_room(demo_cata
         pass
     assert cache.stats["diffusion:demo-sd"].bytes == plain
     assert not any("mdl_budget" in name for name, _ in unet.named_parameters())
+
+
+def test_encoding_the_training_set_checks_for_cancel_before_each_batch(demo_catalog):
+    """A large training set is encoded in batches; a cancel (or the deadline) stops it at the next batch."""
+    from worker.context import Canceled
+    from worker.models.finetune import ENCODE_BATCH, encode_samples
+
+    family, _, inputs, samples = _training_set(demo_catalog, "float32", images=ENCODE_BATCH * 2 + 1)
+    checks = []
+
+    def cancel_on_the_second() -> None:
+        checks.append(len(checks))
+        if len(checks) == 2:
+            raise Canceled()
+
+    with pytest.raises(Canceled):
+        encode_samples(family, samples, inputs, "cpu", None, cancel_on_the_second)
+    assert len(checks) == 2, "stopped at the second of three batches"
+    encoded = encode_samples(family, samples, inputs, "cpu", None, lambda: checks.append(0))
+    assert len(checks) == 2 + 3 and encoded.latent_mean.shape[0] == len(samples)

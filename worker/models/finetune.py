@@ -15,6 +15,7 @@ from __future__ import annotations
 import functools
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -52,6 +53,7 @@ def load_samples(ctx: JobContext, params: Input) -> list[Sample]:
             return read_dataset(ctx.input_file(params.dataset), limits)
         samples = []
         for index, file_id in enumerate(params.images or []):
+            ctx.check()  # a long list of images: cancel and the deadline apply while they download
             data = ctx.input_file(file_id)
             width, height = check_image(file_id, data, limits)
             caption = params.captions[index] if params.captions else None
@@ -78,14 +80,21 @@ def square_pixels(data: bytes, resolution: int) -> np.ndarray:
 
 
 def encode_samples(
-    family: Family, samples: list[Sample], params: Input, device: str, latents: tuple[torch.Tensor, torch.Tensor] | None
+    family: Family,
+    samples: list[Sample],
+    params: Input,
+    device: str,
+    latents: tuple[torch.Tensor, torch.Tensor] | None,
+    check: Callable[[], None] = lambda: None,
 ) -> Encoded:
-    """Latent distributions (unless ``latents`` brings them, from an earlier attempt) and caption features."""
+    """Latent distributions (unless ``latents`` brings them, from an earlier attempt) and caption features;
+    ``check()`` (cancel, deadline, lease) before each batch of images, so a large training set stops early."""
     vae, text_encoder, tokenizer = family.vae, family.text_to_image.text_encoder, family.text_to_image.tokenizer
     with torch.inference_mode():
         if latents is None:
             means, stds = [], []
             for start in range(0, len(samples), ENCODE_BATCH):
+                check()
                 chunk = samples[start : start + ENCODE_BATCH]
                 pixels = torch.from_numpy(np.stack([square_pixels(s.image, params.resolution) for s in chunk]))
                 posterior = vae.encode(pixels.to(device, vae.dtype)).latent_dist
@@ -138,7 +147,7 @@ def _run_training(
     encoded = guard_out_of_memory(
         family.device,
         "encoding the training set",
-        functools.partial(encode_samples, family, samples, params, family.device, stored),
+        functools.partial(encode_samples, family, samples, params, family.device, stored, ctx.check),
     )
     ctx.progress(0, params.steps, "loading the UNet")
     trainer = guard_out_of_memory(
