@@ -220,9 +220,10 @@ def _check_models(params: JobInput) -> None:
         entry = catalog.entries.get(name)
         if entry is None or entry.kind != kind:
             known = ", ".join(sorted(n for n, e in catalog.entries.items() if e.kind == kind)) or "none"
+            found = f"{name!r} is a {entry.kind} model, not a {kind} model" if entry else f"no model {name!r}"
             raise validation_error(
                 ["body", "input", field],
-                f"no {kind} model {name!r} in this service's catalog (it has: {known}; GET /v1/models lists them)",
+                f"{found} in this service's catalog (its {kind} models: {known}; GET /v1/models lists them)",
             )
 
 

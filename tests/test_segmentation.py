@@ -236,7 +236,10 @@ def test_a_missing_or_pickle_only_model_fails_the_job_clearly(client, keys, no_g
     # Not in the catalog at all: refused at submit, naming the models there are.
     unknown = {"type": "segmentation", "input": {"image": file_id, "model": "no-such-model"}}
     problem = assert_problem(submit(client, keys.user_a.secret, unknown), 422, ["input", "model"])
-    assert "no-such-model" in problem["detail"] and "demo-mask2former, gone, pickled" in problem["detail"]
+    assert "no model 'no-such-model'" in problem["detail"] and "demo-mask2former, gone, pickled" in problem["detail"]
+    other_kind = {"type": "segmentation", "input": {"image": file_id, "model": "demo-sd"}}
+    problem = assert_problem(submit(client, keys.user_a.secret, other_kind), 422, ["input", "model"])
+    assert "'demo-sd' is a diffusion model, not a segmentation model" in problem["detail"]
 
 
 @pytest.mark.parametrize(
