@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import secrets
 import shlex
@@ -52,6 +53,33 @@ def interrupt_on(*signals: int) -> None:
 
     for signum in signals:
         signal.signal(signum, interrupt)
+
+
+def run(
+    bench: str,
+    measure: Callable[[Deployment], dict[str, Any]],
+    report: Callable[[dict[str, Any]], None],
+    json_path: Path | None,
+    keep_logs: bool,
+) -> int:
+    """A benchmark's life on one fresh :class:`Deployment`: ``measure`` it, ``report`` the figures (and write
+    them to ``json_path``), and ``stop`` it whatever happens; SIGTERM or Ctrl-C stop it too (exit 130). The logs
+    are kept when asked, or when it failed. The exit status."""
+    interrupt_on(signal.SIGTERM)
+    deployment = Deployment.new(bench)
+    failed = True
+    try:
+        results = measure(deployment)
+        report(results)
+        if json_path:
+            json_path.write_text(json.dumps(results, indent=2, default=str))
+        failed = False
+        return 0
+    except KeyboardInterrupt:
+        log("interrupted")
+        return 130
+    finally:
+        deployment.stop(keep_logs=keep_logs or failed)
 
 
 def cpu_model() -> str:

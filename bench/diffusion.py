@@ -40,7 +40,6 @@ import json
 import os
 import platform
 import shutil
-import signal
 import statistics
 import sys
 import time
@@ -49,7 +48,7 @@ from typing import Any
 
 import requests
 
-from bench.deployment import REPO, Deployment, cpu_model, interrupt_on, log
+from bench.deployment import REPO, Deployment, cpu_model, log, run
 
 DEFAULT_CONFIGS = Path("/work/shared/model-configs/sd15")
 MODEL_NAME = "sd15-random"
@@ -244,30 +243,18 @@ def main(argv: list[str] | None = None) -> int:
     if args.size % 8:
         parser.error("--size must be a multiple of 8")
 
-    interrupt_on(signal.SIGTERM)
-    deployment = Deployment.new("diffusion")
-    failed = True
-    try:
-        sys.path.insert(0, str(REPO))
-        args.model_dir = args.model_dir.resolve()
+    args.model_dir = args.model_dir.resolve()
+
+    def measure(deployment: Deployment) -> dict[str, Any]:
         build_model(args.configs, args.model_dir)
         settings = {"GPUJOBS_MODEL_CATALOG": str(write_catalog(deployment.tmp, args.model_dir)), "GPUJOBS_DEVICE": args.device}
         if args.torch_compile:
             settings["GPUJOBS_TORCH_COMPILE"] = "true"
         if args.channels_last:
             settings["GPUJOBS_CHANNELS_LAST"] = "true"
-        measure = measure_in_process if args.in_process else measure_service
-        results = measure(args, deployment, settings)
-        report(results)
-        if args.json:
-            args.json.write_text(json.dumps(results, indent=2))
-        failed = False
-        return 0
-    except KeyboardInterrupt:
-        log("interrupted")
-        return 130
-    finally:
-        deployment.stop(keep_logs=args.keep_logs or failed)
+        return (measure_in_process if args.in_process else measure_service)(args, deployment, settings)
+
+    return run("diffusion", measure, report, args.json, args.keep_logs)
 
 
 def measure_service(args: argparse.Namespace, deployment: Deployment, settings: dict[str, str]) -> dict[str, Any]:

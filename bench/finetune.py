@@ -45,7 +45,6 @@ from __future__ import annotations
 import argparse
 import gc
 import io
-import json
 import os
 import signal
 import statistics
@@ -56,7 +55,7 @@ from typing import Any
 
 import requests
 
-from bench.deployment import REPO, Deployment, interrupt_on, log
+from bench.deployment import REPO, Deployment, log, run
 from bench.diffusion import DEFAULT_CONFIGS, MODEL_NAME, build_model, machine, write_catalog
 
 PROFILES = {"cpu": (256, 4), "cuda": (512, 100)}  # device → (resolution, measured steps)
@@ -261,24 +260,13 @@ def main(argv: list[str] | None = None) -> int:
     args.resolution, args.steps = args.resolution or resolution, args.steps or steps
     args.dtype = args.dtype or ("float16" if args.device == "cuda" else "float32")
 
-    interrupt_on(signal.SIGTERM)
-    deployment = Deployment.new("finetune")
-    failed = True
-    try:
-        sys.path.insert(0, str(REPO))
-        args.model_dir = args.model_dir.resolve()
+    args.model_dir = args.model_dir.resolve()
+
+    def build_and_measure(deployment: Deployment) -> dict[str, Any]:
         build_model(args.configs, args.model_dir)
-        results = measure(args, deployment)
-        report(results)
-        if args.json:
-            args.json.write_text(json.dumps(results, indent=2, default=str))
-        failed = False
-        return 0
-    except KeyboardInterrupt:
-        log("interrupted")
-        return 130
-    finally:
-        deployment.stop(keep_logs=args.keep_logs or failed)
+        return measure(args, deployment)
+
+    return run("finetune", build_and_measure, report, args.json, args.keep_logs)
 
 
 def measure(args: argparse.Namespace, deployment: Deployment) -> dict[str, Any]:
