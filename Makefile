@@ -1,6 +1,7 @@
 # The two commands of this project:
 #   make up     set up (first time) and run the whole service with embedded defaults and demo models
-#   make test   set up (first time) and run the whole test suite
+#   make test   set up (first time) and run the whole test suite (checks, unit layer, integration suite)
+#   make unit   the unit layer only (no services), for a quick check while changing code
 # Setup needs only Python 3.11+: it creates .venv and installs the project into it, again
 # only when pyproject.toml changes (the stamp file records the last install).
 
@@ -14,13 +15,18 @@ TORCH  ?= torch==2.13.0
 
 CHROMIUM ?= /usr/bin/chromium
 
-.PHONY: up test install clean chromium
+.PHONY: up test unit install clean chromium
 
 up: $(STAMP)
 	$(BIN)/gpujobs up --demo --port $(PORT)
 
+# The unit layer first (no services, seconds), then the integration suite (real services and processes).
 test: $(STAMP) chromium
-	$(BIN)/pytest $(PYTEST_ARGS)
+	$(BIN)/pytest tests/unit tests/integration $(PYTEST_ARGS)
+
+# The unit layer alone: no database, broker, S3 or subprocess; under a minute on 2 cores.
+unit: $(STAMP)
+	$(BIN)/pytest tests/unit $(PYTEST_ARGS)
 
 install: $(STAMP)
 

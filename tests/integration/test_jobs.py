@@ -9,7 +9,7 @@ from datetime import datetime
 
 import requests
 
-from tests.client import assert_problem, auth, diagnostic, events, kinds, submit, wait_for
+from tests.integration.client import assert_problem, auth, diagnostic, events, kinds, submit, wait_for
 
 
 def _time(value: str) -> datetime:
@@ -161,7 +161,7 @@ def test_list_filters_by_status_and_type(client, keys, gpu_worker):
 
 
 def test_a_tenant_lists_only_its_own_jobs(client, keys, gpu_worker):
-    from tests.conftest import make_key
+    from tests.integration.conftest import make_key
 
     job = diagnostic(client, keys.admin.secret)
     # Tenants of this test's own: the session's shared user keys have jobs of other modules' tests.

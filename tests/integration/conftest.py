@@ -25,9 +25,9 @@ from typing import Any
 import pytest
 
 from gpujobs.embedded import EmbeddedS3, start_s3
-from tests import processes
-from tests.processes import ROOT, ManagedProcess, Stack
-from tests.services import Database, RedisDatabase, provision_database, provision_redis
+from tests.integration import processes
+from tests.integration.processes import ROOT, ManagedProcess, Stack
+from tests.integration.services import Database, RedisDatabase, provision_database, provision_redis
 
 # Small timings so that leases expire, reconciles run and cancels land within a second or two.
 TEST_SETTINGS = {

@@ -10,11 +10,11 @@ import os
 import re
 import stat
 
-from tests import webhook_fixtures
-from tests.admin_client import HTML, csrf_of, logged_in, login, page, post_form
-from tests.client import assert_problem, auth, diagnostic, get_job, kinds, wait_for
-from tests.conftest import make_key
-from tests.webhook_fixtures import deliveries, job_with_webhook, wait_deliveries
+from tests.integration import webhook_fixtures
+from tests.integration.admin_client import HTML, csrf_of, logged_in, login, page, post_form
+from tests.integration.client import assert_problem, auth, diagnostic, get_job, kinds, wait_for
+from tests.integration.conftest import make_key
+from tests.integration.webhook_fixtures import deliveries, job_with_webhook, wait_deliveries
 
 receiver = webhook_fixtures.receiver
 webhooks_worker = webhook_fixtures.webhooks_worker

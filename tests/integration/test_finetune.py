@@ -22,9 +22,9 @@ import numpy as np
 import pytest
 import requests
 
-from tests.client import assert_problem, auth, events, submit, wait_for
-from tests.generation import download, picture, pixels_of, run_job, uploaded, worker_models
-from tests.processes import Stack
+from tests.integration.client import assert_problem, auth, events, submit, wait_for
+from tests.integration.generation import download, picture, pixels_of, run_job, uploaded, worker_models
+from tests.integration.processes import Stack
 
 TRAIN_TIMEOUT = 180.0
 SMALL = {"width": 64, "height": 64, "num_inference_steps": 3, "seed": 21}
@@ -44,7 +44,7 @@ class Workers:
 
 @pytest.fixture(scope="module")
 def workers(cluster, services, tmp_path_factory) -> Any:
-    from tests.conftest import quiesce
+    from tests.integration.conftest import quiesce
 
     cluster.stop_gpu_worker()
     env = {**os.environ, "GPUJOBS_HEARTBEAT_SECONDS": "0.3", "OMP_WAIT_POLICY": "PASSIVE"}
@@ -58,7 +58,7 @@ def workers(cluster, services, tmp_path_factory) -> Any:
 
 @pytest.fixture(scope="module")
 def users(services) -> Any:
-    from tests.conftest import make_key
+    from tests.integration.conftest import make_key
 
     class Users:
         me = make_key("finetune tests", "user")

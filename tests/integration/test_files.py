@@ -11,7 +11,7 @@ import zlib
 import pytest
 import requests
 
-from tests.client import assert_problem, auth, png_bytes, upload
+from tests.integration.client import assert_problem, auth, png_bytes, upload
 
 
 def png_header_only(width: int, height: int) -> bytes:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.client import assert_problem, auth, diagnostic, png_bytes, upload
+from tests.integration.client import assert_problem, auth, diagnostic, png_bytes, upload
 
 
 @pytest.mark.parametrize(
@@ -126,7 +126,7 @@ def test_public_routes_need_no_key(client):
 def test_too_many_requests_for_one_key_is_a_429_with_retry_after(keys):
     import api
     from db.settings import Settings
-    from tests.conftest import make_key
+    from tests.integration.conftest import make_key
 
     busy, calm = make_key("busy client", "user"), make_key("calm client", "user")
     client = api.create_app(Settings(rate_limit_per_minute=5)).test_client()

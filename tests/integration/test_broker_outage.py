@@ -15,10 +15,10 @@ import pytest
 import requests
 
 from gpujobs.embedded import EmbeddedRedis, start_redis
-from tests.client import events
-from tests.conftest import make_key
-from tests.processes import Stack
-from tests.services import (
+from tests.integration.client import events
+from tests.integration.conftest import make_key
+from tests.integration.processes import Stack
+from tests.integration.services import (
     create_postgres_database,
     drop_postgres_database,
     embedded_only,

@@ -6,7 +6,7 @@ import re
 import threading
 import time
 
-from tests.client import diagnostic, events, get_job, wait_for
+from tests.integration.client import diagnostic, events, get_job, wait_for
 
 
 def _claimed_by(job_id: str) -> list[str]:
@@ -195,7 +195,7 @@ def test_a_job_whose_worker_dies_on_every_attempt_fails_as_worker_lost(client, k
 def test_a_job_whose_message_the_broker_lost_is_sent_again(client, keys, no_gpu_worker, start_worker):
     """The API marked the job sent, but its message vanished (a broker restart without persistence):
     once the job has waited ``lost_message_seconds`` with its queue empty, the reconciler sends it again."""
-    from tests.conftest import purge_queue
+    from tests.integration.conftest import purge_queue
 
     job = diagnostic(client, keys.admin.secret, steps=1)
     assert purge_queue("gpu") >= 1  # the message is gone; the row still says it was sent

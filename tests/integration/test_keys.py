@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 
-from tests.client import assert_problem, auth
+from tests.integration.client import assert_problem, auth
 
 
 def test_create_list_and_revoke_a_key(client, keys):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 
-from tests.client import assert_problem, auth, diagnostic, kinds, wait_for
+from tests.integration.client import assert_problem, auth, diagnostic, kinds, wait_for
 
 
 def _cancel(client, key, job_id):

@@ -17,10 +17,10 @@ import pytest
 import requests
 from standardwebhooks import Webhook, WebhookVerificationError
 
-from tests import webhook_fixtures
-from tests.client import auth, events, get_job, wait_for
-from tests.webhook_fixtures import deliveries, job_with_webhook, parse_time, secret_of, wait_deliveries, without_urls
-from tests.webhook_receiver import Reply
+from tests.integration import webhook_fixtures
+from tests.integration.client import auth, events, get_job, wait_for
+from tests.integration.webhook_fixtures import deliveries, job_with_webhook, parse_time, secret_of, wait_deliveries, without_urls
+from tests.integration.webhook_receiver import Reply
 
 receiver = webhook_fixtures.receiver
 webhooks_worker = webhook_fixtures.webhooks_worker
@@ -209,7 +209,7 @@ def test_a_worker_killed_after_success_before_the_webhook_went_still_leads_to_on
 ):
     """No webhooks worker runs while the job succeeds and its worker is killed; the queue loses the send
     task too. Only the database row is left: the beat sweep finds it once a webhooks worker is there."""
-    from tests.conftest import purge_queue
+    from tests.integration.conftest import purge_queue
 
     admin = keys.admin.secret
     doomed = start_worker()
@@ -288,7 +288,7 @@ def test_another_tenant_sees_neither_the_deliveries_nor_can_redeliver(
     job = job_with_webhook(client, admin, receiver.url("/mine"))
     [delivery] = wait_deliveries(client, admin, job["id"], lambda ds: len(ds) == 1)
 
-    from tests.client import assert_problem
+    from tests.integration.client import assert_problem
 
     other = keys.user_b.secret
     assert_problem(client.get(f"/v1/jobs/{job['id']}/webhooks", headers=auth(other)), 404)
@@ -322,7 +322,7 @@ def test_after_a_rotation_both_secrets_verify_during_the_grace_period_then_only_
 ):
     import api
     from db.settings import get_settings
-    from tests.conftest import make_key
+    from tests.integration.conftest import make_key
 
     grace = 5.0
     app = api.create_app(get_settings().model_copy(update={"webhook_secret_grace_seconds": grace}))

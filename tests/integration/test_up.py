@@ -15,7 +15,7 @@ from pathlib import Path
 
 import requests
 
-from tests.processes import ROOT, gpujobs_command
+from tests.integration.processes import ROOT, gpujobs_command
 
 ADMIN_KEY = "gpj_test-up-admin-key-0123456789"
 

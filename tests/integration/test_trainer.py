@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from tests.generation import picture
+from tests.integration.generation import picture
 
 # --- mixed precision ---------------------------------------------------------------------------------
 # A CUDA worker trains in its half dtype: the frozen UNet in float16 or bfloat16 under autocast, the LoRA

@@ -5,7 +5,7 @@ from __future__ import annotations
 import secrets
 import threading
 
-from tests.client import assert_problem, auth, submit
+from tests.integration.client import assert_problem, auth, submit
 
 BODY = {"type": "diagnostic", "input": {"steps": 2}, "metadata": {"order": 17}}
 

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import requests
 
-from tests.client import submit, upload, wait_for
+from tests.integration.client import submit, upload, wait_for
 
 JOB_TIMEOUT = 120.0
 

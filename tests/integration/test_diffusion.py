@@ -21,8 +21,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-from tests.client import assert_problem, auth, events, submit, wait_for
-from tests.generation import (
+from tests.integration.client import assert_problem, auth, events, submit, wait_for
+from tests.integration.generation import (
     JOB_TIMEOUT,
     download,
     mask_png,
@@ -33,7 +33,7 @@ from tests.generation import (
     wait_models,
     worker_models,
 )
-from tests.processes import Stack
+from tests.integration.processes import Stack
 
 SMALL = {"width": 64, "height": 64, "num_inference_steps": 3}
 
@@ -44,7 +44,7 @@ SMALL = {"width": 64, "height": 64, "num_inference_steps": 3}
 @pytest.fixture(scope="module")
 def sd_worker(cluster, demo_catalog, tmp_path_factory) -> Any:
     """A gpu worker that knows the demo catalog, for this module only (the default one is stopped)."""
-    from tests.conftest import quiesce
+    from tests.integration.conftest import quiesce
 
     cluster.stop_gpu_worker()
     env = {
@@ -66,7 +66,7 @@ def sd_worker(cluster, demo_catalog, tmp_path_factory) -> Any:
 @pytest.fixture(scope="module")
 def users(services) -> Any:
     """Two users of tenants of this module's own: the session's shared tenants stay as other modules expect."""
-    from tests.conftest import make_key
+    from tests.integration.conftest import make_key
 
     class Users:
         me = make_key("diffusion tests", "user")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 
 from gpujobs.embedded import free_port
-from tests.client import assert_problem
+from tests.integration.client import assert_problem
 
 
 def test_healthz(client):

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from tests.client import PROBLEM_JSON, assert_problem, auth, submit
+from tests.integration.client import PROBLEM_JSON, assert_problem, auth, submit
 
 
 def _cursor(value: object) -> str:

@@ -9,9 +9,9 @@ from typing import Any
 
 import pytest
 
-from tests.client import auth, submit
-from tests.processes import Stack
-from tests.webhook_receiver import Receiver
+from tests.integration.client import auth, submit
+from tests.integration.processes import Stack
+from tests.integration.webhook_receiver import Receiver
 
 FAST = {
     "GPUJOBS_WEBHOOK_ALLOW_PRIVATE": "true",

@@ -13,10 +13,10 @@ import time
 
 import pytest
 
-from tests import webhook_fixtures
-from tests.client import assert_problem, auth, submit
-from tests.webhook_fixtures import job_with_webhook, wait_deliveries
-from tests.webhook_receiver import Receiver
+from tests.integration import webhook_fixtures
+from tests.integration.client import assert_problem, auth, submit
+from tests.integration.webhook_fixtures import job_with_webhook, wait_deliveries
+from tests.integration.webhook_receiver import Receiver
 
 receiver = webhook_fixtures.receiver
 webhooks_worker = webhook_fixtures.webhooks_worker

@@ -16,8 +16,8 @@ from typing import Any
 import pytest
 import requests
 
-from tests.client import auth, get_job, upload, wait_for
-from tests.processes import ROOT, Stack
+from tests.integration.client import auth, get_job, upload, wait_for
+from tests.integration.processes import ROOT, Stack
 
 ARTIFACTS = ROOT / "test-artifacts" / "admin"
 CHROMIUM_FLAGS = [
@@ -111,7 +111,7 @@ def logged_in(page: Any, base_url: str, key: str) -> Any:
 
 
 def picture() -> bytes:
-    from tests.test_segmentation import picture as shapes
+    from tests.integration.test_segmentation import picture as shapes
 
     return shapes(96, 72, seed=3)
 

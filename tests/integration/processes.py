@@ -22,7 +22,7 @@ import requests
 
 from gpujobs.embedded import free_port, start_process, stop_process
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 STARTUP_TIMEOUT = 60.0
 
 # Every process the tests started, for the failure report.

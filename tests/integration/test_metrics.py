@@ -10,9 +10,9 @@ from typing import Any
 
 import pytest
 
-from tests.admin_client import logged_in, page
-from tests.client import assert_problem, diagnostic, wait_for
-from tests.processes import Stack
+from tests.integration.admin_client import logged_in, page
+from tests.integration.client import assert_problem, diagnostic, wait_for
+from tests.integration.processes import Stack
 
 WINDOW = 7 * 86400  # every job of this test session is inside it
 
@@ -83,7 +83,7 @@ def test_metrics_parse_and_match_the_database_after_a_known_set_of_jobs(metrics_
     from db.session import session_scope
 
     admin = keys.admin.secret
-    from tests.conftest import quiesce
+    from tests.integration.conftest import quiesce
 
     quiesce()  # jobs of earlier tests must not finish between the two scrapes
     before = scrape(metrics_app)
