@@ -18,8 +18,10 @@ def create_app(settings: Settings | None = None) -> Flask:
     from api import admin, auth, errors, files, health, jobs, keys, metrics, models, openapi, webhooks
     from api.errors import ApiError
     from api.presenters import ID
+    from worker.hooks import install_hooks
 
     settings = settings or get_settings()
+    install_hooks(settings)  # finish notifications and webhook sends after commits, in this process
     app = Flask(__name__)
     app.config.update(MAX_CONTENT_LENGTH=settings.max_body_bytes, GPUJOBS_SETTINGS=settings)
     app.json.sort_keys = False  # type: ignore[attr-defined]

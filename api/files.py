@@ -22,7 +22,7 @@ from api.openapi import document
 from api.presenters import file_json
 from db.models import File, new_id
 from db.storage import StorageError
-from worker.jobs.training_data import DatasetError, dataset_limits, read_dataset
+from worker.jobs.finetune.training_data import DatasetError, dataset_limits, read_dataset
 
 log = logging.getLogger(__name__)
 

@@ -18,14 +18,15 @@ from api import config, waiting
 from api.auth import current_key, is_admin
 from api.body import json_object
 from api.errors import ApiError, from_pydantic, validation_error
-from api.models import default_model, readable_catalog
+from api.models import readable_catalog
 from api.openapi import document
 from api.presenters import job_json, page_params, paginate
 from db import transitions
 from db.models import File, Job, JobStatus, Model, utcnow
 from worker.celery_app import dispatch
-from worker.jobs import REGISTRY, get_job_type
-from worker.jobs.base import JobInput, catalog_fields, file_fields
+from worker.jobs import job_types
+from worker.jobs.spec import JobInput, catalog_fields, file_fields
+from worker.models.catalog import Catalog, CatalogError
 from worker.webhooks import guard
 
 log = logging.getLogger(__name__)
@@ -110,9 +111,10 @@ def create_job() -> tuple[Response, int, dict[str, str]]:
         spec = JobCreate.model_validate(body)
     except ValidationError as exc:
         raise from_pydantic(exc, ["body"]) from None
-    job_type = get_job_type(spec.type)
+    served = job_types(settings)
+    job_type = served.get(spec.type)
     if job_type is None:
-        known = ", ".join(sorted(n for n, t in REGISTRY.items() if is_admin() or not t.admin_only))
+        known = ", ".join(sorted(n for n, t in served.items() if is_admin() or not t.admin_only))
         raise validation_error(["body", "type"], f"unknown job type {spec.type!r}; known types: {known}")
     if job_type.admin_only and not is_admin():
         raise ApiError(403, f"`{spec.type}` jobs need an admin key.")
@@ -121,8 +123,8 @@ def create_job() -> tuple[Response, int, dict[str, str]]:
     except ValidationError as exc:
         raise from_pydantic(exc, ["body", "input"]) from None
     _check_files(params)
-    _check_models(params)
-    _check_loras(params)
+    catalog = _check_models(params)
+    _check_tenant_models(params, catalog)
     if spec.webhook is not None:
         _check_webhook(spec.webhook)
     if len(json.dumps(spec.metadata)) > settings.max_json_field_bytes:
@@ -167,7 +169,7 @@ def create_job() -> tuple[Response, int, dict[str, str]]:
 
     # Commit first, then send: if the broker refuses, the reconciler sends it later.
     try:
-        dispatch(job.id, job.queue, settings.broker_url)
+        dispatch(job.id, job.queue, settings)
     except Exception as exc:
         log.warning("job %s stays queued until the broker is back: %s", job.id, exc)
         transitions.undo_dispatch(g.db, job.id)
@@ -205,16 +207,17 @@ def _check_files(params: JobInput) -> None:
             )
 
 
-def _check_models(params: JobInput) -> None:
+def _check_models(params: JobInput) -> Catalog | None:
     """Every catalog model the input names is in the service's catalog, of the kind the job runs (else 422).
 
     The API reads the same catalog file as the workers (``GPUJOBS_MODEL_CATALOG``); if it cannot, the
     names are left to the worker (which fails the job, saying why) rather than refusing every job.
+    Returns the catalog if it was read (or needs reading: the input names tenant models).
     """
     named = {field: kind for field, kind in catalog_fields(type(params)).items() if getattr(params, field) is not None}
-    catalog = readable_catalog() if named else None
+    catalog = readable_catalog() if named or params.tenant_model_refs() else None
     if catalog is None:
-        return
+        return None
     for field, kind in named.items():
         name = getattr(params, field)
         entry = catalog.entries.get(name)
@@ -227,26 +230,36 @@ def _check_models(params: JobInput) -> None:
             )
 
 
-def _check_loras(params: JobInput) -> None:
-    """Every LoRA a generation job names is a model of this tenant made for the job's base model (else 422)."""
-    loras = getattr(params, "loras", None)
-    if not loras:
+def _check_tenant_models(params: JobInput, catalog: Catalog | None) -> None:
+    """Every fine-tuned model the input names is this tenant's, made for the base model the job runs (else 422)."""
+    refs = params.tenant_model_refs()
+    if not refs:
         return
     rows = g.db.execute(
         select(Model.id, Model.base_model).where(
-            Model.id.in_([ref.model for ref in loras]), Model.tenant_id == current_key().tenant_id
+            Model.id.in_([ref.model_id for ref in refs]), Model.tenant_id == current_key().tenant_id
         )
     ).all()
     bases = dict(rows)
-    base = getattr(params, "model", None) or default_model("diffusion")
-    for index, ref in enumerate(loras):
-        loc = ["body", "input", "loras", index, "model"]
-        if ref.model not in bases:
-            raise validation_error(loc, f"no model {ref.model!r} (GET /v1/models lists this tenant's models)")
-        if base is not None and bases[ref.model] != base:
+    for ref in refs:
+        loc = ["body", "input", *ref.loc]
+        if ref.model_id not in bases:
+            raise validation_error(loc, f"no model {ref.model_id!r} (GET /v1/models lists this tenant's models)")
+        base = ref.base_model or _default_model(catalog, ref.base_kind)
+        if base is not None and bases[ref.model_id] != base:
             raise validation_error(
-                loc, f"model {ref.model!r} is a LoRA of {bases[ref.model]!r}, but this job runs {base!r}"
+                loc, f"model {ref.model_id!r} is a LoRA of {bases[ref.model_id]!r}, but this job runs {base!r}"
             )
+
+
+def _default_model(catalog: Catalog | None, kind: str) -> str | None:
+    """The catalog's default model of ``kind`` (None when there is none, or no readable catalog)."""
+    if catalog is None:
+        return None
+    try:
+        return catalog.default_for(kind).name
+    except CatalogError:
+        return None
 
 
 def _check_webhook(url: str) -> None:
@@ -285,7 +298,7 @@ def list_jobs() -> Response:
         query = query.where(Job.status == status)
     job_type = request.args.get("type")
     if job_type:
-        if job_type not in REGISTRY:
+        if job_type not in job_types(config.settings()):
             raise validation_error(["query", "type"], f"unknown job type {job_type!r}")
         query = query.where(Job.type == job_type)
     jobs, next_cursor = paginate(query, Job, limit, cursor)

@@ -50,7 +50,7 @@ class JobSystemCollector(Collector):
         self.settings = settings
 
     def collect(self) -> Iterator[Any]:
-        from worker.jobs import REGISTRY
+        from worker.jobs import job_types
 
         session, settings = self.session, self.settings
         now = utcnow()
@@ -58,7 +58,7 @@ class JobSystemCollector(Collector):
 
         jobs = GaugeMetricFamily("gpujobs_jobs", "Jobs in the database by type and status.", labels=["type", "status"])
         counts = stats.jobs_by_type_and_status(session)
-        for job_type in sorted(set(REGISTRY) | {t for t, _ in counts}):
+        for job_type in sorted(set(job_types(settings)) | {t for t, _ in counts}):
             for status in JobStatus:
                 jobs.add_metric([job_type, status.value], counts.get((job_type, status.value), 0))
         yield jobs

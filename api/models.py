@@ -21,16 +21,15 @@ from api.auth import current_key, is_admin
 from api.errors import ApiError, validation_error
 from api.openapi import document
 from api.presenters import page_params, paginate
-from db.models import Model, ModelKind
+from db.models import Model, ModelOrigin
 from db.storage import StorageError
 from db.wire import model_json
+from worker.jobs import model_kinds
 from worker.models.catalog import Catalog, CatalogError, ModelEntry, load_catalog
 
 log = logging.getLogger(__name__)
 
 bp = Blueprint("models", __name__, url_prefix="/v1/models")
-
-BASE_KINDS = ("diffusion", "segmentation")  # catalog kinds that jobs run (the others are their parts)
 
 
 def readable_catalog() -> Catalog | None:
@@ -47,22 +46,15 @@ def base_models() -> dict[str, ModelEntry]:
     catalog = readable_catalog()
     if catalog is None:
         return {}
-    return {name: entry for name, entry in catalog.entries.items() if entry.kind in BASE_KINDS}
-
-
-def default_model(kind: str) -> str | None:
-    """The catalog's default model of ``kind``, or None if there is none (or no readable catalog)."""
-    try:
-        return load_catalog(config.settings()).default_for(kind).name
-    except CatalogError:
-        return None
+    listed = {name for name, kind in model_kinds(config.settings()).items() if kind.listed}  # not mere parts
+    return {name: entry for name, entry in catalog.entries.items() if entry.kind in listed}
 
 
 def base_json(entry: ModelEntry) -> dict[str, Any]:
     return {
         "id": entry.name,
         "name": entry.name,
-        "kind": ModelKind.BASE.value,
+        "kind": ModelOrigin.BASE.value,
         "base_model": None,
         "task": entry.kind,
         "default": entry.default,
@@ -88,13 +80,13 @@ def _load(model_id: str) -> Model:
 def list_models() -> Response:
     limit, cursor = page_params()
     kind = request.args.get("kind")
-    if kind is not None and kind not in {k.value for k in ModelKind}:
+    if kind is not None and kind not in {k.value for k in ModelOrigin}:
         raise validation_error(["query", "kind"], "must be `base` or `lora`")
     items: list[dict[str, Any]] = []
-    if cursor is None and kind != ModelKind.LORA.value:
+    if cursor is None and kind != ModelOrigin.LORA.value:
         items += [base_json(entry) for _, entry in sorted(base_models().items())]
     next_cursor = None
-    if kind != ModelKind.BASE.value:
+    if kind != ModelOrigin.BASE.value:
         rows, next_cursor = paginate(_visible(select(Model)), Model, limit, cursor)
         storage = config.storage()
         items += [model_json(row, storage=storage) for row in rows]

@@ -9,8 +9,8 @@ from typing import Any, TypeVar
 from flask import Blueprint, Flask, Response, current_app, jsonify, render_template
 from pydantic import BaseModel
 
-from worker.jobs import REGISTRY
-from worker.jobs.base import Artifact
+from worker.jobs import job_types
+from worker.jobs.spec import Artifact, JobType
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -58,7 +58,7 @@ def _schema_ref(name: str) -> dict[str, Any]:
     return {"$ref": f"#/components/schemas/{name}"}
 
 
-def _components() -> dict[str, Any]:
+def _components(types: dict[str, JobType]) -> dict[str, Any]:
     schemas: dict[str, Any] = {
         "Problem": {
             "type": "object",
@@ -91,11 +91,11 @@ def _components() -> dict[str, Any]:
             "type": "object",
             "properties": {
                 "id": {"type": "string"},
-                "type": {"type": "string", "enum": sorted(REGISTRY)},
+                "type": {"type": "string", "enum": sorted(types)},
                 "status": {"type": "string", "enum": ["queued", "running", "succeeded", "failed", "canceled"]},
                 "input": {"type": "object"},
                 "metadata": {"type": "object"},
-                "output": {"oneOf": [{"$ref": f"#/components/schemas/{n}Output"} for n in sorted(REGISTRY)]
+                "output": {"oneOf": [{"$ref": f"#/components/schemas/{n}Output"} for n in sorted(types)]
                 + [{"type": "null"}]},
                 "error": {
                     "oneOf": [
@@ -171,7 +171,7 @@ def _components() -> dict[str, Any]:
                 "next_cursor": {"type": ["string", "null"]},
             },
         }
-    for name, job_type in sorted(REGISTRY.items()):
+    for name, job_type in sorted(types.items()):
         for suffix, model in [("Input", job_type.Input), ("Output", job_type.Output)]:
             schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
             for def_name, definition in schema.pop("$defs", {}).items():
@@ -230,11 +230,11 @@ def _webhook_schemas() -> dict[str, Any]:
     }
 
 
-def _job_create_schema(model: type[BaseModel]) -> dict[str, Any]:
+def _job_create_schema(model: type[BaseModel], types: dict[str, JobType]) -> dict[str, Any]:
     """``POST /v1/jobs``: the envelope, with ``input`` chosen by ``type``."""
     base = model.model_json_schema()
     variants = []
-    for name in sorted(REGISTRY):
+    for name in sorted(types):
         variant = {
             **base,
             "title": f"Create a {name} job",
@@ -249,6 +249,7 @@ def _job_create_schema(model: type[BaseModel]) -> dict[str, Any]:
 
 
 def build(app: Flask) -> dict[str, Any]:
+    types = job_types(app.config["GPUJOBS_SETTINGS"])
     paths: dict[str, Any] = {}
     for rule in sorted(app.url_map.iter_rules(), key=lambda r: r.rule):
         view = app.view_functions.get(rule.endpoint)
@@ -276,7 +277,7 @@ def build(app: Flask) -> dict[str, Any]:
                 op["parameters"] = params
             if meta["body"] is not None:
                 schema = (
-                    _job_create_schema(meta["body"]) if rule.rule == "/v1/jobs" else meta["body"].model_json_schema()
+                    _job_create_schema(meta["body"], types) if rule.rule == "/v1/jobs" else meta["body"].model_json_schema()
                 )
                 op["requestBody"] = {"required": True, "content": {"application/json": {"schema": schema}}}
             if meta["form"] is not None:
@@ -301,7 +302,7 @@ def build(app: Flask) -> dict[str, Any]:
         "info": {"title": "gpujobs", "version": "1", "description": "Self-hosted computer-vision jobs on GPU workers."},
         "paths": paths,
         "components": {
-            "schemas": _components(),
+            "schemas": _components(types),
             "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
         },
     }
@@ -317,4 +318,5 @@ def openapi_json() -> Response:
 @document("Human-readable API reference", public=True, responses={200: "object"})
 def docs() -> str:
     spec = build(current_app)
-    return render_template("docs.html", spec=spec, job_types=sorted(REGISTRY.items()))
+    types = job_types(current_app.config["GPUJOBS_SETTINGS"])
+    return render_template("docs.html", spec=spec, job_types=sorted(types.items()))

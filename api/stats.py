@@ -38,10 +38,11 @@ from db.models import (
     WorkerProcess,
     utcnow,
 )
+from worker.jobs.spec import Queue
 
 Duration = Literal["queue_wait", "run"]
 
-GPU_QUEUES = ("gpu", "train")
+GPU_QUEUES = tuple(queue.value for queue in Queue if queue.runs_models)
 QUEUE_WAIT_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0)
 RUN_BUCKETS = (0.1, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0, 7200.0)
 PERCENTILES = (0.5, 0.9, 0.99)

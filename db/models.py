@@ -142,7 +142,7 @@ class Job(Base):
     tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id"))
     type: Mapped[str] = mapped_column(String(64))
     queue: Mapped[str] = mapped_column(String(64))
-    status: Mapped[JobStatus] = mapped_column(String(16), default=JobStatus.QUEUED)
+    status: Mapped[str] = mapped_column(String(16), default=JobStatus.QUEUED.value)  # a JobStatus value
     input: Mapped[dict[str, Any]]
     meta: Mapped[dict[str, Any]] = mapped_column("metadata", JSON, default=dict)
     output: Mapped[dict[str, Any] | None]
@@ -223,7 +223,9 @@ class Artifact(Base):
         return {"name": self.name, "content_type": self.content_type, "size": self.size, "sha256": self.sha256}
 
 
-class ModelKind(str, enum.Enum):
+class ModelOrigin(str, enum.Enum):
+    """Where a model's weights come from (its ``kind`` on the wire)."""
+
     BASE = "base"  # a catalog entry (not a row: the catalog is the source of base models)
     LORA = "lora"
 
@@ -241,7 +243,7 @@ class Model(Base):
     id: Mapped[str] = mapped_column(String(40), primary_key=True, default=lambda: new_id("mdl"))
     tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id"))
     name: Mapped[str] = mapped_column(String(200))
-    kind: Mapped[ModelKind] = mapped_column(String(16), default=ModelKind.LORA)
+    kind: Mapped[ModelOrigin] = mapped_column(String(16), default=ModelOrigin.LORA)
     base_model: Mapped[str] = mapped_column(String(200))
     job_id: Mapped[str | None] = mapped_column(ForeignKey("jobs.id", ondelete="SET NULL"))
     storage_key: Mapped[str] = mapped_column(String(300))

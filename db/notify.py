@@ -53,13 +53,18 @@ def after_commit(session: Session, job_id: str) -> None:
     session.info.setdefault(_FINISHED, set()).add(job_id)
 
 
-@event.listens_for(Session, "after_commit")
+def install() -> None:
+    """Publish finished jobs after every session commit in this process (``worker.hooks``); idempotent."""
+    if not event.contains(Session, "after_commit", _publish):
+        event.listen(Session, "after_commit", _publish)
+        event.listen(Session, "after_rollback", _forget)
+
+
 def _publish(session: Session) -> None:
     for job_id in sorted(session.info.pop(_FINISHED, ())):
         job_finished(job_id)
 
 
-@event.listens_for(Session, "after_rollback")
 def _forget(session: Session) -> None:
     session.info.pop(_FINISHED, None)
 

@@ -123,6 +123,11 @@ class Settings(BaseSettings):
     )
 
     # --- models ---------------------------------------------------------------
+    job_registry: str = Field(
+        "worker.jobs.registry:JOB_TYPES",
+        description="The job types served, as `module:attribute` naming a list of `JobType`s; API and workers "
+        "must name the same one (add your own types by listing the built-in ones and yours).",
+    )
     model_catalog: Path | None = Field(
         None, description="TOML model catalog; unset means the built-in one naming the real public checkpoints."
     )

@@ -20,14 +20,20 @@ from __future__ import annotations
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import and_, delete, func, insert, select, update
+from sqlalchemy import CursorResult, Table, and_, delete, func, insert, select, update
 from sqlalchemy.orm import Session
 
 from db import notify, webhooks
 from db.models import Artifact, EventKind, Job, JobEvent, JobStatus, Model, WebhookEvent, new_id, utcnow
 from db.settings import Settings
+
+# The tables behind the models, for Core statements (the hot paths skip the ORM's unit of work).
+JOBS = cast(Table, Job.__table__)
+EVENTS = cast(Table, JobEvent.__table__)
+ARTIFACTS = cast(Table, Artifact.__table__)
+MODELS = cast(Table, Model.__table__)
 
 
 class TransitionError(Exception):
@@ -56,17 +62,15 @@ def record_event(
     at: datetime | None = None,
 ) -> None:
     session.execute(
-        insert(JobEvent.__table__).values(
+        insert(EVENTS).values(
             job_id=job_id, kind=kind.value, attempt=attempt, message=message, data=data, at=at or utcnow()
         )
     )
 
 
 def _update(session: Session, job_id: str, *conditions: Any, **values: Any) -> bool:
-    result = session.execute(
-        update(Job.__table__).where(Job.id == job_id, *conditions).values(**values)
-    )
-    return result.rowcount == 1  # type: ignore[attr-defined]
+    result = cast(CursorResult[Any], session.execute(update(JOBS).where(Job.id == job_id, *conditions).values(**values)))
+    return result.rowcount == 1
 
 
 def _finished(session: Session, job_id: str) -> None:
@@ -89,14 +93,13 @@ def create(session: Session, job: Job) -> Job:
     job.meta = job.meta if job.meta is not None else {}
     job.progress = job.progress or {}
     job.attempts = job.attempts or 0
-    if job.webhook_events_filter is None:
-        job.webhook_events_filter = ["completed"]
+    # An absent webhook_events_filter takes the column's default (["completed"]) in the INSERT.
     columns = {
         attr.columns[0].name: getattr(job, attr.key)
         for attr in Job.__mapper__.column_attrs
         if getattr(job, attr.key) is not None
     }
-    session.execute(insert(Job.__table__).values(**columns))
+    session.execute(insert(JOBS).values(**columns))
     record_event(session, job.id, EventKind.QUEUED, 0, at=job.created_at)
     return job
 
@@ -176,52 +179,15 @@ def succeed(
     if done:
         if artifacts:
             # An earlier attempt may have stored objects under the same names: this run's are the job's.
-            session.execute(delete(Artifact.__table__).where(Artifact.job_id == job_id))
-            session.execute(insert(Artifact.__table__), [{**a, "job_id": job_id, "created_at": now} for a in artifacts])
+            session.execute(delete(ARTIFACTS).where(Artifact.job_id == job_id))
+            session.execute(insert(ARTIFACTS), [{**a, "job_id": job_id, "created_at": now} for a in artifacts])
             names = [a["name"] for a in artifacts]
             record_event(session, job_id, EventKind.STORED, attempt, f"{len(names)} artifact(s) stored", {"names": names}, at=now)
         if models:
-            session.execute(insert(Model.__table__), [{**m, "job_id": job_id, "created_at": now} for m in models])
+            session.execute(insert(MODELS), [{**m, "job_id": job_id, "created_at": now} for m in models])
         record_event(session, job_id, EventKind.SUCCEEDED, attempt, at=now)
         _finished(session, job_id)
     return done
-
-
-@dataclass(frozen=True)
-class Checkpoint:
-    step: int
-    key: str
-    attempt: int
-    latents_key: str | None = None  # the encoded training set, stored once per job
-
-
-def checkpointed(
-    session: Session, job_id: str, attempt: int, lease_seconds: float, step: int, key: str, data: dict[str, Any]
-) -> bool:
-    """Record that the running attempt stored a checkpoint at ``key`` (and renew its lease); False if it lost the job."""
-    if not _update(session, job_id, *_running(attempt), lease_expires_at=utcnow() + timedelta(seconds=lease_seconds)):
-        return False
-    record_event(session, job_id, EventKind.CHECKPOINT, attempt, f"checkpoint at step {step}", {"step": step, "key": key, **data})
-    return True
-
-
-def latest_checkpoint(session: Session, job_id: str) -> Checkpoint | None:
-    """The job's newest checkpoint, whichever attempt stored it."""
-    row = session.execute(
-        select(JobEvent.data, JobEvent.attempt)
-        .where(JobEvent.job_id == job_id, JobEvent.kind == EventKind.CHECKPOINT.value)
-        .order_by(JobEvent.id.desc())
-        .limit(1)
-    ).first()
-    if row is None or not row.data:
-        return None
-    data = row.data
-    return Checkpoint(step=int(data["step"]), key=str(data["key"]), attempt=row.attempt, latents_key=data.get("latents_key"))
-
-
-def resumed(session: Session, job_id: str, attempt: int, checkpoint: Checkpoint, load_seconds: float) -> None:
-    data = {"step": checkpoint.step, "key": checkpoint.key, "from_attempt": checkpoint.attempt, "load_seconds": load_seconds}
-    record_event(session, job_id, EventKind.RESUMED, attempt, f"resumed from the checkpoint at step {checkpoint.step}", data)
 
 
 def fail(

@@ -5,7 +5,7 @@ A delivery is written by the state machine in the same transaction as the event 
 neither lose it nor make a second one. The webhook worker sends it; what it is due for next
 (``next_attempt_at``) lives here too, so retries survive restarts and the beat sweep finds them.
 
-After a commit that wrote deliveries, the callbacks given to ``send_after_commit`` are called
+After a commit that wrote deliveries, the callback given to ``install`` is called
 with each job id (the Celery app registers one that enqueues the sending task): best effort,
 the sweep is the safety net.
 """
@@ -29,7 +29,7 @@ log = logging.getLogger(__name__)
 
 SECRET_PREFIX = "whsec_"
 _PENDING_JOBS = "gpujobs.webhook_jobs"  # session.info key: jobs that got deliveries in this transaction
-_after_commit_callbacks: list[Callable[[str], None]] = []
+_announcer: list[Callable[[str], None]] = []  # the one callback ``install`` set, if any
 
 
 # --- secrets ------------------------------------------------------------------------------------
@@ -139,26 +139,28 @@ def _record(session: Session, job_id: str, kind: WebhookEvent, sequence: int) ->
     return delivery.id
 
 
-def send_after_commit(callback: Callable[[str], None]) -> None:
-    """Call ``callback(job_id)`` after each commit that recorded deliveries for that job."""
-    if callback not in _after_commit_callbacks:
-        _after_commit_callbacks.append(callback)
+def install(callback: Callable[[str], None]) -> None:
+    """Call ``callback(job_id)`` after each commit (in this process) that recorded deliveries for that job.
+
+    Replaces the callback an earlier call set (``worker.hooks.install_hooks``)."""
+    _announcer[:] = [callback]
+    if not event.contains(Session, "after_commit", _announce):
+        event.listen(Session, "after_commit", _announce)
+        event.listen(Session, "after_rollback", _forget)
 
 
-@event.listens_for(Session, "after_commit")
 def _announce(session: Session) -> None:
     job_ids = session.info.pop(_PENDING_JOBS, None)
     if not job_ids:
         return
     for job_id in sorted(job_ids):
-        for callback in _after_commit_callbacks:
+        for callback in _announcer:
             try:
                 callback(job_id)
             except Exception as exc:  # the broker may be down: the sweep sends the delivery later
                 log.warning("could not enqueue the webhooks of %s (the sweep will send them): %s", job_id, exc)
 
 
-@event.listens_for(Session, "after_rollback")
 def _forget(session: Session) -> None:
     session.info.pop(_PENDING_JOBS, None)
 

@@ -14,10 +14,10 @@ from pathlib import Path
 import click
 
 from gpujobs import __version__
+from worker.jobs.spec import Queue
 
-# Queues a worker may serve: the job types' resource classes (worker/jobs/base.py `Queue`).
-KNOWN_QUEUES = ("gpu", "train", "webhooks", "maintenance")
-DEFAULT_WORKER_QUEUES = "gpu,maintenance"
+KNOWN_QUEUES = tuple(queue.value for queue in Queue)  # what a worker may serve
+DEFAULT_WORKER_QUEUES = f"{Queue.GPU.value},{Queue.MAINTENANCE.value}"
 # Two gthread processes of eight threads each: on a 2-core machine a request spends most
 # of its time waiting on the database, the broker or S3, and two processes sidestep the GIL.
 DEFAULT_API_WORKERS = 2
@@ -194,18 +194,23 @@ def worker(queues: str, concurrency: int | None, name: str | None, loglevel: str
             f"unknown queue(s) {', '.join(unknown) or '(none given)'}; known: {', '.join(KNOWN_QUEUES)}",
             param_hint="--queues",
         )
-    concurrency = concurrency or get_settings().worker_concurrency
-    name = name or f"gpujobs-{os.getpid()}"  # exec keeps the pid, so it names this worker
-    _exec([
-        sys.executable, "-m", "celery", "-A", "worker.celery_app:app", "worker",
-        "-Q", ",".join(names),
-        "--pool", "threads",
-        "--concurrency", str(concurrency),
-        "--hostname", f"{name}@%h",
-        "--loglevel", loglevel,
-        # The database is the truth: workers need no revoked-task sync or gossip between them.
-        "--without-mingle", "--without-gossip",
-    ])  # fmt: skip
+    from worker.tasks import worker_app
+
+    settings = get_settings()
+    concurrency = concurrency or settings.worker_concurrency
+    name = name or f"gpujobs-{os.getpid()}"
+    worker_app(settings).worker_main(
+        [
+            "worker",
+            *("-Q", ",".join(names)),
+            *("--pool", "threads"),
+            *("--concurrency", str(concurrency)),
+            *("--hostname", f"{name}@%h"),
+            *("--loglevel", loglevel),
+            # The database is the truth: workers need no revoked-task sync or gossip between them.
+            *("--without-mingle", "--without-gossip"),
+        ]
+    )
 
 
 @main.command()
@@ -216,14 +221,12 @@ def beat(loglevel: str) -> None:
     Run exactly one. Its schedule file lives in GPUJOBS_VAR_DIR.
     """
     from db.settings import get_settings
+    from worker.tasks import worker_app
 
-    var_dir = get_settings().var_dir
-    var_dir.mkdir(parents=True, exist_ok=True)
-    _exec([
-        sys.executable, "-m", "celery", "-A", "worker.celery_app:app", "beat",
-        "--schedule", str(var_dir / "celerybeat-schedule"),
-        "--loglevel", loglevel,
-    ])  # fmt: skip
+    settings = get_settings()
+    settings.var_dir.mkdir(parents=True, exist_ok=True)
+    schedule = str(settings.var_dir / "celerybeat-schedule")
+    worker_app(settings).start(["beat", "--schedule", schedule, "--loglevel", loglevel])
 
 
 @main.group()

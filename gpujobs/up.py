@@ -28,8 +28,9 @@ import click
 
 from gpujobs import embedded
 from gpujobs.supervisor import Child, Dependency, Fatal, Supervisor, tail
+from worker.jobs.spec import Queue
 
-UP_QUEUES = "gpu,train,webhooks,maintenance"
+UP_QUEUES = ",".join(queue.value for queue in Queue)  # one worker serves every queue
 READY_TIMEOUT = 120.0
 WORKER_READY_TIMEOUT = 60.0
 POLL_SECONDS = 0.25
@@ -301,7 +302,9 @@ def _wait_worker(supervisor: Supervisor) -> None:
     """Until a worker answers a ping, so that "ready" means jobs run (a warning, not an error)."""
     from kombu.exceptions import OperationalError
 
-    from worker.celery_app import app
+    from worker.celery_app import producer
+
+    app = producer()
 
     deadline = time.monotonic() + WORKER_READY_TIMEOUT
     while time.monotonic() < deadline:

@@ -1,26 +1,28 @@
-"""The Celery app: configured from settings, never from constants in code.
+"""The Celery app, built from settings by ``make_celery``; nothing is built or configured at import.
 
+Every process that sends tasks (the API, workers, beat) gets its producer from ``producer(settings)``
+(one per broker URL); the worker and beat processes also register the tasks (``worker.tasks``).
 Importing this module is cheap (no torch): the API uses ``dispatch`` to send job ids.
 """
 
 from __future__ import annotations
 
+import threading
+
 from celery import Celery
 
-from db import webhooks
-from db.settings import get_settings
+from db.settings import Settings, get_settings
+from worker.jobs.spec import Queue
 
 RUN_JOB = "gpujobs.run_job"
 RECONCILE = "gpujobs.reconcile"
 SEND_WEBHOOKS = "gpujobs.send_webhooks"
 SWEEP_WEBHOOKS = "gpujobs.sweep_webhooks"
-WEBHOOKS_QUEUE = "webhooks"
-MAINTENANCE_QUEUE = "maintenance"
 
 
-def make_celery() -> Celery:
-    settings = get_settings()
-    app = Celery("gpujobs", broker=settings.broker_url, include=["worker.tasks"])
+def make_celery(settings: Settings) -> Celery:
+    """A Celery app for ``settings``' broker, configured as every gpujobs process needs it (no tasks yet)."""
+    app = Celery("gpujobs", broker=settings.broker_url, set_as_current=False)
     app.conf.update(
         # A message is acked only after the job ran; a worker that dies gives it back.
         task_acks_late=True,
@@ -40,77 +42,73 @@ def make_celery() -> Celery:
         # No task-sent events: they would double the API's broker writes; workers' events suffice for Flower.
         task_send_sent_event=False,
         worker_hijack_root_logger=False,
-        task_default_queue="gpu",
+        task_default_queue=Queue.GPU.value,
         task_create_missing_queues=True,
         worker_cancel_long_running_tasks_on_connection_loss=False,
         beat_schedule={
             "reconcile": {
                 "task": RECONCILE,
                 "schedule": settings.reconcile_interval_seconds,
-                "options": {"queue": MAINTENANCE_QUEUE, "expires": max(settings.reconcile_interval_seconds * 2, 5)},
+                "options": {
+                    "queue": Queue.MAINTENANCE.value,
+                    "expires": max(settings.reconcile_interval_seconds * 2, 5),
+                },
             },
             # Retries are scheduled in the database (next_attempt_at); this finds the due ones.
             "sweep-webhooks": {
                 "task": SWEEP_WEBHOOKS,
                 "schedule": settings.webhook_sweep_seconds,
-                "options": {"queue": WEBHOOKS_QUEUE, "expires": max(settings.webhook_sweep_seconds * 2, 5)},
+                "options": {"queue": Queue.WEBHOOKS.value, "expires": max(settings.webhook_sweep_seconds * 2, 5)},
             },
         },
     )
     return app
 
 
-app = make_celery()
+_producers: dict[str, Celery] = {}
+_producers_lock = threading.Lock()
 
 
-QUEUES = ("gpu", "train", "webhooks", "maintenance")
+def producer(settings: Settings | None = None) -> Celery:
+    """This process's Celery app for ``settings``' broker (default: the process settings), made once."""
+    settings = settings or get_settings()
+    with _producers_lock:
+        app = _producers.get(settings.broker_url)
+        if app is None:
+            app = _producers[settings.broker_url] = make_celery(settings)
+        return app
 
 
-def queue_depths() -> dict[str, int]:
+def queue_depths(settings: Settings | None = None) -> dict[str, int]:
     """Messages waiting in each queue, as the broker counts them (what autoscalers need)."""
     depths = {}
-    with app.connection_for_write() as connection:
+    with producer(settings).connection_for_write() as connection:
         channel = connection.default_channel
-        for queue in QUEUES:
+        for queue in Queue:
             try:
-                depths[queue] = channel.queue_declare(queue=queue, passive=True).message_count
+                depths[queue.value] = channel.queue_declare(queue=queue.value, passive=True).message_count
             except Exception:  # a queue nobody declared yet holds nothing (AMQP raises, and closes the channel)
-                depths[queue] = 0
+                depths[queue.value] = 0
                 channel = connection.channel()
     return depths
 
 
-_producers: dict[str, Celery] = {}
-
-
-def _producer(broker_url: str) -> Celery:
-    producer = Celery("gpujobs", broker=broker_url)
-    producer.conf.update(
-        broker_transport_options=app.conf.broker_transport_options,
-        broker_connection_timeout=app.conf.broker_connection_timeout,
-    )
-    return producer
-
-
-def dispatch(job_id: str, queue: str, broker_url: str | None = None) -> None:
+def dispatch(job_id: str, queue: str, settings: Settings | None = None) -> None:
     """Send a job id to its queue; raises if the broker does not take it (the reconciler retries)."""
-    producer = app
-    if broker_url and broker_url != app.conf.broker_url:  # an API app built with other settings
-        producer = _producers.setdefault(broker_url, _producer(broker_url))
-    producer.send_task(RUN_JOB, args=[job_id], queue=queue, retry=False)
+    producer(settings).send_task(RUN_JOB, args=[job_id], queue=queue, retry=False)
 
 
-def schedule_reconcile(countdown: float, expires: float) -> None:
+def schedule_reconcile(countdown: float, expires: float, settings: Settings | None = None) -> None:
     """Ask a maintenance worker for one reconcile ``countdown`` seconds from now (besides beat's)."""
-    app.send_task(RECONCILE, queue=MAINTENANCE_QUEUE, countdown=countdown, expires=expires, retry=False)
-
-
-def send_webhooks(job_id: str, countdown: float | None = None, expires: float | None = None) -> None:
-    """Ask a webhooks worker to send the job's due deliveries (best effort: the beat sweep finds them too)."""
-    app.send_task(
-        SEND_WEBHOOKS, args=[job_id], queue=WEBHOOKS_QUEUE, countdown=countdown, expires=expires, retry=False
+    producer(settings).send_task(
+        RECONCILE, queue=Queue.MAINTENANCE.value, countdown=countdown, expires=expires, retry=False
     )
 
 
-# Every commit that records webhook deliveries (in any process that sends tasks) enqueues their sending.
-webhooks.send_after_commit(send_webhooks)
+def send_webhooks(
+    job_id: str, countdown: float | None = None, expires: float | None = None, settings: Settings | None = None
+) -> None:
+    """Ask a webhooks worker to send the job's due deliveries (best effort: the beat sweep finds them too)."""
+    producer(settings).send_task(
+        SEND_WEBHOOKS, args=[job_id], queue=Queue.WEBHOOKS.value, countdown=countdown, expires=expires, retry=False
+    )

@@ -1,6 +1,7 @@
-"""The context a running job sees: progress, cancel/deadline checks, artifacts.
+"""The context a running job sees: its only door to the database and storage.
 
-A control thread renews the job's lease every ``control_poll_seconds``, saves the
+Job code reports progress, asks whether to stop, reads its inputs and the tenant's models, stores
+artifacts and checkpoints, all through ``JobContext``; it never opens a session itself. A control thread renews the job's lease every ``control_poll_seconds``, saves the
 latest progress with the same UPDATE and reads the cancel flag back, so ``check()``
 and ``progress()`` cost no database round trip however fast the steps are. When the job's
 webhook wants ``progress`` events, the same transaction records one, at most every
@@ -12,16 +13,24 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable, Iterable
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
 from typing import Any
 
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
 from db import transitions, webhooks
-from db.models import File
+from db.models import File, Model
 from db.session import session_scope
 from db.settings import Settings
-from db.storage import get_storage
-from worker.jobs.base import Artifact, JobError
+from db.storage import StorageError, get_storage
+from worker import checkpoints
+from worker.checkpoints import Checkpoint
+from worker.jobs.spec import Artifact, JobError
 
-__all__ = ["Canceled", "DeadlineExceeded", "JobContext", "JobError", "LeaseLost", "Stop"]
+__all__ = ["Canceled", "Checkpoint", "DeadlineExceeded", "JobContext", "JobError", "LeaseLost", "Stop", "TenantModel"]
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +51,21 @@ class DeadlineExceeded(Stop):
     pass
 
 
+@dataclass(frozen=True)
+class TenantModel:
+    """A fine-tuned model of the job's tenant, as job code sees it (no database row)."""
+
+    id: str
+    name: str
+    base_model: str | None
+    storage_key: str
+    sha256: str
+
+
 class JobContext:
+    """One attempt of one job. ``clock`` and ``sessions`` are the monotonic clock and the session
+    factory (replaced in unit tests)."""
+
     def __init__(
         self,
         *,
@@ -53,13 +76,17 @@ class JobContext:
         deadline_seconds: float,
         settings: Settings,
         progress_webhooks: bool = False,
+        clock: Callable[[], float] = time.monotonic,
+        sessions: Callable[[], AbstractContextManager[Session]] = session_scope,
     ):
         self.job_id = job_id
         self.attempt = attempt
         self.tenant_id = tenant_id
         self.worker_id = worker_id
         self.settings = settings
-        self.deadline = time.monotonic() + deadline_seconds
+        self._clock = clock
+        self._sessions = sessions
+        self.deadline = clock() + deadline_seconds
         self.deadline_seconds = deadline_seconds
         self.stored: dict[str, dict[str, Any]] = {}  # artifacts uploaded by this run, by name
         self.models: list[dict[str, Any]] = []  # Model rows this run made (``add_model``)
@@ -71,6 +98,7 @@ class JobContext:
         self._progress_unsent = False  # progress changed since the last progress webhook
         self._last_progress_webhook = float("-inf")
         self._lease_lost = False
+        self._checkpoint_key: str | None = None
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -85,9 +113,14 @@ class JobContext:
             self._progress_unsent = True
             new_stage = message is not None and message != self._milestone
             self._milestone = message if message is not None else self._milestone
-        if new_stage:
-            with session_scope() as session:
+        if new_stage and message is not None:
+            with self._sessions() as session:
                 transitions.progress_milestone(session, self.job_id, self.attempt, message, {"step": step})
+
+    def should_stop(self) -> bool:
+        """Whether the run must stop now (canceled, lease lost, past its deadline), for code that must stop
+        cleanly before ``check()`` raises (a pipeline's step callback, a training loop)."""
+        return self._cancel_requested or self._lease_lost or self._clock() > self.deadline
 
     def check(self) -> None:
         """Raise if the job was canceled, lost its lease or ran past its deadline."""
@@ -95,21 +128,78 @@ class JobContext:
             raise Canceled()
         if self._lease_lost:
             raise LeaseLost()
-        if time.monotonic() > self.deadline:
+        if self._clock() > self.deadline:
             raise DeadlineExceeded()
-
-    @property
-    def cancel_requested(self) -> bool:
-        return self._cancel_requested or self._lease_lost
 
     def input_file(self, file_id: str) -> bytes:
         """The bytes of an uploaded input (checked to be the tenant's when the job was submitted)."""
-        with session_scope() as session:
+        with self._sessions() as session:
             file = session.get(File, file_id)
             key = file.storage_key if file is not None else None
         if key is None:
             raise JobError(f"the input file {file_id!r} no longer exists", "input_missing")
         return get_storage(self.settings).get(key)
+
+    def tenant_models(self, model_ids: Iterable[str]) -> dict[str, TenantModel]:
+        """The job's tenant's models among ``model_ids`` (another tenant's, or a deleted one, is absent)."""
+        with self._sessions() as session:
+            rows = session.scalars(
+                select(Model).where(Model.id.in_(list(model_ids)), Model.tenant_id == self.tenant_id)
+            ).all()
+            return {
+                row.id: TenantModel(row.id, row.name, row.base_model, row.storage_key, row.sha256) for row in rows
+            }
+
+    # --- checkpoints: scratch objects under jobs/<id>/checkpoints/, kept until the job succeeds ------------
+    def save_scratch(self, name: str, data: bytes) -> str:
+        """Store ``data`` for later attempts of this job (``jobs/<id>/checkpoints/<name>``); returns its key."""
+        key = f"jobs/{self.job_id}/checkpoints/{name}"
+        get_storage(self.settings).put(key, data, "application/octet-stream")
+        return key
+
+    def load_scratch(self, key: str) -> bytes:
+        """An object saved by ``save_scratch`` or ``checkpoint`` (this attempt's or an earlier one's)."""
+        return get_storage(self.settings).get(key)
+
+    def drop_scratch(self) -> None:
+        """Delete every checkpoint and scratch object of the job (its result is stored: they are spent)."""
+        try:
+            get_storage(self.settings).delete_prefix(f"jobs/{self.job_id}/checkpoints/")
+        except StorageError as exc:
+            log.warning("job %s: could not delete its checkpoints: %s", self.job_id, exc)
+
+    def checkpoint(self, step: int, data: bytes, **details: Any) -> str:
+        """Store a checkpoint at ``step`` and record it on the timeline (only the newest is kept).
+
+        Raises ``LeaseLost`` (or ``Canceled``) if this attempt no longer owns the job.
+        """
+        key = f"jobs/{self.job_id}/checkpoints/step-{step:06d}.safetensors"
+        stored = get_storage(self.settings).put(key, data, "application/octet-stream")
+        info = {"size": stored.size, "sha256": stored.sha256, **details}
+        with self._sessions() as session:
+            owned = checkpoints.record(session, self.job_id, self.attempt, self.settings.lease_seconds, step, key, info)
+        if not owned:
+            self._lease_lost = True
+            self.check()
+        previous, self._checkpoint_key = self._checkpoint_key, key
+        if previous and previous != key:
+            try:
+                get_storage(self.settings).delete(previous)
+            except StorageError as exc:
+                log.warning("job %s: could not delete the old checkpoint %s: %s", self.job_id, previous, exc)
+        return key
+
+    def latest_checkpoint(self) -> Checkpoint | None:
+        """The newest checkpoint an earlier attempt of this job recorded (None on a first attempt)."""
+        if self.attempt == 1:
+            return None
+        with self._sessions() as session:
+            return checkpoints.latest(session, self.job_id)
+
+    def resumed(self, checkpoint: Checkpoint, load_seconds: float) -> None:
+        """Record on the timeline that this attempt continues from ``checkpoint``."""
+        with self._sessions() as session:
+            checkpoints.resumed(session, self.job_id, self.attempt, checkpoint, load_seconds)
 
     def store(self, name: str, data: bytes, content_type: str, key: str | None = None) -> Artifact:
         """Upload an output to ``jobs/<job id>/<name>`` (or ``key``); its row is written when the job succeeds."""
@@ -144,7 +234,7 @@ class JobContext:
                 self._dirty = False
                 webhook = self._progress_webhook_due()
             try:
-                with session_scope() as session:
+                with self._sessions() as session:
                     state = transitions.renew_lease(
                         session, self.job_id, self.attempt, self.settings.lease_seconds, progress
                     )
@@ -157,7 +247,7 @@ class JobContext:
                     self._progress_unsent = self._progress_unsent or webhook
                 continue
             if webhook:
-                self._last_progress_webhook = time.monotonic()
+                self._last_progress_webhook = self._clock()
             if not state.owned:
                 log.warning("job %s attempt %d lost its lease", self.job_id, self.attempt)
                 self._lease_lost = True
@@ -169,7 +259,7 @@ class JobContext:
         """Under the lock: whether this round records a progress webhook (throttled per job)."""
         if not (self._progress_webhooks and self._progress_unsent):
             return False
-        if time.monotonic() - self._last_progress_webhook < self.settings.webhook_progress_seconds:
+        if self._clock() - self._last_progress_webhook < self.settings.webhook_progress_seconds:
             return False
         self._progress_unsent = False
         return True

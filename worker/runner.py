@@ -48,7 +48,7 @@ def execute(job_id: str) -> str:
         return "not_claimed"
 
     job, attempt = claim.job, claim.attempt
-    job_type = get_job_type(job.type)
+    job_type = get_job_type(job.type, settings)
     ctx = JobContext(
         job_id=job_id,
         attempt=attempt,
@@ -65,7 +65,7 @@ def execute(job_id: str) -> str:
         if job_type is None:
             raise JobError(f"this worker does not know the job type {job.type!r}", "unknown_type")
         params = job_type.Input.model_validate(job.input)
-        output = job_type.run(ctx, params)
+        output = job_type.runner()(ctx, params)
         ctx.check()  # a cancel that arrived during the last step still wins over success
         result = output.model_dump(mode="json")
     except Canceled:

@@ -71,7 +71,7 @@ def retry_job(job_id: str) -> BaseResponse:
     log.info("%s retried job %s", _operator(), job_id)
     if sending:
         try:
-            dispatch(job_id, job.queue, settings.broker_url)
+            dispatch(job_id, job.queue, settings)
         except Exception as exc:
             log.warning("retried job %s stays queued until the broker is back: %s", job_id, exc)
             transitions.undo_dispatch(g.db, job_id)

@@ -203,7 +203,7 @@ def jobs() -> str | BaseResponse:
         query = query.where(Job.created_at < until)
     limit, cursor = page_params()
     rows, next_cursor = paginate(query, Job, limit, cursor)
-    from worker.jobs import REGISTRY
+    from worker.jobs import job_types
 
     return render_template(
         "admin/jobs.html",
@@ -212,7 +212,7 @@ def jobs() -> str | BaseResponse:
         filters=filters,
         search=search,
         statuses=[s.value for s in JobStatus],
-        types=sorted(REGISTRY),
+        types=sorted(job_types(config.settings())),
         tenants=_tenant_names({job.tenant_id for job in rows}),
         limit=limit,
     )

@@ -7,14 +7,14 @@ kills, races, a job that must stay queued) stop the default worker with ``no_gpu
 and start their own with ``start_worker``; the next test that asks for ``gpu_worker`` gets
 the default one back.
 
-Modules under ``tests/`` import ``api`` and ``worker`` inside fixtures and tests, never at
-module level: the Celery app reads the broker URL when it is first imported.
+Every process reads its settings when it first needs them (and this one again after
+``reset_process_caches``), and builds its Celery app from them then: importing ``api`` or
+``worker`` connects to nothing.
 """
 
 from __future__ import annotations
 
 import os
-import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -74,7 +74,7 @@ def demo_models() -> Path:
     import hashlib
     import subprocess
 
-    sources = sorted((ROOT / "worker" / "models").glob("demo*.py"))
+    sources = sorted([ROOT / "worker" / "models" / "demo.py", *(ROOT / "worker" / "jobs").glob("*/demo.py")])
     digest = hashlib.sha256(b"".join(path.read_bytes() for path in sources)).hexdigest()[:16]
     base = Path(os.environ.get("GPUJOBS_TEST_MODEL_CACHE", Path.home() / ".cache" / "gpujobs" / "test-models"))
     folder = base / digest
@@ -96,10 +96,6 @@ class Services:
 
 @pytest.fixture(scope="session", autouse=True)
 def services(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Services]:
-    assert "worker.celery_app" not in sys.modules, (
-        "worker.celery_app was imported before the test services were set up, so it would use the wrong broker: "
-        "import api/worker inside fixtures and tests, not at module level"
-    )
     root = tmp_path_factory.mktemp("gpujobs")
     saved_environ = dict(os.environ)
     database = redis_db = s3 = None
@@ -280,9 +276,9 @@ def quiesce(timeout: float = 30.0) -> None:
 
 def purge_queue(queue: str) -> int:
     """Drop the messages waiting in ``queue`` (of jobs that are all finished by now)."""
-    from worker.celery_app import app as celery_app
+    from worker.celery_app import producer
 
-    with celery_app.connection_for_write() as connection:
+    with producer().connection_for_write() as connection:
         return connection.default_channel.queue_purge(queue) or 0
 
 

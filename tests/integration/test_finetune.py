@@ -97,7 +97,7 @@ def same_lora(a: bytes, b: bytes) -> bool:
     import torch
     from safetensors.torch import load
 
-    from worker.models.trainer import safetensors_metadata
+    from worker.jobs.finetune.trainer import safetensors_metadata
 
     first, second = load(a), load(b)
     return (

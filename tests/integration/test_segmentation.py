@@ -111,7 +111,7 @@ def seg_stack(services, tmp_path):
 def test_segmentation_outputs_are_consistent_coco(client, keys, gpu_worker):
     from pycocotools import mask as coco_mask
 
-    from worker.models.coco import COCO_LABELS
+    from worker.jobs.segmentation.coco import COCO_LABELS
 
     width, height = 96, 72
     file_id = uploaded(client, keys.user_a.secret, picture(width, height))

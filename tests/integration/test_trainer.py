@@ -25,14 +25,14 @@ from tests.integration.generation import picture
 def _training_set(catalog: Path, dtype: str, images: int = 3, **params: Any) -> tuple[Any, ...]:
     """The demo family in ``dtype`` (its cache of its own), its folder, an ``Input`` and ``images`` samples."""
     from db.settings import Settings
-    from worker.jobs.finetune import Input
-    from worker.jobs.training_data import Sample
+    from worker.jobs.diffusion.spec import DIFFUSION
+    from worker.jobs.finetune.spec import Input
+    from worker.jobs.finetune.training_data import Sample
     from worker.models.cache import ModelCache
-    from worker.models.diffusion import load_family
 
     cache = ModelCache(Settings(model_catalog=catalog, device="cpu", dtype=dtype))
-    entry = cache.entry(None, "diffusion")
-    family = cache.get("diffusion:demo-sd", entry, load_family)
+    entry = cache.entry(None, DIFFUSION.name)
+    family = cache.load(DIFFUSION, None)
     ids = [f"file_{i}" for i in range(images)]
     inputs = Input(images=ids, resolution=64, seed=5, learning_rate=1e-2, **params)
     samples = [Sample(name, picture(64, 64, seed=i), None, 64, 64) for i, name in enumerate(ids)]
@@ -42,12 +42,12 @@ def _training_set(catalog: Path, dtype: str, images: int = 3, **params: Any) -> 
 def _trainer(catalog: Path, dtype: str, **params: Any) -> Any:
     import functools
 
-    from worker.models.finetune import encode_samples
-    from worker.models.trainer import Trainer
+    from worker.jobs.finetune.run import encode_samples, training_config
+    from worker.jobs.finetune.trainer import Trainer
 
     family, folder, inputs, samples = _training_set(catalog, dtype, **params)
-    encoded = encode_samples(family, samples, inputs, "cpu", None)
-    return functools.partial(Trainer, folder, inputs, encoded, family)
+    encoded = encode_samples(family, samples, inputs.resolution, inputs.instance_prompt, "cpu", None)
+    return functools.partial(Trainer, folder, training_config(inputs), encoded, family)
 
 
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
@@ -116,9 +116,9 @@ def test_a_loaded_lora_counts_in_the_model_cache_budget_and_makes_room(demo_cata
     from db.settings import Settings
     from worker.models import cache as cache_module
     from worker.models.cache import ModelCache
-    from worker.models.diffusion import load_family
-    from worker.models.lora import Lora, applied
-    from worker.models.segmentation import load_segmenter
+    from worker.jobs.diffusion.pipeline import load_family
+    from worker.jobs.diffusion.lora import Lora, applied
+    from worker.jobs.segmentation.model import load_segmenter
 
     trainer = _trainer(demo_catalog, "float32", steps=1, rank=128)()  # over 1 MB, the budget's granularity
     trainer.step()
@@ -154,7 +154,7 @@ def test_a_loaded_lora_counts_in_the_model_cache_budget_and_makes_room(demo_cata
 def test_encoding_the_training_set_checks_for_cancel_before_each_batch(demo_catalog):
     """A large training set is encoded in batches; a cancel (or the deadline) stops it at the next batch."""
     from worker.context import Canceled
-    from worker.models.finetune import ENCODE_BATCH, encode_samples
+    from worker.jobs.finetune.run import ENCODE_BATCH, encode_samples
 
     family, _, inputs, samples = _training_set(demo_catalog, "float32", images=ENCODE_BATCH * 2 + 1)
     checks = []
@@ -165,7 +165,7 @@ def test_encoding_the_training_set_checks_for_cancel_before_each_batch(demo_cata
             raise Canceled()
 
     with pytest.raises(Canceled):
-        encode_samples(family, samples, inputs, "cpu", None, cancel_on_the_second)
+        encode_samples(family, samples, 64, "", "cpu", None, cancel_on_the_second)
     assert len(checks) == 2, "stopped at the second of three batches"
-    encoded = encode_samples(family, samples, inputs, "cpu", None, lambda: checks.append(0))
+    encoded = encode_samples(family, samples, 64, "", "cpu", None, lambda: checks.append(0))
     assert len(checks) == 2 + 3 and encoded.latent_mean.shape[0] == len(samples)

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from db.settings import Settings, get_settings
-from worker.jobs.base import JobError
+from worker.jobs.spec import JobError, ModelKind, resolve
 from worker.models.catalog import CatalogError, ModelEntry, load_catalog
 
 log = logging.getLogger(__name__)
@@ -139,6 +139,35 @@ class ModelCache:
         if entry.kind != kind:
             raise ModelUnavailable(f"model {entry.name!r} is a {entry.kind} model, not a {kind} model")
         return entry
+
+    def load(
+        self,
+        kind: ModelKind,
+        name: str | None,
+        *,
+        variant: str | None = None,
+        loader: Callable[[ModelEntry, Path, str, Any], Any] | None = None,
+    ) -> Any:
+        """The catalog's model ``name`` (default: the kind's default) of ``kind``, loaded once and kept warm.
+
+        ``variant`` keeps a separate copy per variant (an adapter loaded onto one family's UNet), and
+        ``loader`` replaces the kind's own (for a kind whose models load only onto another model).
+        """
+        entry = self.entry(name, kind.name)
+        if loader is None:
+            if kind.loader is None:
+                raise ModelUnavailable(f"model {entry.name!r}: {kind.name} models load only as part of another model")
+            loader = resolve(kind.loader)
+        return self.get(kind.cache_key(entry.name, variant), entry, loader)
+
+    def is_loaded(self, kind: ModelKind, name: str | None) -> bool:
+        """Whether the model is in memory now (a job says ``loading model`` when it is not)."""
+        try:
+            key = kind.cache_key(self.entry(name, kind.name).name)
+        except ModelUnavailable:
+            return False
+        with self._lock:
+            return key in self._slots
 
     def get(self, key: str, entry: ModelEntry, loader: Callable[[ModelEntry, Path, str, Any], Any]) -> Any:
         """The loaded model for ``key``, loading it (once, even under concurrency) on a miss."""

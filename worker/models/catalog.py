@@ -17,22 +17,13 @@ Nothing here imports torch.
 from __future__ import annotations
 
 import tomllib
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from db.settings import Settings, get_settings
-
-KINDS = ("segmentation", "diffusion", "inpainting", "ip_adapter")
-
-BUILTIN: dict[str, dict[str, Any]] = {
-    "mask2former-swin-tiny-coco-instance": {
-        "kind": "segmentation",
-        "source": "facebook/mask2former-swin-tiny-coco-instance",
-        "revision": "main",
-        "default": True,
-    },
-}
+from worker.jobs import model_kinds
 
 
 class CatalogError(Exception):
@@ -91,7 +82,19 @@ class Catalog:
         return sorted(name for name, e in self.entries.items() if e.kind == kind)
 
 
-def parse(data: dict[str, Any], path: Path | None = None) -> Catalog:
+def builtin_entries(settings: Settings | None = None) -> dict[str, dict[str, Any]]:
+    """The catalog used when none is configured: the public checkpoints the model kinds name."""
+    entries: dict[str, dict[str, Any]] = {}
+    for kind in model_kinds(settings).values():
+        entries.update({name: dict(table) for name, table in kind.builtin.items()})
+    return entries
+
+
+def parse(
+    data: dict[str, Any], path: Path | None = None, kinds: Collection[str] | None = None
+) -> Catalog:
+    """A catalog from its TOML data; ``kinds``: the model kinds it may name (default: the served job types')."""
+    kinds = sorted(kinds if kinds is not None else model_kinds())
     models = data.get("models")
     if not isinstance(models, dict):
         raise CatalogError(f"{path or 'catalog'}: expected a [models.<name>] table")
@@ -101,8 +104,8 @@ def parse(data: dict[str, Any], path: Path | None = None) -> Catalog:
         if not isinstance(table, dict):
             raise CatalogError(f"models.{name} must be a table")
         kind, source = table.get("kind"), table.get("source")
-        if kind not in KINDS:
-            raise CatalogError(f"models.{name}.kind must be one of {', '.join(KINDS)}")
+        if kind not in kinds:
+            raise CatalogError(f"models.{name}.kind must be one of {', '.join(kinds)}")
         if not isinstance(source, str) or not source:
             raise CatalogError(f"models.{name}.source must be a path, a Hugging Face repo id or an s3:// prefix")
         if source.startswith(("./", "../")):  # relative to the catalog file, not to the worker's cwd
@@ -122,11 +125,12 @@ def parse(data: dict[str, Any], path: Path | None = None) -> Catalog:
 def load_catalog(settings: Settings | None = None) -> Catalog:
     settings = settings or get_settings()
     path = settings.model_catalog
+    kinds = model_kinds(settings)
     if path is None:
-        return parse({"models": BUILTIN})
+        return parse({"models": builtin_entries(settings)}, kinds=kinds)
     try:
         with open(path, "rb") as handle:
-            return parse(tomllib.load(handle), Path(path).resolve())
+            return parse(tomllib.load(handle), Path(path).resolve(), kinds=kinds)
     except FileNotFoundError:
         raise CatalogError(f"the model catalog {path} does not exist") from None
     except tomllib.TOMLDecodeError as exc:

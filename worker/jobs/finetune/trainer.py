@@ -32,11 +32,10 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from db.wire import LORA_WEIGHTS_NAME
-from worker.models.diffusion import dtype_kwargs
+from worker.jobs.diffusion.pipeline import dtype_kwargs
 
 if TYPE_CHECKING:
-    from worker.jobs.finetune import Input
-    from worker.models.diffusion import Family
+    from worker.jobs.diffusion.pipeline import Family
 
 TARGET_MODULES = ["to_q", "to_k", "to_v", "to_out.0"]
 ADAPTER = "default"
@@ -98,14 +97,27 @@ class LossCurve:
         return cls(every=int(state["every"]), points=list(state["points"]), pending=list(state["pending"]))
 
 
+@dataclass(frozen=True)
+class TrainingConfig:
+    """What shapes a training run (the job's input, less where the images come from)."""
+
+    steps: int
+    learning_rate: float
+    rank: int
+    alpha: float | None
+    batch_size: int
+    gradient_accumulation_steps: int
+    seed: int
+
+
 class Trainer:
     """One fine-tune's UNet with LoRA, optimizer and generator; ``step()`` runs one optimizer step."""
 
-    def __init__(self, folder: Path, params: Input, encoded: Encoded, family: Family) -> None:
+    def __init__(self, folder: Path, config: TrainingConfig, encoded: Encoded, family: Family) -> None:
         from diffusers import DDPMScheduler, UNet2DConditionModel
         from peft import LoraConfig
 
-        self.params, self.seed, self.encoded = params, params.seed, encoded
+        self.config, self.seed, self.encoded = config, config.seed, encoded
         self.device, self.dtype = family.device, family.dtype
         self.device_type = torch.device(self.device).type
         self.autocast = self.dtype != torch.float32
@@ -121,8 +133,8 @@ class Trainer:
         unet.requires_grad_(False)
         unet.add_adapter(
             LoraConfig(
-                r=params.rank,
-                lora_alpha=params.alpha or params.rank,
+                r=config.rank,
+                lora_alpha=config.alpha or config.rank,
                 init_lora_weights="gaussian",
                 target_modules=TARGET_MODULES,
             )
@@ -137,17 +149,17 @@ class Trainer:
         with torch.no_grad():  # peft's gaussian init (A ~ N(0, 1/r), B = 0) from our generator, not torch's global one
             for name, parameter in zip(self.names, self.lora, strict=True):
                 if ".lora_A." in name:
-                    parameter.copy_(torch.randn(parameter.shape, generator=self.generator) / params.rank)
+                    parameter.copy_(torch.randn(parameter.shape, generator=self.generator) / config.rank)
                 else:
                     parameter.zero_()
         self.unet = unet.to(self.device).train()
-        self.optimizer = torch.optim.AdamW(self.lora, lr=params.learning_rate, weight_decay=WEIGHT_DECAY)
+        self.optimizer = torch.optim.AdamW(self.lora, lr=config.learning_rate, weight_decay=WEIGHT_DECAY)
         # float16 gradients underflow without loss scaling; bfloat16 has float32's range and needs none.
         self.scaler = torch.amp.GradScaler(self.device_type) if self.dtype == torch.float16 else None
         self.samples_seen = 0  # micro-batch samples drawn so far: the position in the epoch order
         self.rate = 0.0  # steps per second of this attempt
         self.step_count = 0
-        self.loss = LossCurve.for_steps(params.steps)
+        self.loss = LossCurve.for_steps(config.steps)
         self._orders: dict[int, torch.Tensor] = {}
 
     # --- one step ---------------------------------------------------------------------------------
@@ -164,7 +176,7 @@ class Trainer:
         return torch.stack(picked)
 
     def _micro_batch_loss(self) -> torch.Tensor:
-        batch = self._indices(self.params.batch_size)
+        batch = self._indices(self.config.batch_size)
         g = self.generator
         mean, std = self.encoded.latent_mean[batch], self.encoded.latent_std[batch]
         latents = mean + std * torch.randn(mean.shape, generator=g)
@@ -183,7 +195,7 @@ class Trainer:
         return torch.nn.functional.mse_loss(prediction.float(), target.to(self.device).float())
 
     def step(self) -> float:
-        accumulate = self.params.gradient_accumulation_steps
+        accumulate = self.config.gradient_accumulation_steps
         total = 0.0
         for _ in range(accumulate):
             loss = self._micro_batch_loss() / accumulate
@@ -199,7 +211,7 @@ class Trainer:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step_count += 1
-        self.loss.add(self.step_count, total, last=self.step_count == self.params.steps)
+        self.loss.add(self.step_count, total, last=self.step_count == self.config.steps)
         return total
 
     # --- checkpoints ------------------------------------------------------------------------------

@@ -281,7 +281,7 @@ IP_ADAPTER = "demo-sd-ip-adapter"
 IP_ADAPTER_SCALE = 1.0
 
 
-def build_diffusion_models(directory: Path) -> dict[str, dict[str, Any]]:
+def build(directory: Path) -> dict[str, dict[str, Any]]:
     """Build the demo pipeline, inpainting UNet and IP-Adapter under ``directory`` (unless built).
 
     Returns their catalog entries.

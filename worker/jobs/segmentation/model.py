@@ -1,4 +1,4 @@
-"""Mask2Former instance segmentation: loading, dynamic batching, post-processing, outputs.
+"""Mask2Former instance segmentation: loading, dynamic batching, pre- and post-processing.
 
 Every image is resized (by the model's image processor) to fit an N×N canvas and padded
 to it, so a batch of different-sized images is exactly N single runs stacked: batched and
@@ -14,27 +14,21 @@ import queue
 import threading
 import time
 from concurrent.futures import Future
-from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw, ImageFilter, ImageFont, ImageOps, UnidentifiedImageError
-from pycocotools import mask as coco_mask
+from PIL import Image, ImageOps, UnidentifiedImageError
 
-from worker.jobs.base import JobError
-from worker.jobs.segmentation import Input, Instance, Output, RleMask
-from worker.models.cache import ModelCache, get_cache
+from worker.jobs.segmentation.spec import SEGMENTATION
+from worker.jobs.spec import JobError
+from worker.models.cache import ModelCache
 from worker.models.catalog import ModelEntry
-
-if TYPE_CHECKING:
-    from worker.context import JobContext
 
 log = logging.getLogger(__name__)
 
-STAGES = ("preprocess", "model", "postprocess", "upload")
 UPSAMPLE_CHUNK = 16  # masks upsampled to full size at a time (bounds memory on large images)
 
 
@@ -56,8 +50,10 @@ def load_segmenter(entry: ModelEntry, folder: Path, device: str, dtype: torch.dt
     model = Mask2FormerForUniversalSegmentation.from_pretrained(folder, use_safetensors=True, dtype=dtype)
     model = model.to(device).eval()
     id2label = {int(k): v for k, v in model.config.id2label.items()}
-    return Segmenter(key=f"segmentation:{entry.name}", model=model, processor=processor, id2label=id2label,
-                     device=device, dtype=dtype)
+    return Segmenter(
+        key=SEGMENTATION.cache_key(entry.name), model=model, processor=processor, id2label=id2label,
+        device=device, dtype=dtype,
+    )
 
 
 # --- batching -----------------------------------------------------------------------
@@ -232,25 +228,6 @@ def postprocess(
     return kept
 
 
-def encode_instances(found: list[Found], id2label: dict[int, str]) -> list[Instance]:
-    instances = []
-    for number, item in enumerate(found, start=1):
-        rle = coco_mask.encode(np.asfortranarray(item.mask.astype(np.uint8)))
-        x, y, w, h = (float(v) for v in coco_mask.toBbox(rle))
-        instances.append(
-            Instance(
-                id=number,
-                label=id2label.get(item.label_id, str(item.label_id)),
-                label_id=item.label_id,
-                score=round(item.score, 6),
-                bbox=[x, y, w, h],
-                area=int(coco_mask.area(rle)),
-                mask=RleMask(size=[int(v) for v in rle["size"]], counts=rle["counts"].decode("ascii")),
-            )
-        )
-    return instances
-
-
 def instance_map_png(found: list[Found], size: tuple[int, int]) -> bytes:
     height, width = size
     dtype = np.uint8 if len(found) <= 255 else np.uint16
@@ -260,97 +237,3 @@ def instance_map_png(found: list[Found], size: tuple[int, int]) -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(pixels).save(buffer, format="PNG", optimize=False)
     return buffer.getvalue()
-
-
-PALETTE = [
-    (230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48), (145, 30, 180),
-    (70, 240, 240), (240, 50, 230), (210, 245, 60), (250, 190, 212), (0, 128, 128), (220, 190, 255),
-    (170, 110, 40), (255, 250, 200), (128, 0, 0), (170, 255, 195), (128, 128, 0), (255, 215, 180),
-]  # fmt: skip
-
-
-def overlay_png(image: Image.Image, found: list[Found], instances: list[Instance]) -> bytes:
-    """The input with each instance tinted, outlined and labelled: the picture a person checks first."""
-    base = np.asarray(image, dtype=np.float32).copy()
-    edges = []
-    for number, item in enumerate(found, start=1):
-        color = np.array(PALETTE[(number - 1) % len(PALETTE)], dtype=np.float32)
-        base[item.mask] = base[item.mask] * 0.5 + color * 0.5
-        mask_image = Image.fromarray(item.mask.astype(np.uint8) * 255)
-        inner = np.asarray(mask_image.filter(_ERODE)) > 0
-        edges.append((item.mask & ~inner, color))
-    for edge, color in edges:
-        base[edge] = color
-    picture = Image.fromarray(base.clip(0, 255).astype(np.uint8))
-    draw = ImageDraw.Draw(picture)
-    font = _font(max(11, min(picture.size) // 40))
-    for number, instance in enumerate(instances, start=1):
-        x, y = instance.bbox[0], instance.bbox[1]
-        text = f"{instance.label} {instance.score:.2f}"
-        left, top, right, bottom = draw.textbbox((x, y), text, font=font)
-        draw.rectangle((left - 1, top - 1, right + 1, bottom + 1), fill=PALETTE[(number - 1) % len(PALETTE)])
-        draw.text((x, y), text, fill=(0, 0, 0), font=font)
-    buffer = io.BytesIO()
-    picture.save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
-def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
-    try:
-        return ImageFont.load_default(size=size)
-    except (TypeError, OSError):  # Pillow without FreeType: the fixed bitmap font
-        return ImageFont.load_default()
-
-
-_ERODE = ImageFilter.MinFilter(3)
-
-
-# --- the job ------------------------------------------------------------------------------
-
-
-def segment(ctx: JobContext, params: Input) -> Output:
-    cache = get_cache()
-    entry = cache.entry(params.model, "segmentation")
-    segmenter = cache.get(f"segmentation:{entry.name}", entry, load_segmenter)
-    canvas = cache.settings.segmentation_image_size
-
-    ctx.progress(0, len(STAGES), STAGES[0])
-    image = decode_image(ctx.input_file(params.image))
-    pixel_values, valid = preprocess(segmenter, image, canvas)
-
-    ctx.check()
-    ctx.progress(1, len(STAGES), STAGES[1])
-    future = batcher_for(segmenter, cache).submit(pixel_values)
-    while True:
-        try:
-            class_logits, mask_logits = future.result(timeout=0.05)
-            break
-        except FutureTimeout:
-            try:
-                ctx.check()
-            except BaseException:
-                future.cancel()
-                raise
-
-    ctx.progress(2, len(STAGES), STAGES[2])
-    size = (image.height, image.width)
-    found = postprocess(
-        class_logits, mask_logits, valid, canvas, size,
-        params.threshold, params.mask_threshold, params.overlap_mask_area_threshold,
-    )  # fmt: skip
-    if params.labels is not None:
-        wanted = set(params.labels)
-        found = [f for f in found if segmenter.id2label.get(f.label_id) in wanted]
-    instances = encode_instances(found, segmenter.id2label)
-    map_png = instance_map_png(found, size)
-    overlay = overlay_png(image, found, instances)
-
-    ctx.check()
-    ctx.progress(3, len(STAGES), STAGES[3])
-    return Output(
-        width=image.width,
-        height=image.height,
-        instances=instances,
-        instance_map=ctx.store("instance_map.png", map_png, "image/png"),
-        overlay=ctx.store("overlay.png", overlay, "image/png"),
-    )

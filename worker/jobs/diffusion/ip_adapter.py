@@ -23,7 +23,7 @@ from worker.models.cache import ModelUnavailable
 from worker.models.catalog import ModelEntry
 
 if TYPE_CHECKING:
-    from worker.models.diffusion import Family
+    from worker.jobs.diffusion.pipeline import Family
 
 DEFAULT_IP_ADAPTER_WEIGHTS = "ip-adapter_sd15.safetensors"
 

@@ -1,30 +1,34 @@
-"""What every job type declares: its input, output, queue, deadline and ``run``.
+"""What every job type declares: its input, output, queue, deadline, model kinds and ``run``.
 
-Nothing here imports torch: the API imports these specs to validate requests and
-to build the OpenAPI document. Heavy imports happen inside each type's ``run``.
+Nothing here imports torch: the API imports these specs to validate requests and to build the
+OpenAPI document. ``run`` and a model kind's loader are dotted paths (``module:function``) that
+only the worker resolves, so importing a spec never imports model code.
 """
 
 from __future__ import annotations
 
 import enum
+import importlib
 import typing
-from collections.abc import Callable
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Annotated, Any
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-if TYPE_CHECKING:
-    from worker.context import JobContext
-
 
 class Queue(str, enum.Enum):
-    """Queues by resource class, so capacity scales by adding workers, not code."""
+    """Queues by resource class, so capacity scales by adding workers, not code. The one list of queues."""
 
     GPU = "gpu"
     TRAIN = "train"
     WEBHOOKS = "webhooks"
     MAINTENANCE = "maintenance"
+
+    @property
+    def runs_models(self) -> bool:
+        """Whether jobs on this queue hold an accelerator (the dashboard's GPU-time figures count these)."""
+        return self in (Queue.GPU, Queue.TRAIN)
 
 
 class JobError(Exception):
@@ -114,10 +118,24 @@ def _marked_fields(model: type[BaseModel], marker: str) -> dict[str, str]:
     return found
 
 
+@dataclass(frozen=True)
+class TenantModelRef:
+    """A fine-tuned model of the tenant that an input names, and the base model it must have been made for."""
+
+    loc: tuple[str | int, ...]  # where in the input, for the 422
+    model_id: str
+    base_model: str | None  # None: the catalog's default of ``base_kind``
+    base_kind: str
+
+
 class JobInput(BaseModel):
     """Base of every job type's ``Input``: unknown fields are an error, not silently dropped."""
 
     model_config = ConfigDict(extra="forbid")
+
+    def tenant_model_refs(self) -> list[TenantModelRef]:
+        """The tenant's fine-tuned models this input names; the API checks each at submit (else 422)."""
+        return []
 
 
 class Artifact(BaseModel):
@@ -130,13 +148,45 @@ class Artifact(BaseModel):
     url: str | None = Field(None, description="Presigned download URL (expires).")
 
 
+def resolve(path: str) -> Any:
+    """The object a ``module:attribute`` path names (imported on first use)."""
+    module, _, attribute = path.partition(":")
+    return getattr(importlib.import_module(module), attribute)
+
+
+@dataclass(frozen=True)
+class ModelKind:
+    """A kind of model the catalog may name: declared once, with the job types that load it.
+
+    The catalog accepts its ``name`` as a ``kind``; the worker's model cache loads it with ``loader``
+    (``module:function(entry, folder, device, dtype)``) under ``cache_key``; ``gpujobs models demo``
+    builds a tiny one with ``demo`` (``module:function(directory) -> {name: catalog table}``);
+    ``/v1/models`` lists models of the kinds that are ``listed`` (the others are parts of those).
+    """
+
+    name: str
+    loader: str | None  # None: loaded only as a part of another model, by that model's code
+    demo: str | None = None
+    listed: bool = True
+    builtin: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)  # entries when no catalog is set
+
+    def cache_key(self, model: str, variant: str | None = None) -> str:
+        return f"{self.name}:{model}" + (f"@{variant}" if variant else "")
+
+
 @dataclass(frozen=True)
 class JobType:
+    """One job type: what the API validates and lists, and what the worker runs (``run``, resolved lazily)."""
+
     name: str
     summary: str
     Input: type[JobInput]
     Output: type[BaseModel]
     queue: Queue
-    run: Callable[[JobContext, Any], BaseModel]
+    run: str  # ``module:function(ctx, params) -> Output``
     deadline_seconds: float | None = None  # None: the configured default
     admin_only: bool = False
+    model_kinds: tuple[ModelKind, ...] = ()
+
+    def runner(self) -> Callable[[Any, Any], BaseModel]:
+        return typing.cast(Callable[[Any, Any], BaseModel], resolve(self.run))

@@ -1,8 +1,8 @@
 """The ``finetune`` job: its training set, the training run with checkpoints and resume, and its model.
 
 The frozen parts come from the warm pipeline family in the model cache (VAE, text encoder,
-tokenizer, scheduler config: shared with generation, never modified); ``worker.models.trainer``
-holds the UNet being trained. The training set is read (and checked again), resized and
+tokenizer, scheduler config: shared with generation, never modified); ``trainer.py`` holds the
+UNet being trained. The training set is read (and checked again), resized and
 centre-cropped, and encoded once: image latents by the VAE, each distinct caption by the text
 encoder. Every ``checkpoint_every`` steps the trainer's state goes to
 ``jobs/<id>/checkpoints/``, with the encoded latents once per job, so a requeued attempt resumes
@@ -17,26 +17,29 @@ import logging
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from PIL import Image
 
-from db import transitions
-from db.models import Model, ModelKind, new_id
-from db.session import session_scope
-from db.storage import StorageError, get_storage
+from db.models import Model, ModelOrigin, new_id
+from db.storage import StorageError
 from db.wire import LORA_WEIGHTS_NAME, model_json
-from worker.jobs.base import JobError
-from worker.jobs.finetune import Input, LossPoint, Output
-from worker.jobs.training_data import DatasetError, Sample, check_image, dataset_limits, read_dataset
+from worker.context import Checkpoint, JobContext
+from worker.jobs.diffusion.pipeline import Family, guard_out_of_memory, release_memory
+from worker.jobs.diffusion.spec import DIFFUSION
+from worker.jobs.finetune.spec import Input, LossPoint, Output
+from worker.jobs.finetune.trainer import (
+    TARGET_MODULES,
+    Encoded,
+    Trainer,
+    TrainingConfig,
+    latents_file,
+    read_latents,
+)
+from worker.jobs.finetune.training_data import DatasetError, Sample, check_image, dataset_limits, read_dataset
+from worker.jobs.spec import JobError
 from worker.models.cache import get_cache
-from worker.models.diffusion import Family, guard_out_of_memory, load_family, release_memory
-from worker.models.trainer import TARGET_MODULES, Encoded, Trainer, latents_file, read_latents
-
-if TYPE_CHECKING:
-    from worker.context import JobContext
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +85,8 @@ def square_pixels(data: bytes, resolution: int) -> np.ndarray:
 def encode_samples(
     family: Family,
     samples: list[Sample],
-    params: Input,
+    resolution: int,
+    instance_prompt: str,
     device: str,
     latents: tuple[torch.Tensor, torch.Tensor] | None,
     check: Callable[[], None] = lambda: None,
@@ -96,14 +100,14 @@ def encode_samples(
             for start in range(0, len(samples), ENCODE_BATCH):
                 check()
                 chunk = samples[start : start + ENCODE_BATCH]
-                pixels = torch.from_numpy(np.stack([square_pixels(s.image, params.resolution) for s in chunk]))
+                pixels = torch.from_numpy(np.stack([square_pixels(s.image, resolution) for s in chunk]))
                 posterior = vae.encode(pixels.to(device, vae.dtype)).latent_dist
                 means.append((posterior.mean * vae.config.scaling_factor).float().cpu())
                 stds.append((posterior.std * vae.config.scaling_factor).float().cpu())
             # Contiguous, as latents read back from a checkpoint are: a channels-last layout here would pick
             # other conv kernels in the UNet, and a resumed run would drift from an uninterrupted one.
             latents = torch.cat(means).contiguous(), torch.cat(stds).contiguous()
-        captions = [s.caption if s.caption is not None else params.instance_prompt for s in samples]
+        captions = [s.caption if s.caption is not None else instance_prompt for s in samples]
         distinct = list(dict.fromkeys(captions))
         texts = []
         for start in range(0, len(distinct), ENCODE_BATCH):
@@ -122,11 +126,11 @@ def encode_samples(
 # --- the job ------------------------------------------------------------------------------------------
 
 
-def finetune(ctx: JobContext, params: Input) -> Output:
+def run(ctx: JobContext, params: Input) -> Output:
     cache = get_cache()
-    entry = cache.entry(params.base_model, "diffusion")
+    entry = cache.entry(params.base_model, DIFFUSION.name)
     ctx.progress(0, params.steps, "preparing")
-    family = cache.get(f"diffusion:{entry.name}", entry, load_family)
+    family: Family = cache.load(DIFFUSION, entry.name)
     folder = cache.local_folder(entry)
     samples = load_samples(ctx, params)
     ctx.check()
@@ -141,102 +145,84 @@ def finetune(ctx: JobContext, params: Input) -> Output:
 def _run_training(
     ctx: JobContext, params: Input, family: Family, folder: Path, samples: list[Sample]
 ) -> tuple[int | None, bytes, list[dict[str, float]], float]:
-    checkpoint = _latest_checkpoint(ctx)
+    checkpoint = ctx.latest_checkpoint()
     stored = _stored_latents(ctx, checkpoint, len(samples), params.resolution)
     ctx.progress(0, params.steps, "encoding the training set")
-    encoded = guard_out_of_memory(
-        family.device,
-        "encoding the training set",
-        functools.partial(encode_samples, family, samples, params, family.device, stored, ctx.check),
+    encode = functools.partial(
+        encode_samples, family, samples, params.resolution, params.instance_prompt, family.device, stored, ctx.check
     )
+    encoded = guard_out_of_memory(family.device, "encoding the training set", encode)
     ctx.progress(0, params.steps, "loading the UNet")
     trainer = guard_out_of_memory(
-        family.device, "preparing the UNet", functools.partial(Trainer, folder, params, encoded, family)
+        family.device, "preparing the UNet", functools.partial(Trainer, folder, training_config(params), encoded, family)
     )
     resumed_from = _resume(ctx, trainer, checkpoint)
-    latents_key = checkpoint.latents_key if checkpoint is not None and stored is not None else None
-    _train(ctx, trainer, latents_key)
+    latents_key = checkpoint.details.get("latents_key") if checkpoint is not None and stored is not None else None
+    _train(ctx, trainer, params.checkpoint_every, latents_key)
     return resumed_from, trainer.lora_weights(), trainer.loss.points, trainer.rate
 
 
-def _train(ctx: JobContext, trainer: Trainer, latents_key: str | None) -> None:
-    params = trainer.params
-    previous_key = None
+def training_config(params: Input) -> TrainingConfig:
+    """What the trainer needs of the job's input."""
+    return TrainingConfig(
+        steps=params.steps,
+        learning_rate=params.learning_rate,
+        rank=params.rank,
+        alpha=params.alpha,
+        batch_size=params.batch_size,
+        gradient_accumulation_steps=params.gradient_accumulation_steps,
+        seed=params.seed,
+    )
+
+
+def _train(ctx: JobContext, trainer: Trainer, checkpoint_every: int, latents_key: str | None) -> None:
+    steps = trainer.config.steps
     started, first = time.monotonic(), trainer.step_count
-    while trainer.step_count < params.steps:
-        if ctx.cancel_requested or time.monotonic() > ctx.deadline:
-            ctx.progress(trainer.step_count, params.steps, "stopped")  # a timeline milestone: where it stopped
+    while trainer.step_count < steps:
+        if ctx.should_stop():
+            ctx.progress(trainer.step_count, steps, "stopped")  # a timeline milestone: where it stopped
             ctx.check()  # cancel, deadline, lost lease: no further step (the last checkpoint stays)
         loss = guard_out_of_memory(trainer.device, "training", trainer.step)
         step = trainer.step_count
         trainer.rate = (step - first) / max(time.monotonic() - started, 1e-9)
-        ctx.progress(step, params.steps, "training", loss=round(loss, 6), steps_per_second=round(trainer.rate, 4))
-        if step % params.checkpoint_every == 0 and step < params.steps:
+        ctx.progress(step, steps, "training", loss=round(loss, 6), steps_per_second=round(trainer.rate, 4))
+        if step % checkpoint_every == 0 and step < steps:
             if latents_key is None:  # once per job: a resumed attempt downloads them instead of encoding again
-                latents_key = f"jobs/{ctx.job_id}/checkpoints/latents.safetensors"
-                get_storage(ctx.settings).put(latents_key, latents_file(trainer.encoded), "application/octet-stream")
-            previous_key = _store_checkpoint(ctx, trainer, previous_key, latents_key)
+                latents_key = ctx.save_scratch("latents.safetensors", latents_file(trainer.encoded))
+            ctx.checkpoint(step, trainer.checkpoint(), loss=trainer.loss.points[-1:] or None, latents_key=latents_key)
     # A milestone as the last step ends: the timeline separates training from making the weights file.
-    ctx.progress(trainer.step_count, params.steps, "training done", steps_per_second=round(trainer.rate, 4))
-
-
-def _store_checkpoint(ctx: JobContext, trainer: Trainer, previous_key: str | None, latents_key: str) -> str:
-    step = trainer.step_count
-    key = f"jobs/{ctx.job_id}/checkpoints/step-{step:06d}.safetensors"
-    data = trainer.checkpoint()
-    stored = get_storage(ctx.settings).put(key, data, "application/octet-stream")
-    with session_scope() as session:
-        owned = transitions.checkpointed(
-            session, ctx.job_id, ctx.attempt, ctx.settings.lease_seconds, step, key,
-            {"size": stored.size, "sha256": stored.sha256, "loss": trainer.loss.points[-1:] or None,
-             "latents_key": latents_key},
-        )  # fmt: skip
-    if not owned:
-        ctx.check()  # the control thread will have seen the lost lease too
-    if previous_key and previous_key != key:
-        try:  # only the newest checkpoint is kept
-            get_storage(ctx.settings).delete(previous_key)
-        except StorageError as exc:
-            log.warning("job %s: could not delete the old checkpoint %s: %s", ctx.job_id, previous_key, exc)
-    return key
-
-
-def _latest_checkpoint(ctx: JobContext) -> transitions.Checkpoint | None:
-    if ctx.attempt == 1:
-        return None
-    with session_scope() as session:
-        return transitions.latest_checkpoint(session, ctx.job_id)
+    ctx.progress(trainer.step_count, steps, "training done", steps_per_second=round(trainer.rate, 4))
 
 
 def _stored_latents(
-    ctx: JobContext, checkpoint: transitions.Checkpoint | None, count: int, resolution: int
+    ctx: JobContext, checkpoint: Checkpoint | None, count: int, resolution: int
 ) -> tuple[torch.Tensor, torch.Tensor] | None:
     """The training set's latents as an earlier attempt stored them, if it did (and they fit)."""
-    if checkpoint is None or not checkpoint.latents_key:
+    latents_key = checkpoint.details.get("latents_key") if checkpoint is not None else None
+    if not latents_key:
         return None
     try:
-        return read_latents(get_storage(ctx.settings).get(checkpoint.latents_key), count, resolution)
+        return read_latents(ctx.load_scratch(latents_key), count, resolution)
     except (StorageError, KeyError, ValueError, RuntimeError) as exc:
         log.warning("job %s: the stored latents cannot be used (%s); encoding again", ctx.job_id, exc)
         return None
 
 
-def _resume(ctx: JobContext, trainer: Trainer, checkpoint: transitions.Checkpoint | None) -> int | None:
+def _resume(ctx: JobContext, trainer: Trainer, checkpoint: Checkpoint | None) -> int | None:
     """Continue from the job's newest checkpoint, if an earlier attempt stored one; the step resumed from."""
     if checkpoint is None:
         return None
     started = time.monotonic()
     try:
-        trainer.restore(get_storage(ctx.settings).get(checkpoint.key))
+        trainer.restore(ctx.load_scratch(checkpoint.key))
     except (StorageError, KeyError, ValueError, RuntimeError) as exc:
         log.warning(
             "job %s: the checkpoint at step %d cannot be used (%s); starting over", ctx.job_id, checkpoint.step, exc
         )
-        ctx.progress(0, trainer.params.steps, "checkpoint unusable, starting over")
+        ctx.progress(0, trainer.config.steps, "checkpoint unusable, starting over")
         return None
     seconds = time.monotonic() - started
-    with session_scope() as session:
-        transitions.resumed(session, ctx.job_id, ctx.attempt, checkpoint, load_seconds=round(seconds, 3))
+    ctx.resumed(checkpoint, load_seconds=round(seconds, 3))
     log.info("job %s attempt %d resumed from step %d (checkpoint loaded in %.2f s)", ctx.job_id, ctx.attempt,
              checkpoint.step, seconds)  # fmt: skip
     return checkpoint.step
@@ -258,15 +244,12 @@ def _result(
     model_id = new_id("mdl")
     key = f"models/{model_id}/{LORA_WEIGHTS_NAME}"
     artifact = ctx.store(LORA_WEIGHTS_NAME, weights, "application/octet-stream", key=key)
-    try:  # the weights are the result now: the checkpoints (and stored latents) of every attempt can go
-        get_storage(ctx.settings).delete_prefix(f"jobs/{ctx.job_id}/checkpoints/")
-    except StorageError as exc:
-        log.warning("job %s: could not delete its checkpoints: %s", ctx.job_id, exc)
+    ctx.drop_scratch()  # the weights are the result now: the checkpoints (and stored latents) of every attempt can go
     row = {
         "id": model_id,
         "tenant_id": ctx.tenant_id,
         "name": params.name or f"{base} LoRA ({ctx.job_id})",
-        "kind": ModelKind.LORA.value,
+        "kind": ModelOrigin.LORA.value,
         "base_model": base,
         "storage_key": key,
         "size": artifact.size,

@@ -21,23 +21,19 @@ import os
 import threading
 import weakref
 from collections import OrderedDict
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import select
-
-from db.models import Model
-from db.session import session_scope
+from db.settings import Settings
 from db.storage import StorageError, get_storage
-from worker.jobs.base import JobError
+from worker.jobs.spec import JobError
 from worker.models.cache import get_cache
 
 if TYPE_CHECKING:
-    from worker.context import JobContext
-    from worker.jobs.generation import LoraRef
+    from worker.context import TenantModel
 
 log = logging.getLogger(__name__)
 
@@ -53,40 +49,32 @@ class Lora:
     sha256: str
 
 
-def resolve(ctx: JobContext, refs: Sequence[LoraRef], base_model: str) -> list[Lora]:
-    """The job's LoRAs, their weights on local disk; a deleted or mismatched one fails the job."""
-    if not refs:
-        return []
-    with session_scope() as session:
-        rows = {
-            row.id: row
-            for row in session.scalars(
-                select(Model).where(Model.id.in_([ref.model for ref in refs]), Model.tenant_id == ctx.tenant_id)
-            )
-        }
-        session.expunge_all()
+def resolve(
+    wanted: Sequence[tuple[str, float]], found: Mapping[str, TenantModel], base_model: str, settings: Settings
+) -> list[Lora]:
+    """The LoRAs ``wanted`` (model id, scale), their weights on local disk; a deleted or mismatched one fails the job."""
     loras = []
-    for ref in refs:
-        row = rows.get(ref.model)
+    for model_id, scale in wanted:
+        row = found.get(model_id)
         if row is None:
-            raise JobError(f"The LoRA model {ref.model!r} no longer exists (it was deleted).", "lora_missing")
+            raise JobError(f"The LoRA model {model_id!r} no longer exists (it was deleted).", "lora_missing")
         if row.base_model != base_model:
             raise JobError(
-                f"The LoRA model {ref.model!r} was trained on {row.base_model!r}; this job runs {base_model!r}.",
+                f"The LoRA model {model_id!r} was trained on {row.base_model!r}; this job runs {base_model!r}.",
                 "lora_mismatch",
             )
-        loras.append(Lora(row.id, ref.scale, _fetch(ctx, row), row.sha256))
+        loras.append(Lora(row.id, scale, _fetch(settings, row), row.sha256))
     return loras
 
 
-def _fetch(ctx: JobContext, row: Model) -> Path:
-    folder = (ctx.settings.model_dir or ctx.settings.var_dir / "models") / "loras"
+def _fetch(settings: Settings, row: TenantModel) -> Path:
+    folder = (settings.model_dir or settings.var_dir / "models") / "loras"
     path = folder / f"{row.sha256}.safetensors"
     with _fetch_lock:
         if path.is_file():
             return path
         try:
-            data = get_storage(ctx.settings).get(row.storage_key)
+            data = get_storage(settings).get(row.storage_key)
         except StorageError as exc:
             raise JobError(
                 f"The weights of the LoRA model {row.id!r} could not be read: {exc}", "lora_missing"

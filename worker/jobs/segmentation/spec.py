@@ -1,20 +1,29 @@
-"""``segmentation``: COCO instance segmentation with Mask2Former.
+"""``segmentation``: its input, output, model kind and declaration (no torch).
 
-Concurrent jobs in one worker process run as one padded batch (``worker.models.segmentation``);
-each job keeps its own progress, cancel and failure.
+Concurrent jobs in one worker process run as one padded batch (``model.py``); each job keeps its
+own progress, cancel and failure (``run.py``).
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from pydantic import BaseModel, Field, field_validator
 
-from worker.jobs.base import Artifact, ImageFile, JobInput, JobType, Queue, SegmentationModel
-from worker.models.coco import COCO_LABELS
+from worker.jobs.segmentation.coco import COCO_LABELS
+from worker.jobs.spec import Artifact, ImageFile, JobInput, JobType, ModelKind, Queue, SegmentationModel
 
-if TYPE_CHECKING:
-    from worker.context import JobContext
+SEGMENTATION = ModelKind(
+    name="segmentation",
+    loader="worker.jobs.segmentation.model:load_segmenter",
+    demo="worker.jobs.segmentation.demo:build",
+    builtin={
+        "mask2former-swin-tiny-coco-instance": {
+            "kind": "segmentation",
+            "source": "facebook/mask2former-swin-tiny-coco-instance",
+            "revision": "main",
+            "default": True,
+        },
+    },
+)
 
 
 class Input(JobInput):
@@ -63,18 +72,13 @@ class Output(BaseModel):
     overlay: Artifact
 
 
-def run(ctx: JobContext, params: Input) -> Output:
-    from worker.models.segmentation import segment
-
-    return segment(ctx, params)
-
-
 JOB_TYPE = JobType(
     name="segmentation",
     summary="Instance segmentation (Mask2Former, COCO): masks as COCO RLE, boxes, scores, an instance map and an overlay.",
     Input=Input,
     Output=Output,
     queue=Queue.GPU,
-    run=run,
+    run="worker.jobs.segmentation.run:run",
     deadline_seconds=600,
+    model_kinds=(SEGMENTATION,),
 )

@@ -36,15 +36,16 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import torch
 
 from db.settings import get_settings
-from worker.jobs.base import JobError
-from worker.jobs.generation import SCHEDULERS as SCHEDULER_NAMES
+from worker.jobs.diffusion.ip_adapter import IPAdapter, load_ip_adapter, swapped_in
+from worker.jobs.diffusion.spec import DIFFUSION, INPAINTING_UNET, IP_ADAPTER
+from worker.jobs.diffusion.spec import SCHEDULERS as SCHEDULER_NAMES
+from worker.jobs.spec import JobError
 from worker.models.cache import ModelUnavailable
 from worker.models.catalog import ModelEntry
-from worker.models.ip_adapter import IPAdapter, load_ip_adapter, swapped_in
 
 if TYPE_CHECKING:
+    from worker.jobs.diffusion.lora import Lora
     from worker.models.cache import ModelCache
-    from worker.models.lora import Lora
 
 log = logging.getLogger(__name__)
 
@@ -131,12 +132,11 @@ class Family:
             return self.inpaint
         from diffusers import StableDiffusionInpaintPipeline
 
-        entry = cache.entry(self.inpainting_model, "inpainting")
-        unet = cache.get(f"inpainting:{entry.name}", entry, load_inpainting_unet)
+        unet = cache.load(INPAINTING_UNET, self.inpainting_model)
         encoder_width = self.text_to_image.text_encoder.config.hidden_size
         if unet.config.cross_attention_dim != encoder_width:
             raise ModelUnavailable(
-                f"the inpainting model {entry.name!r} expects text features of width "
+                f"the inpainting model {self.inpainting_model!r} expects text features of width "
                 f"{unet.config.cross_attention_dim}, but {self.model!r}'s text encoder makes {encoder_width}"
             )
         pipe = StableDiffusionInpaintPipeline(
@@ -164,9 +164,10 @@ class Family:
 
     def ip_adapter(self, cache: ModelCache) -> tuple[str, IPAdapter]:
         """The family's IP-Adapter and its cache key, loaded on first use. Under ``lock``: loading rewires the UNet."""
-        entry = cache.entry(self.ip_adapter_model, "ip_adapter")
-        key = f"ip_adapter:{entry.name}@{self.model}"  # per family: its processors' scale is set per run
-        return key, cache.get(key, entry, functools.partial(load_ip_adapter, self))
+        # One per family: loading rewires this family's UNet, and its processors' scale is set per run.
+        entry = cache.entry(self.ip_adapter_model, IP_ADAPTER.name)
+        key = IP_ADAPTER.cache_key(entry.name, variant=self.model)
+        return key, cache.load(IP_ADAPTER, entry.name, variant=self.model, loader=functools.partial(load_ip_adapter, self))
 
 
 def load_family(entry: ModelEntry, folder: Path, device: str, dtype: torch.dtype) -> Family:
@@ -211,7 +212,7 @@ def load_family(entry: ModelEntry, folder: Path, device: str, dtype: torch.dtype
     if isinstance(ip_adapter_scale, bool) or not isinstance(ip_adapter_scale, int | float) or ip_adapter_scale < 0:
         raise ModelUnavailable(f"model {entry.name!r}: the catalog's `ip_adapter_scale` must be a number ≥ 0")
     return Family(
-        key=f"diffusion:{entry.name}",
+        key=DIFFUSION.cache_key(entry.name),
         model=entry.name,
         text_to_image=base,
         image_to_image=image_to_image,
@@ -284,7 +285,7 @@ def denoise(
 ) -> Denoised:
     """One pipeline call (under ``family.lock``) with a fresh scheduler and exactly ``loras`` active;
     latents out, or None if stopped."""
-    from worker.models.lora import applied
+    from worker.jobs.diffusion.lora import applied
 
     counter = _StepCounter(on_step)
     pipe.scheduler = make_scheduler(family, scheduler)

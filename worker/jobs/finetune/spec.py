@@ -1,7 +1,7 @@
 """``finetune``: train a LoRA on a diffusion base model; the result is a model generation jobs accept.
 
 The training set is a list of image file ids (with optional ``captions`` of the same length) or
-a dataset zip (``worker.jobs.training_data``); ``instance_prompt`` stands in for a missing caption
+a dataset zip (``training_data.py``); ``instance_prompt`` stands in for a missing caption
 (no caption and no instance prompt: the image is learnt with an empty prompt). Images are resized
 so their short side is ``resolution`` and centre-cropped to a square.
 
@@ -9,23 +9,20 @@ Runs on the ``train`` queue, so long jobs never hold an inference worker. Every
 ``checkpoint_every`` steps the LoRA weights, the optimizer state, the step, the loss curve and the
 random generator's state are stored under the job; a run that was requeued after its worker died
 resumes from the latest checkpoint (its ``resumed`` event says from which step). A cancel stops at
-the next step; the last checkpoint stays listed in the job's events. The training itself is
-``worker.models.finetune``.
+the next step; the last checkpoint stays listed in the job's events. The job body is ``run.py``,
+the training loop ``trainer.py``, the training set's checks ``training_data.py``.
 """
 
 from __future__ import annotations
 
 import secrets
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import Annotated, Any
 
 from pydantic import AfterValidator, BaseModel, Field, model_validator
 
 from db.settings import get_settings
-from worker.jobs.base import Artifact, DatasetFile, DiffusionModel, ImageFile, JobInput, JobType, Queue
-from worker.jobs.generation import MAX_SEED
-
-if TYPE_CHECKING:
-    from worker.context import JobContext
+from worker.jobs.diffusion.spec import DIFFUSION, MAX_SEED
+from worker.jobs.spec import Artifact, DatasetFile, DiffusionModel, ImageFile, JobInput, JobType, Queue
 
 MAX_STEPS = 20_000
 DEADLINE_SECONDS = 48 * 3600
@@ -113,18 +110,13 @@ class Output(BaseModel):
     resumed_from: int | None = Field(description="The checkpoint step this run continued from, if it resumed.")
 
 
-def run(ctx: JobContext, params: Input) -> Output:
-    from worker.models.finetune import finetune
-
-    return finetune(ctx, params)
-
-
 JOB_TYPE = JobType(
     name="finetune",
     summary="LoRA fine-tuning of a Stable Diffusion model; checkpoints, resumes, and ends as a usable model.",
     Input=Input,
     Output=Output,
     queue=Queue.TRAIN,
-    run=run,
+    run="worker.jobs.finetune.run:run",
     deadline_seconds=DEADLINE_SECONDS,
+    model_kinds=(DIFFUSION,),
 )

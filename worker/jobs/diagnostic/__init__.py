@@ -1,0 +1,1 @@
+"""``diagnostic``: exercises the whole loop without a model (tests, benchmarks, canaries)."""
