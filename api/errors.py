@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from http import HTTPStatus
 from typing import Any
 
@@ -37,8 +38,8 @@ class ApiError(Exception):
         self.extra = extra or {}
 
 
-def validation_error(loc: list[str | int], msg: str, detail: str | None = None) -> ApiError:
-    return ApiError(422, detail or f"{'.'.join(map(str, loc))}: {msg}", errors=[{"loc": loc, "msg": msg}])
+def validation_error(loc: Sequence[str | int], msg: str, detail: str | None = None) -> ApiError:
+    return ApiError(422, detail or f"{'.'.join(map(str, loc))}: {msg}", errors=[{"loc": list(loc), "msg": msg}])
 
 
 def from_pydantic(exc: ValidationError, prefix: list[str | int]) -> ApiError:

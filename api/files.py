@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from flask import Blueprint, Response, g, jsonify, redirect, request
 from PIL import Image, UnidentifiedImageError
 from sqlalchemy import select
+from werkzeug.wrappers import Response as WerkzeugResponse
 
 from api import config
 from api.auth import current_key, is_admin
@@ -152,7 +153,7 @@ def load_file(file_id: str) -> File:
     query = select(File).where(File.id == file_id)
     if not is_admin():
         query = query.where(File.tenant_id == current_key().tenant_id)
-    file = g.db.scalars(query).one_or_none()
+    file: File | None = g.db.scalars(query).one_or_none()
     if file is None:
         raise ApiError(404, f"No file {file_id!r}.")
     return file
@@ -166,6 +167,6 @@ def get_file(file_id: str) -> Response:
 
 @bp.get("/<file_id>/content")
 @document("Download a file (a redirect to a presigned URL)", responses={302: "object"})
-def get_content(file_id: str) -> Response:
+def get_content(file_id: str) -> WerkzeugResponse:
     file = load_file(file_id)
     return redirect(config.storage().presigned_url(file.storage_key), code=302)

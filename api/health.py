@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from flask import Blueprint, Response, g, jsonify
-from kombu import Connection
+from kombu.connection import Connection
 from sqlalchemy import text
 
 from api import config

@@ -36,6 +36,10 @@ bp = Blueprint("jobs", __name__, url_prefix="/v1/jobs")
 WebhookEvent = Literal["start", "progress", "completed"]
 
 
+def _completed_only() -> list[WebhookEvent]:
+    return ["completed"]
+
+
 class JobCreate(BaseModel):
     """The body of ``POST /v1/jobs``; ``input`` is checked against the type's own ``Input``."""
 
@@ -45,7 +49,7 @@ class JobCreate(BaseModel):
     input: dict[str, Any] = Field(default_factory=dict, description="The type's input.")
     webhook: str | None = Field(None, max_length=2048, description="An http(s) URL that receives events.")
     webhook_events_filter: list[WebhookEvent] = Field(
-        default_factory=lambda: ["completed"], description="Which events to send (default: `completed`)."
+        default_factory=_completed_only, description="Which events to send (default: `completed`)."
     )
     metadata: dict[str, Any] = Field(default_factory=dict, description="Client data, returned as is.")
 
@@ -68,7 +72,7 @@ def _visible(query: Any) -> Any:
 
 def _load(job_id: str) -> Job:
     query = _visible(select(Job).where(Job.id == job_id)).options(joinedload(Job.artifacts))
-    job = g.db.scalars(query.execution_options(populate_existing=True)).unique().one_or_none()
+    job: Job | None = g.db.scalars(query.execution_options(populate_existing=True)).unique().one_or_none()
     if job is None:
         raise ApiError(404, f"No job {job_id!r}.")
     return job
@@ -228,6 +232,7 @@ def _check_models(params: JobInput) -> Catalog | None:
                 ["body", "input", field],
                 f"{found} in this service's catalog (its {kind} models: {known}; GET /v1/models lists them)",
             )
+    return catalog
 
 
 def _check_tenant_models(params: JobInput, catalog: Catalog | None) -> None:
@@ -271,9 +276,10 @@ def _check_webhook(url: str) -> None:
 
 
 def _by_idempotency_key(key: str) -> Job | None:
-    return g.db.scalars(
+    job: Job | None = g.db.scalars(
         select(Job).where(Job.tenant_id == current_key().tenant_id, Job.idempotency_key == key)
     ).one_or_none()
+    return job
 
 
 def _repeat(existing: Job, request_hash: str | None) -> tuple[Response, int, dict[str, str]]:

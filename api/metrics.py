@@ -93,8 +93,8 @@ class JobSystemCollector(Collector):
         deliveries = GaugeMetricFamily(
             "gpujobs_webhook_deliveries", "Webhook deliveries by status.", labels=["status"]
         )
-        for status, count in stats.webhook_deliveries_by_status(session).items():
-            deliveries.add_metric([status], count)
+        for delivery_status, count in stats.webhook_deliveries_by_status(session).items():
+            deliveries.add_metric([delivery_status], count)
         yield deliveries
 
         yield from self._workers(since)

@@ -68,7 +68,7 @@ def _visible(query: Any) -> Any:
 
 
 def _load(model_id: str) -> Model:
-    model = g.db.scalars(_visible(select(Model).where(Model.id == model_id))).one_or_none()
+    model: Model | None = g.db.scalars(_visible(select(Model).where(Model.id == model_id))).one_or_none()
     if model is None:
         raise ApiError(404, f"No model {model_id!r}.")
     return model

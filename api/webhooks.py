@@ -28,7 +28,7 @@ def _job_id(job_id: str) -> str:
 
 
 def _delivery(job_id: str, delivery_id: str) -> WebhookDelivery:
-    delivery = g.db.scalars(
+    delivery: WebhookDelivery | None = g.db.scalars(
         select(WebhookDelivery)
         .where(WebhookDelivery.id == delivery_id, WebhookDelivery.job_id == job_id)
         .options(selectinload(WebhookDelivery.history))

@@ -105,7 +105,8 @@ class Storage:
 
     def get(self, key: str) -> bytes:
         try:
-            return self.client.get_object(Bucket=self.bucket, Key=key)["Body"].read()
+            data: bytes = self.client.get_object(Bucket=self.bucket, Key=key)["Body"].read()
+            return data
         except (BotoCoreError, ClientError) as exc:
             raise StorageError(f"could not read {key}: {exc}") from exc
 
@@ -133,9 +134,10 @@ class Storage:
         params = {"Bucket": self.bucket, "Key": key}
         if filename:
             params["ResponseContentDisposition"] = f'attachment; filename="{filename}"'
-        return self.presign_client.generate_presigned_url(
+        url: str = self.presign_client.generate_presigned_url(
             "get_object", Params=params, ExpiresIn=self.settings.presign_expiry_seconds
         )
+        return url
 
 
 _lock = threading.Lock()

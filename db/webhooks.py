@@ -312,10 +312,12 @@ def redeliver(session: Session, delivery_id: str) -> bool:
 def _insert_if_absent(session: Session, model: Any, **values: Any) -> None:
     dialect = session.get_bind().dialect.name
     if dialect == "postgresql":
-        from sqlalchemy.dialects.postgresql import insert as dialect_insert
+        from sqlalchemy.dialects import postgresql
+
+        session.execute(postgresql.insert(model).values(**values).on_conflict_do_nothing())
     elif dialect == "sqlite":
-        from sqlalchemy.dialects.sqlite import insert as dialect_insert
+        from sqlalchemy.dialects import sqlite
+
+        session.execute(sqlite.insert(model).values(**values).on_conflict_do_nothing())
     else:  # pragma: no cover - the two supported databases are above
         session.execute(insert(model).values(**values))
-        return
-    session.execute(dialect_insert(model).values(**values).on_conflict_do_nothing())

@@ -56,7 +56,8 @@ def loaded_models() -> dict[str, Any]:
     cache_module = sys.modules.get("worker.models.cache")
     if cache_module is None or cache_module._cache is None:
         return {}
-    return cache_module._cache.loaded()
+    loaded: dict[str, Any] = cache_module._cache.loaded()
+    return loaded
 
 
 class Heartbeat:

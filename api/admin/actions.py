@@ -30,7 +30,7 @@ log = logging.getLogger(__name__)
 
 
 def _job(job_id: str) -> Job:
-    job = g.db.get(Job, job_id) if ID.fullmatch(job_id) else None
+    job: Job | None = g.db.get(Job, job_id) if ID.fullmatch(job_id) else None
     if job is None:
         raise ApiError(404, f"No job {job_id!r}.")
     return job

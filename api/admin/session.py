@@ -158,7 +158,7 @@ def _session_key() -> ApiKey | None:
     key_id = session.get("key_id")
     if not key_id:
         return None
-    key = g.db.get(ApiKey, key_id)
+    key: ApiKey | None = g.db.get(ApiKey, key_id)
     if key is None or key.revoked_at is not None or key.role != Role.ADMIN.value:
         session.clear()
         flash("Your session ended: its key was revoked (or is no longer an admin key). Log in again.", "error")

@@ -84,7 +84,7 @@ def assert_problem(response: Any, status: int, loc: Iterable[Any] | None = None)
     assert isinstance(body["detail"], str) and body["detail"], body
     if loc is not None:
         wanted = list(loc)
-        assert "errors" in body and body["errors"], f"no `errors` in {body}"
+        assert body.get("errors"), f"no `errors` in {body}"
         locs = [list(error["loc"]) for error in body["errors"]]
         assert all(isinstance(error.get("msg"), str) and error["msg"] for error in body["errors"]), body
         assert any(found[-len(wanted) :] == wanted for found in locs), f"no error at {wanted}; errors: {body['errors']}"

@@ -277,8 +277,8 @@ def test_the_family_shares_one_unet_vae_and_text_encoder(demo_catalog):
     import torch
 
     from db.settings import Settings
-    from worker.models.cache import ModelCache
     from worker.jobs.diffusion.pipeline import load_family
+    from worker.models.cache import ModelCache
 
     cache = ModelCache(Settings(model_catalog=demo_catalog, device="cpu", dtype="bfloat16"))
     entry = cache.entry(None, "diffusion")
@@ -304,9 +304,9 @@ def test_the_step_hook_stops_the_pipeline_and_out_of_memory_is_a_job_error(demo_
     import torch
 
     from db.settings import Settings
+    from worker.jobs.diffusion.pipeline import denoise, load_family
     from worker.jobs.spec import JobError
     from worker.models.cache import ModelCache
-    from worker.jobs.diffusion.pipeline import denoise, load_family
 
     cache = ModelCache(Settings(model_catalog=demo_catalog, device="cpu", dtype="float32"))
     family = cache.get("diffusion:demo-sd", cache.entry(None, "diffusion"), load_family)
@@ -338,9 +338,9 @@ def test_the_ip_adapter_conditions_style_runs_and_no_other_run(demo_catalog):
     from PIL import Image
 
     from db.settings import Settings
+    from worker.jobs.diffusion.pipeline import denoise, load_family
     from worker.jobs.spec import JobError
     from worker.models.cache import ModelCache
-    from worker.jobs.diffusion.pipeline import denoise, load_family
 
     cache = ModelCache(Settings(model_catalog=demo_catalog, device="cpu", dtype="float32"))
     family = cache.get("diffusion:demo-sd", cache.entry(None, "diffusion"), load_family)
@@ -425,9 +425,9 @@ def test_the_ip_adapter_conditions_style_runs_and_no_other_run(demo_catalog):
 
 def test_an_ip_adapter_with_pickle_weights_is_refused_and_the_family_stays_plain(demo_catalog, tmp_path):
     from db.settings import Settings
+    from worker.jobs.diffusion.pipeline import load_family
     from worker.models.cache import ModelCache, ModelUnavailable
     from worker.models.catalog import load_catalog, write_catalog
-    from worker.jobs.diffusion.pipeline import load_family
 
     entries = {
         name: {"kind": entry.kind, "source": entry.source, "default": entry.default, **entry.options}

@@ -114,11 +114,11 @@ def test_a_loaded_lora_counts_in_the_model_cache_budget_and_makes_room(demo_cata
     import math
 
     from db.settings import Settings
+    from worker.jobs.diffusion.lora import Lora, applied
+    from worker.jobs.diffusion.pipeline import load_family
+    from worker.jobs.segmentation.model import load_segmenter
     from worker.models import cache as cache_module
     from worker.models.cache import ModelCache
-    from worker.jobs.diffusion.pipeline import load_family
-    from worker.jobs.diffusion.lora import Lora, applied
-    from worker.jobs.segmentation.model import load_segmenter
 
     trainer = _trainer(demo_catalog, "float32", steps=1, rank=128)()  # over 1 MB, the budget's granularity
     trainer.step()

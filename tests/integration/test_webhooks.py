@@ -19,7 +19,14 @@ from standardwebhooks import Webhook, WebhookVerificationError
 
 from tests.integration import webhook_fixtures
 from tests.integration.client import auth, events, get_job, wait_for
-from tests.integration.webhook_fixtures import deliveries, job_with_webhook, parse_time, secret_of, wait_deliveries, without_urls
+from tests.integration.webhook_fixtures import (
+    deliveries,
+    job_with_webhook,
+    parse_time,
+    secret_of,
+    wait_deliveries,
+    without_urls,
+)
 from tests.integration.webhook_receiver import Reply
 
 receiver = webhook_fixtures.receiver

@@ -187,7 +187,7 @@ def retry_delay(failed_attempts: int, settings: Settings) -> float:
     """
     exponent = min(max(failed_attempts - 1, 0), 40)
     delay = min(settings.webhook_retry_base_seconds * 2**exponent, settings.webhook_retry_max_delay_seconds)
-    return delay * random.uniform(0.75, 1.0)
+    return float(delay * random.uniform(0.75, 1.0))
 
 
 def _span(seconds: float) -> str:
