@@ -8,10 +8,10 @@ calls the views in process).
 from __future__ import annotations
 
 import json
+import os
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import annotated_types
@@ -44,7 +44,7 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Built]:
     environment = pytest.MonkeyPatch()
     pixels = Image.MAX_IMAGE_PIXELS
     try:
-        for name in [n for n in __import__("os").environ if n.upper().startswith("GPUJOBS_")]:
+        for name in [n for n in os.environ if n.upper().startswith("GPUJOBS_")]:
             environment.delenv(name)
         # worker.celery_app (imported by the API) reads the broker from the environment once.
         environment.setenv("GPUJOBS_BROKER_URL", "memory://")

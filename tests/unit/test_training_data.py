@@ -12,8 +12,7 @@ import pytest
 from PIL import Image
 
 # The one import of the module under test (it moves to worker/jobs/finetune/training_data.py).
-from worker.jobs import training_data
-from worker.jobs.training_data import DatasetError, Limits, read_dataset
+from worker.jobs.training_data import MAX_RATIO, DatasetError, Limits, dataset_limits, read_dataset
 
 LIMITS = Limits(max_images=10, max_bytes=10_000_000, max_pixels=1_000_000, formats=("PNG", "JPEG", "WEBP"))
 
@@ -72,7 +71,7 @@ def test_images_with_and_without_captions_in_folders() -> None:
             "cats/01.png": cat,
             "cats/01.txt": "\ufeff  a photo of sks cat \n".encode(),  # BOM and spaces: stripped
             "dogs/a.JPG": image((5, 7), "JPEG"),
-            "dogs/a.TXT": "a dog".encode(),
+            "dogs/a.TXT": b"a dog",
             "top.webp": image((3, 3), "WEBP"),
             "__MACOSX/cats/._01.png": b"\x00\x05\x16\x07 resource fork",
             "cats/.DS_Store": b"\x00\x00\x00\x01Bud1",
@@ -96,7 +95,7 @@ def test_backslash_folders_pair_captions_too() -> None:
 def test_dataset_limits_come_from_the_settings() -> None:
     from db.settings import Settings
 
-    limits = training_data.dataset_limits(
+    limits = dataset_limits(
         Settings(finetune_max_images=5, finetune_max_dataset_bytes=2048, max_image_pixels=100, image_formats=["PNG"])
     )
     assert limits == Limits(max_images=5, max_bytes=2048, max_pixels=100, formats=("PNG",))
@@ -163,7 +162,7 @@ def test_a_zip_bomb_member() -> None:
     bomb = b"\x00" * 2_000_000  # deflates about 1000:1
     data = make_zip({"a.png": image(), "bomb.png": bomb})
     info = zipfile.ZipFile(io.BytesIO(data)).getinfo("bomb.png")
-    assert info.file_size > info.compress_size * training_data.MAX_RATIO
+    assert info.file_size > info.compress_size * MAX_RATIO
     assert refused(data) == "the zip entry 'bomb.png' expands to far more than its size (a zip bomb?)"
 
 

@@ -19,16 +19,7 @@ import pytest
 from sqlalchemy import func, select
 
 from db import transitions
-from db.models import (
-    Artifact,
-    EventKind,
-    Job,
-    JobEvent,
-    JobStatus,
-    Tenant,
-    WebhookDelivery,
-    utcnow,
-)
+from db.models import Artifact, Job, JobEvent, JobStatus, Tenant, WebhookDelivery, utcnow
 from db.settings import Settings
 from db.transitions import LeaseState, TransitionError
 
@@ -490,8 +481,8 @@ def test_two_sessions_claiming_one_job_exactly_one_wins(sessions, db, new_job) -
         job_id = new_job()
         first, second = race(
             sessions,
-            lambda s: transitions.claim(s, job_id, "w1", LEASE),
-            lambda s: transitions.claim(s, job_id, "w2", LEASE),
+            lambda s, job_id=job_id: transitions.claim(s, job_id, "w1", LEASE),
+            lambda s, job_id=job_id: transitions.claim(s, job_id, "w2", LEASE),
         )
         assert (first is None) != (second is None), (first, second)
         winner = "w1" if first is not None else "w2"
@@ -534,8 +525,8 @@ def test_worker_succeeding_and_reconciler_requeueing_exactly_one_wins(sessions, 
         db.commit()
         succeeded, requeued = race(
             sessions,
-            lambda s: transitions.succeed(s, job_id, 1, {"ok": True}, {"step": 1}),
-            lambda s: transitions.requeue(s, job_id, 1, "attempt 1 lost its worker (lease expired); requeued"),
+            lambda s, job_id=job_id: transitions.succeed(s, job_id, 1, {"ok": True}, {"step": 1}),
+            lambda s, job_id=job_id: transitions.requeue(s, job_id, 1, "attempt 1 lost its worker (lease expired); requeued"),
         )
         assert succeeded != requeued, (succeeded, requeued)
         job = row(db, job_id)
@@ -561,8 +552,8 @@ def test_a_cancel_racing_a_claim_is_never_lost(sessions, db, new_job) -> None:
         job_id = new_job()
         claim, status = race(
             sessions,
-            lambda s: transitions.claim(s, job_id, "w1", LEASE),
-            lambda s: transitions.request_cancel(s, job_id),
+            lambda s, job_id=job_id: transitions.claim(s, job_id, "w1", LEASE),
+            lambda s, job_id=job_id: transitions.request_cancel(s, job_id),
         )
         job = row(db, job_id)
         if claim is None:  # the cancel came first: the job never runs
