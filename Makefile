@@ -2,6 +2,7 @@
 #   make up     set up (first time) and run the whole service with embedded defaults and demo models
 #   make test   set up (first time) and run the whole test suite (checks, unit layer, integration suite)
 #   make unit   the unit layer only (no services), for a quick check while changing code
+#   make check  ruff, mypy and the import contracts (make test runs them first)
 # Setup needs only Python 3.11+: it creates .venv and installs the project into it, again
 # only when pyproject.toml changes (the stamp file records the last install).
 
@@ -15,14 +16,21 @@ TORCH  ?= torch==2.13.0
 
 CHROMIUM ?= /usr/bin/chromium
 
-.PHONY: up test unit install clean chromium
+.PHONY: up test unit check install clean chromium
 
 up: $(STAMP)
 	$(BIN)/gpujobs up --demo --port $(PORT)
 
-# The unit layer first (no services, seconds), then the integration suite (real services and processes).
-test: $(STAMP) chromium
+# The checks, then the unit layer (no services, seconds), then the integration suite (real services and processes).
+test: $(STAMP) chromium check
 	$(BIN)/pytest tests/unit tests/integration $(PYTEST_ARGS)
+
+# Lint and format (ruff), types (mypy, on the modules pyproject.toml names), import boundaries (import-linter).
+check: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+	$(BIN)/lint-imports
 
 # The unit layer alone: no database, broker, S3 or subprocess; under a minute on 2 cores.
 unit: $(STAMP)

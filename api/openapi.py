@@ -250,6 +250,7 @@ def _job_create_schema(model: type[BaseModel], types: dict[str, JobType]) -> dic
 
 def build(app: Flask) -> dict[str, Any]:
     types = job_types(app.config["GPUJOBS_SETTINGS"])
+    schemas = _components(types)
     paths: dict[str, Any] = {}
     for rule in sorted(app.url_map.iter_rules(), key=lambda r: r.rule):
         view = app.view_functions.get(rule.endpoint)
@@ -276,9 +277,12 @@ def build(app: Flask) -> dict[str, Any]:
             if params:
                 op["parameters"] = params
             if meta["body"] is not None:
-                schema = (
-                    _job_create_schema(meta["body"], types) if rule.rule == "/v1/jobs" else meta["body"].model_json_schema()
-                )
+                if rule.rule == "/v1/jobs":
+                    schema = _job_create_schema(meta["body"], types)
+                else:  # its nested models (an enum such as Role) become components, like the job inputs'
+                    schema = meta["body"].model_json_schema(ref_template="#/components/schemas/{model}")
+                    for def_name, definition in schema.pop("$defs", {}).items():
+                        schemas.setdefault(def_name, definition)
                 op["requestBody"] = {"required": True, "content": {"application/json": {"schema": schema}}}
             if meta["form"] is not None:
                 op["requestBody"] = {"required": True, "content": {"multipart/form-data": {"schema": meta["form"]}}}
@@ -302,7 +306,7 @@ def build(app: Flask) -> dict[str, Any]:
         "info": {"title": "gpujobs", "version": "1", "description": "Self-hosted computer-vision jobs on GPU workers."},
         "paths": paths,
         "components": {
-            "schemas": _components(types),
+            "schemas": schemas,
             "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
         },
     }

@@ -7,8 +7,10 @@ import os
 import socket
 import traceback
 import uuid
+from collections.abc import Callable
 
 from pydantic import ValidationError
+from sqlalchemy.orm import Session
 
 from db import transitions
 from db.session import session_scope
@@ -101,13 +103,13 @@ def execute(job_id: str) -> str:
     if progress.get("total"):
         progress.update(step=progress["total"], fraction=1.0)
 
-    def succeed(session):  # type: ignore[no-untyped-def]
+    def succeed(session: Session) -> bool:
         return transitions.succeed(session, job_id, attempt, result, progress, list(ctx.stored.values()), ctx.models)
 
     return _finish(job_id, "succeeded", succeed)
 
 
-def _finish(job_id: str, outcome: str, transition) -> str:  # type: ignore[no-untyped-def]
+def _finish(job_id: str, outcome: str, transition: Callable[[Session], bool]) -> str:
     with session_scope() as session:
         done = transition(session)
     if not done:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 
 from celery import Celery
+from celery.worker import WorkController
 from celery.signals import celeryd_after_setup, worker_process_init, worker_ready, worker_shutdown
 from sqlalchemy import text
 
@@ -75,8 +76,8 @@ class _Lifecycle:
         # A forked pool child must not share its parent's database sockets.
         dispose_engines()
 
-    def remember_queues(self, sender: str, instance: object, **_: object) -> None:
-        queues = instance.app.amqp.queues  # type: ignore[attr-defined]
+    def remember_queues(self, sender: str, instance: WorkController, **_: object) -> None:
+        queues = instance.app.amqp.queues
         self.queues = sorted(queues.consume_from or queues)
         runner.name_worker(sender)
 

@@ -6,25 +6,20 @@ service opens it (WAL, busy timeout, foreign keys).
 
 Nothing here may leave the process changed for whatever runs next in it (``make test`` runs
 this layer and then ``tests/integration`` in one pytest process): every ``GPUJOBS_*`` variable
-is cleared around each test and the cached settings, engines and Redis clients are dropped;
-``worker.celery_app``, which binds the broker of the environment it is first imported in, must
-not stay imported (see ``forget_imports``).
+is cleared around each test and the cached settings, engines and Redis clients are dropped.
+Importing ``api`` or ``worker`` builds and connects nothing, so tests import them freely.
 """
 
 from __future__ import annotations
 
 import os
 import shutil
-import sys
 from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 
-# Imported here, before any test, so that they are never "new" modules a test could drop:
-# db.notify and db.webhooks register SQLAlchemy session listeners when imported.
-from db import notify, webhooks
+from db import notify
 from db.session import dispose_engines, session_factory
 from db.settings import reset_settings
 
@@ -44,43 +39,6 @@ def clean_environment(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     _reset_process_caches()
     yield
     _reset_process_caches()
-
-
-@pytest.fixture(scope="package", autouse=True)
-def no_celery_app_left_behind() -> Iterator[None]:
-    """The integration suite refuses to run in a process where ``worker.celery_app`` was already
-    imported (it would hold the wrong broker); say so here, where the import happened."""
-    before = "worker.celery_app" in sys.modules
-    yield
-    assert before or "worker.celery_app" not in sys.modules, (
-        "a unit test left worker.celery_app imported: import api/worker.celery_app inside forget_imports()"
-    )
-
-
-@contextmanager
-def forget_imports(*prefixes: str) -> Iterator[None]:
-    """Drop, on exit, the modules under ``prefixes`` first imported inside the block (and the
-    webhook callbacks they registered), so the next import makes them afresh.
-
-    ``import api`` imports ``worker.celery_app``, which builds its Celery app from the settings
-    in effect then and registers a webhook callback on ``db.webhooks``.
-    """
-    modules_before = set(sys.modules)
-    callbacks_before = list(webhooks._after_commit_callbacks)
-    try:
-        yield
-    finally:
-        webhooks._after_commit_callbacks[:] = callbacks_before
-        new = [
-            name
-            for name in set(sys.modules) - modules_before
-            if any(name == prefix or name.startswith(prefix + ".") for prefix in prefixes)
-        ]
-        for name in sorted(new, key=lambda n: -n.count(".")):
-            del sys.modules[name]
-            parent, _, child = name.rpartition(".")
-            if parent in sys.modules and getattr(sys.modules[parent], child, None) is not None:
-                delattr(sys.modules[parent], child)
 
 
 # --- the database -----------------------------------------------------------------------------

@@ -1,19 +1,18 @@
-"""``JobContext`` and checkpoints on a SQLite database, with a fake clock: no services, no threads but its own."""
+"""``JobContext`` on the migrated SQLite database (``sessions``), with a fake clock: no services, no threads but its own."""
 
 from __future__ import annotations
 
 import time
-from datetime import timedelta
 from collections.abc import Iterator
 from contextlib import contextmanager
-from pathlib import Path
+from datetime import timedelta
 
 import pytest
-from sqlalchemy import create_engine, select, update
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from db import transitions
-from db.models import Base, EventKind, Job, JobEvent, Model, Tenant, utcnow
+from db.models import EventKind, Job, JobEvent, Model, Tenant, utcnow
 from db.settings import Settings
 from worker import checkpoints
 from worker.context import Canceled, DeadlineExceeded, JobContext, LeaseLost
@@ -25,13 +24,6 @@ class Clock:
 
     def __call__(self) -> float:
         return self.now
-
-
-@pytest.fixture
-def sessions(tmp_path: Path) -> sessionmaker[Session]:
-    engine = create_engine(f"sqlite:///{tmp_path / 'jobs.db'}")
-    Base.metadata.create_all(engine)
-    return sessionmaker(engine, expire_on_commit=False)
 
 
 def scope(factory: sessionmaker[Session]):  # the shape of db.session.session_scope

@@ -18,7 +18,6 @@ import annotated_types
 import pytest
 
 from db.settings import Settings
-from tests.unit.conftest import forget_imports
 
 HTTP_METHODS = {"get", "put", "post", "delete", "options", "head", "patch", "trace"}
 JSON_TYPES = {"object", "array", "string", "number", "integer", "boolean", "null"}
@@ -46,28 +45,26 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Built]:
     try:
         for name in [n for n in os.environ if n.upper().startswith("GPUJOBS_")]:
             environment.delenv(name)
-        # worker.celery_app (imported by the API) reads the broker from the environment once.
         environment.setenv("GPUJOBS_BROKER_URL", "memory://")
         environment.setenv("GPUJOBS_DATABASE_URL", f"sqlite:///{root / 'gpujobs.db'}")
         environment.setenv("GPUJOBS_VAR_DIR", str(root / "var"))
         reset_settings()
-        with forget_imports("api", "worker"):
-            import api
-            from api import openapi
-            from worker.jobs import REGISTRY
+        import api
+        from api import openapi
+        from worker.jobs import job_types
 
-            app = api.create_app(Settings())
-            doc = openapi.build(app)
-            client = app.test_client()
-            served = client.get("/openapi.json")
-            assert served.status_code == 200 and served.mimetype == "application/json"
-            docs = client.get("/docs")
-            assert docs.status_code == 200
-            rules = [
-                (rule.rule, set(rule.methods or ()) - {"HEAD", "OPTIONS"}, hasattr(app.view_functions[rule.endpoint], "_openapi"))
-                for rule in app.url_map.iter_rules()
-            ]
-            yield Built(doc, served.get_json(), docs.get_data(as_text=True), rules, dict(REGISTRY))
+        app = api.create_app(Settings())
+        doc = openapi.build(app)
+        client = app.test_client()
+        served = client.get("/openapi.json")
+        assert served.status_code == 200 and served.mimetype == "application/json"
+        docs = client.get("/docs")
+        assert docs.status_code == 200
+        rules = [
+            (rule.rule, set(rule.methods or ()) - {"HEAD", "OPTIONS"}, hasattr(app.view_functions[rule.endpoint], "_openapi"))
+            for rule in app.url_map.iter_rules()
+        ]
+        yield Built(doc, served.get_json(), docs.get_data(as_text=True), rules, job_types(app.config["GPUJOBS_SETTINGS"]))
     finally:
         Image.MAX_IMAGE_PIXELS = pixels
         environment.undo()
@@ -164,20 +161,6 @@ def _dangling(doc: dict[str, Any]) -> set[tuple[str, str]]:
     return found
 
 
-# A defect of api/openapi.py, shown here until it is fixed (then the xfail below passes and must go).
-KNOWN_DANGLING = {("POST /v1/keys", "#/$defs/Role")}
-
-
-def test_no_reference_dangles_beyond_the_known_defect(built: Built) -> None:
-    assert _dangling(built.doc) <= KNOWN_DANGLING
-
-
-@pytest.mark.xfail(
-    strict=True,
-    reason="api/openapi.py embeds the POST /v1/keys body as model_json_schema() with its own $defs: its "
-    "'#/$defs/Role' resolves against the OpenAPI document's root (a Schema Object without $id), where there is "
-    "no $defs. Hoist $defs into components (ref_template) as _components does for job inputs.",
-)
 def test_every_reference_resolves(built: Built) -> None:
     assert _dangling(built.doc) == set()
 

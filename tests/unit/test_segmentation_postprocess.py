@@ -38,7 +38,7 @@ def m2f() -> SimpleNamespace:
     from transformers.models.mask2former.modeling_mask2former import Mask2FormerForUniversalSegmentationOutput
 
     # The module under test (it moves to worker/jobs/segmentation/model.py).
-    from worker.models import segmentation
+    from worker.jobs.segmentation import model as segmentation
 
     return SimpleNamespace(
         torch=torch,

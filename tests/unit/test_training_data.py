@@ -1,4 +1,4 @@
-"""Dataset zips of ``finetune`` jobs (worker/jobs/training_data.py), built in memory and checked member by member."""
+"""Dataset zips of ``finetune`` jobs (worker/jobs/finetune/training_data.py), built in memory and checked member by member."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 # The one import of the module under test (it moves to worker/jobs/finetune/training_data.py).
-from worker.jobs.training_data import MAX_RATIO, DatasetError, Limits, dataset_limits, read_dataset
+from worker.jobs.finetune.training_data import MAX_RATIO, DatasetError, Limits, dataset_limits, read_dataset
 
 LIMITS = Limits(max_images=10, max_bytes=10_000_000, max_pixels=1_000_000, formats=("PNG", "JPEG", "WEBP"))
 

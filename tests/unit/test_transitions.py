@@ -19,6 +19,7 @@ import pytest
 from sqlalchemy import func, select
 
 from db import transitions
+from worker import checkpoints
 from db.models import Artifact, Job, JobEvent, JobStatus, Tenant, WebhookDelivery, utcnow
 from db.settings import Settings
 from db.transitions import LeaseState, TransitionError
@@ -124,7 +125,7 @@ TRANSITIONS: dict[str, tuple[Callable[[Any, str], Any], set[str], str | None]] =
     "give_up": (lambda s, j: transitions.give_up(s, j, 1, "lost for good"), {"running_expired"}, "failed"),
     "retry": (lambda s, j: transitions.retry(s, j, 2, "admin"), {"failed", "canceled"}, "queued"),
     "checkpointed": (
-        lambda s, j: transitions.checkpointed(s, j, 1, LEASE, 5, "ckpt/5", {}),
+        lambda s, j: checkpoints.record(s, j, 1, LEASE, 5, "ckpt/5", {}),
         {"running", "running_expired"},
         None,
     ),
@@ -329,7 +330,7 @@ def test_requeue_waits_for_the_lease_to_expire_and_fences_the_lost_attempt(db, n
 
     # The first worker comes back: every move of attempt 1 is refused, attempt 2 is untouched.
     assert transitions.renew_lease(db, job_id, 1, LEASE, {"step": 99}) == LeaseState(False, False)
-    assert not transitions.checkpointed(db, job_id, 1, LEASE, 9, "ckpt/9", {})
+    assert not checkpoints.record(db, job_id, 1, LEASE, 9, "ckpt/9", {})
     assert not transitions.succeed(db, job_id, 1, {"stale": True}, {})
     assert not transitions.fail(db, job_id, 1, "stale", "stale")
     assert not transitions.cancel(db, job_id, 1)
@@ -383,16 +384,16 @@ def test_retry_runs_a_failed_job_again_with_a_fresh_budget(db, new_job) -> None:
 
 def test_checkpoints_are_recorded_by_the_running_attempt_and_found_by_the_next(db, new_job) -> None:
     job_id = new_job()
-    assert transitions.latest_checkpoint(db, job_id) is None
+    assert checkpoints.latest(db, job_id) is None
     transitions.claim(db, job_id, "w1", LEASE)
-    assert transitions.checkpointed(db, job_id, 1, LEASE, 10, "ckpt/10", {"latents_key": "lat"})
-    assert transitions.checkpointed(db, job_id, 1, EXPIRED, 20, "ckpt/20", {"latents_key": "lat"})
+    assert checkpoints.record(db, job_id, 1, LEASE, 10, "ckpt/10", {"latents_key": "lat"})
+    assert checkpoints.record(db, job_id, 1, EXPIRED, 20, "ckpt/20", {"latents_key": "lat"})
     db.commit()
     assert transitions.requeue(db, job_id, 1, "lost")
     transitions.claim(db, job_id, "w2", LEASE)
-    checkpoint = transitions.latest_checkpoint(db, job_id)
-    assert checkpoint == transitions.Checkpoint(step=20, key="ckpt/20", attempt=1, latents_key="lat")
-    transitions.resumed(db, job_id, 2, checkpoint, 0.5)
+    checkpoint = checkpoints.latest(db, job_id)
+    assert checkpoint == checkpoints.Checkpoint(step=20, key="ckpt/20", attempt=1, details={"latents_key": "lat"})
+    checkpoints.resumed(db, job_id, 2, checkpoint, 0.5)
     db.commit()
     assert events(db, job_id)[-1] == ("resumed", 2)
     assert event_messages(db, job_id)[-1] == "resumed from the checkpoint at step 20"
