@@ -268,7 +268,9 @@ def _default_model(catalog: Catalog | None, kind: str) -> str | None:
 
 
 def _check_webhook(url: str) -> None:
-    """Refuse at once a webhook URL that can only be refused (a private address, ``localhost``); DNS is checked at send."""
+    """Refuse at once a webhook URL that can only be refused (a private address, ``localhost``).
+
+    Names are resolved and checked again when the webhook is sent."""
     try:
         guard.check_url(url, config.settings().webhook_allow_private)
     except guard.Refused as exc:

@@ -23,7 +23,10 @@ class KeyCreate(BaseModel):
     )
     role: Role = Field(Role.USER, description="`user` or `admin`.")
     tenant: str | None = Field(
-        None, max_length=40, pattern=r"^ten_[A-Za-z0-9_-]+$", description="An existing tenant id to share; without it the key gets a new tenant."
+        None,
+        max_length=40,
+        pattern=r"^ten_[A-Za-z0-9_-]+$",
+        description="An existing tenant id to share; without it the key gets a new tenant.",
     )
 
 

@@ -90,9 +90,7 @@ class JobSystemCollector(Collector):
         for outcome in ("delivered", "http_error", "error"):
             attempts.add_metric([outcome], outcomes.get(outcome, 0))
         yield attempts
-        deliveries = GaugeMetricFamily(
-            "gpujobs_webhook_deliveries", "Webhook deliveries by status.", labels=["status"]
-        )
+        deliveries = GaugeMetricFamily("gpujobs_webhook_deliveries", "Webhook deliveries by status.", labels=["status"])
         for delivery_status, count in stats.webhook_deliveries_by_status(session).items():
             deliveries.add_metric([delivery_status], count)
         yield deliveries
@@ -138,9 +136,7 @@ class JobSystemCollector(Collector):
         used = GaugeMetricFamily(
             "gpujobs_worker_gpu_memory_used_bytes", "GPU memory in use (alive workers).", labels=labels
         )
-        total = GaugeMetricFamily(
-            "gpujobs_worker_gpu_memory_total_bytes", "GPU memory (alive workers).", labels=labels
-        )
+        total = GaugeMetricFamily("gpujobs_worker_gpu_memory_total_bytes", "GPU memory (alive workers).", labels=labels)
         running = GaugeMetricFamily("gpujobs_worker_current_jobs", "Jobs each alive worker runs now.", labels=labels)
         for worker in rows:
             if worker.state != "alive":

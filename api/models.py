@@ -75,8 +75,11 @@ def _load(model_id: str) -> Model:
 
 
 @bp.get("")
-@document("List models: the catalog's base models, then this tenant's fine-tuned ones", query=["kind", "limit", "cursor"],
-          responses={200: "ModelList"})  # fmt: skip
+@document(
+    "List models: the catalog's base models, then this tenant's fine-tuned ones",
+    query=["kind", "limit", "cursor"],
+    responses={200: "ModelList"},
+)
 def list_models() -> Response:
     limit, cursor = page_params()
     kind = request.args.get("kind")

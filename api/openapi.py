@@ -95,8 +95,9 @@ def _components(types: dict[str, JobType]) -> dict[str, Any]:
                 "status": {"type": "string", "enum": ["queued", "running", "succeeded", "failed", "canceled"]},
                 "input": {"type": "object"},
                 "metadata": {"type": "object"},
-                "output": {"oneOf": [{"$ref": f"#/components/schemas/{n}Output"} for n in sorted(types)]
-                + [{"type": "null"}]},
+                "output": {
+                    "oneOf": [{"$ref": f"#/components/schemas/{n}Output"} for n in sorted(types)] + [{"type": "null"}]
+                },
                 "error": {
                     "oneOf": [
                         {"type": "object", "properties": {"code": {"type": "string"}, "message": {"type": "string"}}},
@@ -141,11 +142,17 @@ def _components(types: dict[str, JobType]) -> dict[str, Any]:
             "type": "object",
             "required": ["id", "name", "kind", "base_model", "created_at"],
             "properties": {
-                "id": {"type": "string", "description": "`mdl_…` for a fine-tuned model; the catalog name for a base model."},
+                "id": {
+                    "type": "string",
+                    "description": "`mdl_…` for a fine-tuned model; the catalog name for a base model.",
+                },
                 "name": {"type": "string"},
                 "kind": {"type": "string", "enum": ["base", "lora"]},
                 "base_model": {"type": ["string", "null"], "description": "The catalog model a LoRA applies to."},
-                "task": {"type": "string", "description": "Base models: the catalog kind (`diffusion`, `segmentation`)."},
+                "task": {
+                    "type": "string",
+                    "description": "Base models: the catalog kind (`diffusion`, `segmentation`).",
+                },
                 "created_at": {"type": ["string", "null"], "format": "date-time"},
                 "job_id": {"type": ["string", "null"], "description": "The `finetune` job that made it."},
                 "weights": {"$ref": "#/components/schemas/Artifact"},
@@ -156,8 +163,7 @@ def _components(types: dict[str, JobType]) -> dict[str, Any]:
         "Key": {
             "type": "object",
             "properties": {
-                name: {"type": "string"}
-                for name in ["id", "name", "role", "tenant", "key", "created_at", "revoked_at"]
+                name: {"type": "string"} for name in ["id", "name", "role", "tenant", "key", "created_at", "revoked_at"]
             },
         },
     }
@@ -266,13 +272,22 @@ def build(app: Flask) -> dict[str, Any]:
             params += [{"name": q, "in": "query", "required": False, **QUERY_PARAMS[q]} for q in meta["query"]]
             if rule.rule.startswith("/v1/jobs") and method in {"GET", "POST"}:
                 params.append(
-                    {"name": "Prefer", "in": "header", "required": False, "schema": {"type": "string"},
-                     "description": "`wait=N` (N ≤ 60): hold the answer until the job finishes or N seconds pass."}
+                    {
+                        "name": "Prefer",
+                        "in": "header",
+                        "required": False,
+                        "schema": {"type": "string"},
+                        "description": "`wait=N` (N ≤ 60): hold the answer until the job finishes or N seconds pass.",
+                    }
                 )
             if rule.rule == "/v1/jobs" and method == "POST":
                 params.append(
-                    {"name": "Idempotency-Key", "in": "header", "required": False,
-                     "schema": {"type": "string", "maxLength": 255}}
+                    {
+                        "name": "Idempotency-Key",
+                        "in": "header",
+                        "required": False,
+                        "schema": {"type": "string", "maxLength": 255},
+                    }
                 )
             if params:
                 op["parameters"] = params

@@ -84,7 +84,9 @@ def page_params() -> tuple[int, tuple[datetime, str] | None]:
         raise validation_error(["query", "cursor"], "is not a cursor this API returned") from None
 
 
-def paginate(query: Select[Any], model: Any, limit: int, cursor: tuple[datetime, str] | None) -> tuple[list[Any], str | None]:
+def paginate(
+    query: Select[Any], model: Any, limit: int, cursor: tuple[datetime, str] | None
+) -> tuple[list[Any], str | None]:
     """Newest first, keyed on (created_at, id) so pages are stable while rows are added."""
     if cursor is not None:
         created, ident = cursor
@@ -94,7 +96,9 @@ def paginate(query: Select[Any], model: Any, limit: int, cursor: tuple[datetime,
     if len(rows) > limit:
         rows = rows[:limit]
         last = rows[-1]
-        next_cursor = base64.urlsafe_b64encode(json.dumps([last.created_at.isoformat(), last.id]).encode()).decode().rstrip("=")
+        next_cursor = (
+            base64.urlsafe_b64encode(json.dumps([last.created_at.isoformat(), last.id]).encode()).decode().rstrip("=")
+        )
     return rows, next_cursor
 
 

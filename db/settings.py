@@ -140,7 +140,10 @@ class Settings(BaseSettings):
     preload_models: list[str] = Field([], description="Catalog names a worker loads at start (JSON list).")
     segmentation_max_batch_size: int = Field(8, ge=1, le=64, description="Most images in one segmentation batch.")
     segmentation_image_size: int = Field(
-        384, ge=64, le=2048, multiple_of=32,
+        384,
+        ge=64,
+        le=2048,
+        multiple_of=32,
         description="Images are resized to fit an N×N canvas and padded to it, so concurrent jobs batch exactly.",
     )
     segmentation_max_wait_ms: float = Field(

@@ -69,7 +69,9 @@ def record_event(
 
 
 def _update(session: Session, job_id: str, *conditions: Any, **values: Any) -> bool:
-    result = cast(CursorResult[Any], session.execute(update(JOBS).where(Job.id == job_id, *conditions).values(**values)))
+    result = cast(
+        CursorResult[Any], session.execute(update(JOBS).where(Job.id == job_id, *conditions).values(**values))
+    )
     return result.rowcount == 1
 
 
@@ -182,7 +184,9 @@ def succeed(
             session.execute(delete(ARTIFACTS).where(Artifact.job_id == job_id))
             session.execute(insert(ARTIFACTS), [{**a, "job_id": job_id, "created_at": now} for a in artifacts])
             names = [a["name"] for a in artifacts]
-            record_event(session, job_id, EventKind.STORED, attempt, f"{len(names)} artifact(s) stored", {"names": names}, at=now)
+            record_event(
+                session, job_id, EventKind.STORED, attempt, f"{len(names)} artifact(s) stored", {"names": names}, at=now
+            )
         if models:
             session.execute(insert(MODELS), [{**m, "job_id": job_id, "created_at": now} for m in models])
         record_event(session, job_id, EventKind.SUCCEEDED, attempt, at=now)
@@ -190,9 +194,7 @@ def succeed(
     return done
 
 
-def fail(
-    session: Session, job_id: str, attempt: int, code: str, message: str, traceback: str | None = None
-) -> bool:
+def fail(session: Session, job_id: str, attempt: int, code: str, message: str, traceback: str | None = None) -> bool:
     """running → failed, by the worker that runs it."""
     now = utcnow()
     done = _update(
@@ -217,9 +219,7 @@ def request_cancel(session: Session, job_id: str) -> JobStatus:
     Returns the status the job has afterwards; raises ``TransitionError`` if it had already finished.
     """
     now = utcnow()
-    if _update(
-        session, job_id, Job.status == JobStatus.QUEUED.value, status=JobStatus.CANCELED.value, finished_at=now
-    ):
+    if _update(session, job_id, Job.status == JobStatus.QUEUED.value, status=JobStatus.CANCELED.value, finished_at=now):
         record_event(session, job_id, EventKind.CANCELED, _attempts(session, job_id), "canceled before it ran", at=now)
         _finished(session, job_id)
         return JobStatus.CANCELED
@@ -285,9 +285,7 @@ def retry(session: Session, job_id: str, attempts: int, by: str) -> bool:
     it (``claim_dispatch`` in this transaction, commit, send), or else the reconciler does.
     The events (and with them the previous traceback) are shown to operators only.
     """
-    before = session.execute(
-        select(Job.status, Job.attempts, Job.error, Job.traceback).where(Job.id == job_id)
-    ).first()
+    before = session.execute(select(Job.status, Job.attempts, Job.error, Job.traceback).where(Job.id == job_id)).first()
     if before is None or before.status not in (JobStatus.FAILED.value, JobStatus.CANCELED.value):
         return False
     done = _update(
@@ -336,9 +334,7 @@ def give_up(session: Session, job_id: str, attempt: int, message: str) -> bool:
 def expired_leases(session: Session, limit: int = 500) -> list[Job]:
     return list(
         session.scalars(
-            select(Job)
-            .where(and_(Job.status == JobStatus.RUNNING.value, Job.lease_expires_at < utcnow()))
-            .limit(limit)
+            select(Job).where(and_(Job.status == JobStatus.RUNNING.value, Job.lease_expires_at < utcnow())).limit(limit)
         )
     )
 

@@ -233,9 +233,7 @@ def superseded(session: Session, delivery: WebhookDelivery) -> bool:
     """A later event of the same job exists (a stale ``progress`` is not worth retrying)."""
     return session.execute(
         select(
-            exists().where(
-                WebhookDelivery.job_id == delivery.job_id, WebhookDelivery.created_at > delivery.created_at
-            )
+            exists().where(WebhookDelivery.job_id == delivery.job_id, WebhookDelivery.created_at > delivery.created_at)
         )
     ).scalar_one()
 

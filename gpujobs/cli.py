@@ -146,14 +146,22 @@ def api(host: str, port: int, workers: int, threads: int, access_log: bool) -> N
     if settings.admin_key:
         _ensure_admin_key(settings.admin_key)
     args = [
-        sys.executable, "-m", "gunicorn",
-        "--worker-class", "gthread",
-        "--workers", str(workers),
-        "--threads", str(threads),
-        "--bind", _bind_address(host, port),
-        "--graceful-timeout", "10",
-        "--keep-alive", "5",
-    ]  # fmt: skip
+        sys.executable,
+        "-m",
+        "gunicorn",
+        "--worker-class",
+        "gthread",
+        "--workers",
+        str(workers),
+        "--threads",
+        str(threads),
+        "--bind",
+        _bind_address(host, port),
+        "--graceful-timeout",
+        "10",
+        "--keep-alive",
+        "5",
+    ]
     if Path("/dev/shm").is_dir():  # worker heartbeats in memory, not on a possibly slow disk
         args += ["--worker-tmp-dir", "/dev/shm"]
     if access_log:

@@ -28,7 +28,9 @@ class Checkpoint:
 def record(
     session: Session, job_id: str, attempt: int, lease_seconds: float, step: int, key: str, details: dict[str, Any]
 ) -> bool:
-    """Record that the running attempt stored a checkpoint at ``key`` (and renew its lease); False if it lost the job."""
+    """Record that the running attempt stored a checkpoint at ``key``, renewing its lease.
+
+    False if the attempt no longer owns the job (nothing is recorded then)."""
     if not transitions.renew_lease(session, job_id, attempt, lease_seconds).owned:
         return False
     data = {"step": step, "key": key, **details}
@@ -52,6 +54,11 @@ def latest(session: Session, job_id: str) -> Checkpoint | None:
 
 def resumed(session: Session, job_id: str, attempt: int, checkpoint: Checkpoint, load_seconds: float) -> None:
     """A timeline milestone: this attempt continues from ``checkpoint``."""
-    data = {"step": checkpoint.step, "key": checkpoint.key, "from_attempt": checkpoint.attempt, "load_seconds": load_seconds}
+    data = {
+        "step": checkpoint.step,
+        "key": checkpoint.key,
+        "from_attempt": checkpoint.attempt,
+        "load_seconds": load_seconds,
+    }
     message = f"resumed from the checkpoint at step {checkpoint.step}"
     transitions.record_event(session, job_id, EventKind.RESUMED, attempt, message, data)

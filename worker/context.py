@@ -1,11 +1,11 @@
 """The context a running job sees: its only door to the database and storage.
 
 Job code reports progress, asks whether to stop, reads its inputs and the tenant's models, stores
-artifacts and checkpoints, all through ``JobContext``; it never opens a session itself. A control thread renews the job's lease every ``control_poll_seconds``, saves the
-latest progress with the same UPDATE and reads the cancel flag back, so ``check()``
-and ``progress()`` cost no database round trip however fast the steps are. When the job's
-webhook wants ``progress`` events, the same transaction records one, at most every
-``webhook_progress_seconds``.
+artifacts and checkpoints, all through ``JobContext``; it never opens a session itself. A control
+thread renews the job's lease every ``control_poll_seconds``, saves the latest progress with the
+same UPDATE and reads the cancel flag back, so ``check()`` and ``progress()`` cost no database round
+trip however fast the steps are. When the job's webhook wants ``progress`` events, the same
+transaction records one, at most every ``webhook_progress_seconds``.
 """
 
 from __future__ import annotations
@@ -146,9 +146,7 @@ class JobContext:
             rows = session.scalars(
                 select(Model).where(Model.id.in_(list(model_ids)), Model.tenant_id == self.tenant_id)
             ).all()
-            return {
-                row.id: TenantModel(row.id, row.name, row.base_model, row.storage_key, row.sha256) for row in rows
-            }
+            return {row.id: TenantModel(row.id, row.name, row.base_model, row.storage_key, row.sha256) for row in rows}
 
     # --- checkpoints: scratch objects under jobs/<id>/checkpoints/, kept until the job succeeds ------------
     def save_scratch(self, name: str, data: bytes) -> str:
@@ -205,7 +203,11 @@ class JobContext:
         """Upload an output to ``jobs/<job id>/<name>`` (or ``key``); its row is written when the job succeeds."""
         obj = get_storage(self.settings).put(key or f"jobs/{self.job_id}/{name}", data, content_type)
         self.stored[name] = {
-            "name": name, "content_type": content_type, "size": obj.size, "sha256": obj.sha256, "storage_key": obj.key
+            "name": name,
+            "content_type": content_type,
+            "size": obj.size,
+            "sha256": obj.sha256,
+            "storage_key": obj.key,
         }
         return Artifact(name=name, content_type=content_type, size=obj.size, sha256=obj.sha256)
 

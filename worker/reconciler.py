@@ -55,7 +55,10 @@ def reconcile() -> Report:
     report = Report()
 
     with session_scope() as session:
-        expired = [(job.id, job.attempts, job.max_attempts, job.cancel_requested_at) for job in transitions.expired_leases(session)]
+        expired = [
+            (job.id, job.attempts, job.max_attempts, job.cancel_requested_at)
+            for job in transitions.expired_leases(session)
+        ]
     for job_id, attempt, max_attempts, cancel_requested_at in expired:
         with session_scope() as session:
             if cancel_requested_at is not None:
@@ -76,10 +79,7 @@ def reconcile() -> Report:
         report.next_expiry = transitions.next_lease_expiry(session, follow_up_horizon(settings))
     idle = idle_queues()
     with session_scope() as session:
-        pending = [
-            (job.id, job.queue)
-            for job in transitions.undispatched(session, settings, idle)
-        ]
+        pending = [(job.id, job.queue) for job in transitions.undispatched(session, settings, idle)]
     for job_id, queue in pending:
         with session_scope() as session:
             if not transitions.claim_dispatch(session, job_id, settings, idle):

@@ -10,8 +10,8 @@ from __future__ import annotations
 import logging
 
 from celery import Celery
-from celery.worker import WorkController
 from celery.signals import celeryd_after_setup, worker_process_init, worker_ready, worker_shutdown
+from celery.worker import WorkController
 from sqlalchemy import text
 
 from db import notify

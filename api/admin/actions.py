@@ -83,9 +83,12 @@ def retry_job(job_id: str) -> BaseResponse:
 @bp.post("/jobs/<job_id>/webhooks/<delivery_id>/redeliver")
 def redeliver_webhook(job_id: str, delivery_id: str) -> BaseResponse:
     _job(job_id)
-    found = ID.fullmatch(delivery_id) and g.db.execute(
-        select(WebhookDelivery.id).where(WebhookDelivery.id == delivery_id, WebhookDelivery.job_id == job_id)
-    ).first()
+    found = (
+        ID.fullmatch(delivery_id)
+        and g.db.execute(
+            select(WebhookDelivery.id).where(WebhookDelivery.id == delivery_id, WebhookDelivery.job_id == job_id)
+        ).first()
+    )
     if not found:
         raise ApiError(404, f"No webhook delivery {delivery_id!r} for job {job_id!r}.")
     webhooks.redeliver(g.db, delivery_id)

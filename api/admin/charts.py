@@ -43,7 +43,7 @@ def horizontal_bars(items: Sequence[tuple[str, float]], unit: str = "", width: i
         y = pad / 2 + index * row
         length = plot * (value / top) if top else 0
         parts.append(
-            f'<g><title>{escape(label)}: {value:g} {escape(unit)}</title>'
+            f"<g><title>{escape(label)}: {value:g} {escape(unit)}</title>"
             f'<text x="{label_width - 8}" y="{y + 16}" text-anchor="end" fill="#1f2328">{escape(label)}</text>'
             f'<rect x="{label_width}" y="{y + 4}" width="{max(length, 1 if value else 0):.1f}" height="16" '
             f'fill="{COLORS["bar"]}" rx="2"></rect>'
@@ -79,9 +79,7 @@ def stacked_columns(
         y = top_pad + plot_h
         title = ", ".join(f"{bucket.counts.get(s, 0)} {s}" for s in statuses)
         parts.append(f"<g><title>{bucket.start:%Y-%m-%d %H:%M} UTC (+{per}): {escape(title)}</title>")
-        parts.append(
-            f'<rect x="{x:.1f}" y="{top_pad}" width="{slot:.1f}" height="{plot_h}" fill="transparent"></rect>'
-        )
+        parts.append(f'<rect x="{x:.1f}" y="{top_pad}" width="{slot:.1f}" height="{plot_h}" fill="transparent"></rect>')
         for status in statuses:
             count = bucket.counts.get(status, 0)
             if not count:
@@ -95,8 +93,7 @@ def stacked_columns(
         parts.append("</g>")
         if index % label_every == 0:
             parts.append(
-                f'<text x="{x:.1f}" y="{height - bottom + 16}" fill="{AXIS}" font-size="11">'
-                f"{bucket.start:%H:%M}</text>"
+                f'<text x="{x:.1f}" y="{height - bottom + 16}" fill="{AXIS}" font-size="11">{bucket.start:%H:%M}</text>'
             )
     legend_x = left
     for status in statuses:
@@ -105,8 +102,6 @@ def stacked_columns(
             f'<text x="{legend_x + 14}" y="13" font-size="11" fill="#1f2328">{escape(status)}</text>'
         )
         legend_x += 90
-    parts.append(
-        f'<text x="{width - 10}" y="13" text-anchor="end" font-size="11" fill="{AXIS}">per {per}, UTC</text>'
-    )
+    parts.append(f'<text x="{width - 10}" y="13" text-anchor="end" font-size="11" fill="{AXIS}">per {per}, UTC</text>')
     parts.append("</svg>")
     return Markup("".join(parts))

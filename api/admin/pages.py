@@ -357,4 +357,3 @@ def keys_page(created: tuple[ApiKey, str] | None = None, errors: list[str] | Non
 @bp.get("/keys")
 def keys() -> str:
     return keys_page()
-

@@ -221,8 +221,12 @@ def test_bad_input_is_a_precise_4xx(app, keys):
         assert_problem(browser.get(path, headers=json), status, loc)
     html = browser.get("/admin/jobs?status=bogus", headers=HTML)
     assert html.status_code == 422 and "must be one of" in html.get_data(as_text=True)
-    for path in ("/admin/jobs/job_nope/cancel", "/admin/jobs/job_nope/retry", "/admin/keys/key_nope/revoke",
-                 "/admin/jobs/job_nope/webhooks/msg_nope/redeliver"):  # fmt: skip
+    for path in (
+        "/admin/jobs/job_nope/cancel",
+        "/admin/jobs/job_nope/retry",
+        "/admin/keys/key_nope/revoke",
+        "/admin/jobs/job_nope/webhooks/msg_nope/redeliver",
+    ):
         token = csrf_of(page(browser, "/admin/"))
         assert_problem(browser.post(path, data={"csrf_token": token}, headers=json), 404)
 
@@ -364,7 +368,11 @@ def test_the_retry_transition_is_guarded(client, keys, no_gpu_worker):
         ).one()
         # Never run (0 attempts) + a new job's budget of 2; dispatched_at NULL, so the reconciler sends it.
         assert (row.status, row.max_attempts, row.dispatched_at, row.finished_at, row.error) == (
-            "queued", 2, None, None, None
+            "queued",
+            2,
+            None,
+            None,
+            None,
         )
     with session_scope() as session:
         assert not transitions.retry(session, job["id"], 2, "a test")  # queued again: nothing to retry

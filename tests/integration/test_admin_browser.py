@@ -116,9 +116,7 @@ def picture() -> bytes:
     return shapes(96, 72, seed=3)
 
 
-def test_an_admin_watches_a_segmentation_job_finish_and_sees_its_overlay(
-    page, api_server, client, keys, gpu_worker
-):
+def test_an_admin_watches_a_segmentation_job_finish_and_sees_its_overlay(page, api_server, client, keys, gpu_worker):
     admin = keys.admin.secret
     page.goto(f"{api_server}/admin/")
     page.wait_for_url("**/admin/login**")
@@ -148,9 +146,7 @@ def test_an_admin_watches_a_segmentation_job_finish_and_sees_its_overlay(
     overlay = page.locator('figure[data-artifact="overlay.png"] img')
     overlay.wait_for()
     # The overlay is really there: the browser fetched the presigned URL and decoded a 96×72 PNG.
-    page.wait_for_function(
-        "img => img.complete && img.naturalWidth > 0", arg=overlay.element_handle(), timeout=30_000
-    )
+    page.wait_for_function("img => img.complete && img.naturalWidth > 0", arg=overlay.element_handle(), timeout=30_000)
     assert overlay.evaluate("img => [img.naturalWidth, img.naturalHeight]") == [96, 72]
     assert page.locator('figure[data-artifact="instance_map.png"] img').count() == 1
     assert page.locator("#inputs img").count() == 1  # the input image, beside the outputs

@@ -137,7 +137,11 @@ def test_a_bad_cursor_is_a_422(client, keys, path, cursor):
 
 @pytest.mark.parametrize(
     "path,query,loc",
-    [("/v1/jobs", "status=done", "status"), ("/v1/jobs", "type=no_such_type", "type"), ("/v1/models", "kind=x", "kind")],
+    [
+        ("/v1/jobs", "status=done", "status"),
+        ("/v1/jobs", "type=no_such_type", "type"),
+        ("/v1/models", "kind=x", "kind"),
+    ],
 )
 def test_a_bad_list_filter_is_a_422(client, keys, path, query, loc):
     assert_problem(client.get(f"{path}?{query}", headers=auth(keys.admin.secret)), 422, [loc])
@@ -177,9 +181,16 @@ def test_revoking_an_unknown_key_is_a_404(client, keys):
 
 @pytest.mark.parametrize(
     "path",
-    ["/v1/nothing-here", "/v1/jobs/job_nope", "/v1/jobs/job_nope/nope", "/nothing", "/v2/jobs", "/v1/models/mdl_nope",
-     "/v1/models/no-such-base-model"],
-)  # fmt: skip
+    [
+        "/v1/nothing-here",
+        "/v1/jobs/job_nope",
+        "/v1/jobs/job_nope/nope",
+        "/nothing",
+        "/v2/jobs",
+        "/v1/models/mdl_nope",
+        "/v1/models/no-such-base-model",
+    ],
+)
 def test_an_unknown_route_or_id_is_a_404(client, keys, path):
     assert_problem(client.get(path, headers=auth(keys.admin.secret)), 404)
 
@@ -258,8 +269,19 @@ def _weird_requests(admin: str) -> list[tuple[str, str, dict]]:
         ("DELETE", "/v1/models/mdl_%00", {"headers": h}),
         ("GET", "/v1/models?cursor=%00&kind=%00", {"headers": h}),
         ("POST", "/v1/jobs", {"headers": j, "data": json.dumps({"type": "finetune", "input": {"images": [None] * 3}})}),
-        ("POST", "/v1/jobs", {"headers": j, "data": json.dumps({"type": "text_to_image", "input": {
-            "prompt": "x", "loras": [{"model": "mdl_\u0000", "scale": "NaN"}]}})}),
+        (
+            "POST",
+            "/v1/jobs",
+            {
+                "headers": j,
+                "data": json.dumps(
+                    {
+                        "type": "text_to_image",
+                        "input": {"prompt": "x", "loras": [{"model": "mdl_\u0000", "scale": "NaN"}]},
+                    }
+                ),
+            },
+        ),
     ]
 
 

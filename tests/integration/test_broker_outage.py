@@ -135,6 +135,9 @@ def test_a_job_submitted_while_the_broker_is_down_runs_once_it_is_back(deploymen
     # Sent by the reconciler (more than once if two reconciles overlapped: a duplicate is harmless).
     assert dispatched and all("reconciler" in e["message"] for e in dispatched), timeline
     assert [e["kind"] for e in timeline if e["kind"] not in ("progress", "dispatched")] == [
-        "queued", "claimed", "stored", "succeeded",
-    ]  # fmt: skip
+        "queued",
+        "claimed",
+        "stored",
+        "succeeded",
+    ]
     assert requests.get(f"{deployment.base_url}/readyz", timeout=30).status_code == 200

@@ -92,10 +92,17 @@ def stored_artifacts(job_id: str, services: Any) -> tuple[list[str], list[str]]:
 
 def test_text_to_image_makes_pngs_of_the_requested_size_with_their_parameters(client, users, sd_worker):
     job = run_job(
-        client, users.me.secret, "text_to_image",
-        prompt="a lighthouse at dusk", negative_prompt="fog", width=64, height=48,
-        num_inference_steps=3, seed=11, num_outputs=2,
-    )  # fmt: skip
+        client,
+        users.me.secret,
+        "text_to_image",
+        prompt="a lighthouse at dusk",
+        negative_prompt="fog",
+        width=64,
+        height=48,
+        num_inference_steps=3,
+        seed=11,
+        num_outputs=2,
+    )
     output = job["output"]
     assert output["seed"] == 11 and output["seeds"] == [11, 12]
     assert [a["name"] for a in output["images"]] == ["image-0.png", "image-1.png"]
@@ -138,10 +145,16 @@ def test_inpainting_repaints_the_mask_and_keeps_every_other_pixel(client, users,
     width, height, box = 96, 72, (24, 16, 72, 48)
     image = picture(width, height, seed=1)
     job = run_job(
-        client, key, "inpainting",
-        image=uploaded(client, key, image), mask=uploaded(client, key, mask_png(width, height, box)),
-        prompt="a window", num_inference_steps=3, seed=2, num_outputs=2,
-    )  # fmt: skip
+        client,
+        key,
+        "inpainting",
+        image=uploaded(client, key, image),
+        mask=uploaded(client, key, mask_png(width, height, box)),
+        prompt="a window",
+        num_inference_steps=3,
+        seed=2,
+        num_outputs=2,
+    )
     original = np.asarray(Image.open(io.BytesIO(image)).convert("RGB"))
     inside = np.zeros((height, width), bool)
     inside[box[1] : box[3], box[0] : box[2]] = True
@@ -185,10 +198,16 @@ def test_style_transfer_moves_colour_statistics_toward_the_style(client, users, 
     means = {}
     for style_strength in (0.0, 1.0):
         job = run_job(
-            client, key, "style_transfer",
-            content_image=content, style_image=style, style_strength=style_strength,
-            strength=0.5, num_inference_steps=4, seed=7,
-        )  # fmt: skip
+            client,
+            key,
+            "style_transfer",
+            content_image=content,
+            style_image=style,
+            style_strength=style_strength,
+            strength=0.5,
+            num_inference_steps=4,
+            seed=7,
+        )
         pixels, parameters = download(job["output"]["images"][0])
         assert pixels.shape == (64, 104, 3), "the content image's size, rounded to 8"
         assert parameters["type"] == "style_transfer" and parameters["style_strength"] == style_strength
@@ -207,9 +226,15 @@ def test_style_transfer_defaults_and_an_empty_prompt(client, users, sd_worker):
     content = uploaded(client, key, picture(64, 64, seed=6))
     style = uploaded(client, key, picture(64, 64, base=(30, 200, 30), seed=7))
     job = run_job(
-        client, key, "style_transfer", content_image=content, style_image=style, prompt="",
-        num_inference_steps=5, num_outputs=2,
-    )  # fmt: skip
+        client,
+        key,
+        "style_transfer",
+        content_image=content,
+        style_image=style,
+        prompt="",
+        num_inference_steps=5,
+        num_outputs=2,
+    )
     assert len(job["output"]["images"]) == 2
     _, parameters = download(job["output"]["images"][1])
     assert parameters["strength"] == 0.6 and parameters["style_strength"] == 0.7
@@ -222,9 +247,20 @@ def test_style_transfer_defaults_and_an_empty_prompt(client, users, sd_worker):
 
 def test_cancel_stops_a_running_generation_at_its_next_step(client, users, sd_worker, services):
     key = users.me.secret
-    response = submit(client, key, {"type": "text_to_image", "input": {
-        "prompt": "a long one", "width": 256, "height": 256, "num_inference_steps": 50, "seed": 1,
-    }})  # fmt: skip
+    response = submit(
+        client,
+        key,
+        {
+            "type": "text_to_image",
+            "input": {
+                "prompt": "a long one",
+                "width": 256,
+                "height": 256,
+                "num_inference_steps": 50,
+                "seed": 1,
+            },
+        },
+    )
     job_id = response.get_json()["id"]
     running = wait_for(client, key, job_id, "running", timeout=JOB_TIMEOUT, until=lambda j: j["progress"]["step"] >= 3)
     seen_by_client = running["progress"]["step"]
@@ -310,7 +346,13 @@ def test_the_step_hook_stops_the_pipeline_and_out_of_memory_is_a_job_error(demo_
 
     cache = ModelCache(Settings(model_catalog=demo_catalog, device="cpu", dtype="float32"))
     family = cache.get("diffusion:demo-sd", cache.entry(None, "diffusion"), load_family)
-    call = {"prompt": "x", "width": 64, "height": 64, "num_inference_steps": 20, "generator": torch.Generator().manual_seed(0)}
+    call = {
+        "prompt": "x",
+        "width": 64,
+        "height": 64,
+        "num_inference_steps": 20,
+        "generator": torch.Generator().manual_seed(0),
+    }
 
     seen = []
     result = denoise(family, family.text_to_image, "euler", lambda step, total: seen.append(step) or step >= 3, **call)
@@ -354,10 +396,14 @@ def test_the_ip_adapter_conditions_style_runs_and_no_other_run(demo_catalog):
         image_to_image = family.image_to_image
         return (
             {name: type(processor) for name, processor in unet.attn_processors.items()},
-            unet.encoder_hid_proj, unet.config.encoder_hid_dim_type, sorted(unet.state_dict()),
-            image_to_image.image_encoder, image_to_image.feature_extractor,
-            image_to_image.config["image_encoder"], image_to_image.config["feature_extractor"],
-        )  # fmt: skip
+            unet.encoder_hid_proj,
+            unet.config.encoder_hid_dim_type,
+            sorted(unet.state_dict()),
+            image_to_image.image_encoder,
+            image_to_image.feature_extractor,
+            image_to_image.config["image_encoder"],
+            image_to_image.config["feature_extractor"],
+        )
 
     def generator() -> torch.Generator:
         return torch.Generator().manual_seed(0)
@@ -365,9 +411,16 @@ def test_the_ip_adapter_conditions_style_runs_and_no_other_run(demo_catalog):
     def text_to_image() -> torch.Tensor:
         with family.lock:
             return denoise(
-                family, family.text_to_image, "euler", lambda step, total: False,
-                prompt="a boat", width=64, height=64, num_inference_steps=3, generator=generator(),
-            ).latents  # fmt: skip
+                family,
+                family.text_to_image,
+                "euler",
+                lambda step, total: False,
+                prompt="a boat",
+                width=64,
+                height=64,
+                num_inference_steps=3,
+                generator=generator(),
+            ).latents
 
     seen_during_the_run = []
 
@@ -380,18 +433,33 @@ def test_the_ip_adapter_conditions_style_runs_and_no_other_run(demo_catalog):
         with family.lock, family.style_pipeline(cache, style, style_strength) as styled:
             assert styled.pipe is family.image_to_image
             return denoise(
-                family, styled.pipe, "euler", on_step,
-                prompt="", image=content, strength=0.5, num_inference_steps=4, generator=generator(), **styled.call,
-            ).latents  # fmt: skip
+                family,
+                styled.pipe,
+                "euler",
+                on_step,
+                prompt="",
+                image=content,
+                strength=0.5,
+                num_inference_steps=4,
+                generator=generator(),
+                **styled.call,
+            ).latents
 
     plain = plain_state()
     assert plain[1] is None and plain[2] is None and plain[4] is None  # nothing of the adapter before its first run
     before = text_to_image()
     with family.lock:
         without = denoise(
-            family, family.image_to_image, "euler", lambda step, total: False,
-            prompt="", image=content, strength=0.5, num_inference_steps=4, generator=generator(),
-        ).latents  # fmt: skip
+            family,
+            family.image_to_image,
+            "euler",
+            lambda step, total: False,
+            prompt="",
+            image=content,
+            strength=0.5,
+            num_inference_steps=4,
+            generator=generator(),
+        ).latents
 
     styled = style_run(1.0)
     assert seen_during_the_run and all(seen == (True, True) for seen in seen_during_the_run), seen_during_the_run
@@ -522,7 +590,11 @@ TEXT = {"prompt": "a bridge"}
         ("text_to_image", {**TEXT, "model": "demo-sd-inpainting"}, ["input", "model"]),
         ("text_to_image", {**TEXT, "model": 7}, ["input", "model"]),
         ("inpainting", {"image": "@image", "mask": "@image", "model": "nope"}, ["input", "model"]),
-        ("style_transfer", {"content_image": "@image", "style_image": "@image", "model": "demo-sd-ip-adapter"}, ["input", "model"]),
+        (
+            "style_transfer",
+            {"content_image": "@image", "style_image": "@image", "model": "demo-sd-ip-adapter"},
+            ["input", "model"],
+        ),
         ("inpainting", {"image": "@image", "mask": "@zip"}, ["input", "mask"]),
         ("inpainting", {"image": "@other_tenant", "mask": "@image"}, ["input", "image"]),
         ("inpainting", {"image": "@image"}, ["input", "mask"]),
@@ -530,12 +602,22 @@ TEXT = {"prompt": "a bridge"}
         ("inpainting", {"image": "@image", "mask": "@image", "width": 64}, ["input", "height"]),
         ("style_transfer", {"content_image": "@image", "style_image": "@zip"}, ["input", "style_image"]),
         ("style_transfer", {"content_image": "file_nothere", "style_image": "@image"}, ["input", "content_image"]),
-        ("style_transfer", {"content_image": "@image", "style_image": "@image", "style_strength": -0.1}, ["input", "style_strength"]),
-        ("style_transfer", {"content_image": "@image", "style_image": "@image", "scheduler": "nope"}, ["input", "scheduler"]),
+        (
+            "style_transfer",
+            {"content_image": "@image", "style_image": "@image", "style_strength": -0.1},
+            ["input", "style_strength"],
+        ),
+        (
+            "style_transfer",
+            {"content_image": "@image", "style_image": "@image", "scheduler": "nope"},
+            ["input", "scheduler"],
+        ),
     ],
-)  # fmt: skip
+)
 def test_bad_generation_input_is_a_precise_422(client, users, files, job_type, params, loc):
-    params = {name: files[value[1:]] if isinstance(value, str) and value.startswith("@") else value
-              for name, value in params.items()}  # fmt: skip
+    params = {
+        name: files[value[1:]] if isinstance(value, str) and value.startswith("@") else value
+        for name, value in params.items()
+    }
     response = submit(client, users.me.secret, {"type": job_type, "input": params})
     assert_problem(response, 422, loc)

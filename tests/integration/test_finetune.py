@@ -123,9 +123,20 @@ def test_a_finetune_makes_a_model_that_diffusers_and_generation_jobs_load(
 ):
     key = users.me.secret
     job = finetune(
-        client, key, images=training_images, captions=["red", "green", "", "yellow"], instance_prompt="a block",
-        steps=10, resolution=64, learning_rate=0.01, rank=4, alpha=8, seed=3, checkpoint_every=5, name="blocks",
-    )  # fmt: skip
+        client,
+        key,
+        images=training_images,
+        captions=["red", "green", "", "yellow"],
+        instance_prompt="a block",
+        steps=10,
+        resolution=64,
+        learning_rate=0.01,
+        rank=4,
+        alpha=8,
+        seed=3,
+        checkpoint_every=5,
+        name="blocks",
+    )
     assert job["input"]["seed"] == 3
     done = wait_for(client, key, job["id"], timeout=TRAIN_TIMEOUT)
     assert done["status"] == "succeeded", done
@@ -154,7 +165,9 @@ def test_a_finetune_makes_a_model_that_diffusers_and_generation_jobs_load(
 
     (tmp_path / "pytorch_lora_weights.safetensors").write_bytes(weights_of(done))
     pipe = StableDiffusionPipeline.from_pretrained(
-        Path(services.env["GPUJOBS_MODEL_CATALOG"]).parent / "demo-sd", safety_checker=None, requires_safety_checker=False
+        Path(services.env["GPUJOBS_MODEL_CATALOG"]).parent / "demo-sd",
+        safety_checker=None,
+        requires_safety_checker=False,
     )
     sample = (torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0)), torch.tensor([500]))
     text = torch.randn(1, 77, 32, generator=torch.Generator().manual_seed(1))
@@ -202,16 +215,30 @@ def _mask(width: int, height: int) -> bytes:
 
 def test_a_zip_dataset_with_captions_trains(client, users, workers):
     key = users.me.secret
-    dataset = zip_of({
-        "set/": b"",
-        "set/a.png": picture(64, 64, seed=1), "set/a.txt": "a red square",
-        "set/b.jpg": _jpeg(picture(80, 64, seed=2)), "set/b.txt": "a blue one\n",
-        "set/c.webp": _webp(picture(64, 96, seed=3)),
-        "__MACOSX/set/._a.png": b"resource fork", ".DS_Store": b"junk",
-    })  # fmt: skip
+    dataset = zip_of(
+        {
+            "set/": b"",
+            "set/a.png": picture(64, 64, seed=1),
+            "set/a.txt": "a red square",
+            "set/b.jpg": _jpeg(picture(80, 64, seed=2)),
+            "set/b.txt": "a blue one\n",
+            "set/c.webp": _webp(picture(64, 96, seed=3)),
+            "__MACOSX/set/._a.png": b"resource fork",
+            ".DS_Store": b"junk",
+        }
+    )
     file_id = uploaded(client, key, dataset, filename="set.zip", purpose="dataset")
-    job = finetune(client, key, dataset=file_id, instance_prompt="a shape", steps=3, resolution=64, checkpoint_every=2,
-                   batch_size=2, gradient_accumulation_steps=2)  # fmt: skip
+    job = finetune(
+        client,
+        key,
+        dataset=file_id,
+        instance_prompt="a shape",
+        steps=3,
+        resolution=64,
+        checkpoint_every=2,
+        batch_size=2,
+        gradient_accumulation_steps=2,
+    )
     done = wait_for(client, key, job["id"], timeout=TRAIN_TIMEOUT)
     assert done["status"] == "succeeded", done
     assert done["output"]["images"] == 3 and len(done["output"]["loss"]) == 3
@@ -251,8 +278,16 @@ def test_a_killed_training_worker_resumes_from_its_checkpoint_to_the_same_weight
     client, users, workers, training_images
 ):
     key = users.me.secret
-    params = {"images": training_images, "instance_prompt": "a block", "steps": 300, "resolution": 64,
-              "learning_rate": 0.005, "seed": 11, "checkpoint_every": 20, "batch_size": 2}  # fmt: skip
+    params = {
+        "images": training_images,
+        "instance_prompt": "a block",
+        "steps": 300,
+        "resolution": 64,
+        "learning_rate": 0.005,
+        "seed": 11,
+        "checkpoint_every": 20,
+        "batch_size": 2,
+    }
     job = finetune(client, key, **params)
     _wait_checkpoint(job["id"])
     workers.train.kill()  # SIGKILL, mid-run: its lease expires and the reconciler requeues the job
@@ -280,10 +315,12 @@ def test_a_killed_training_worker_resumes_from_its_checkpoint_to_the_same_weight
 
 def test_cancel_stops_training_at_the_next_step_and_keeps_the_last_checkpoint(client, users, workers, services):
     key = users.me.secret
-    job = finetune(client, key, images=[uploaded(client, key, picture(64, 64))], steps=20000, resolution=64,
-                   checkpoint_every=10)  # fmt: skip
-    running = wait_for(client, key, job["id"], "running", timeout=TRAIN_TIMEOUT,
-                       until=lambda j: j["progress"]["step"] >= 25)  # fmt: skip
+    job = finetune(
+        client, key, images=[uploaded(client, key, picture(64, 64))], steps=20000, resolution=64, checkpoint_every=10
+    )
+    running = wait_for(
+        client, key, job["id"], "running", timeout=TRAIN_TIMEOUT, until=lambda j: j["progress"]["step"] >= 25
+    )
     assert client.post(f"/v1/jobs/{job['id']}/cancel", headers=auth(key)).status_code == 202
     asked = time.monotonic()
     done = wait_for(client, key, job["id"], ("canceled", "failed", "succeeded"), timeout=30)
@@ -340,11 +377,17 @@ def test_a_model_is_its_tenants_alone_and_deleting_it_removes_the_weights(
 
 def test_a_job_whose_lora_was_deleted_after_submit_fails_clearly(client, users, workers, training_images):
     me = users.me.secret
-    done = wait_for(client, me, finetune(client, me, images=training_images[:1], steps=1, resolution=64)["id"],
-                    timeout=TRAIN_TIMEOUT)  # fmt: skip
+    done = wait_for(
+        client,
+        me,
+        finetune(client, me, images=training_images[:1], steps=1, resolution=64)["id"],
+        timeout=TRAIN_TIMEOUT,
+    )
     model_id = done["output"]["model"]["id"]
     workers.gpu.kill()  # so the job waits in the queue while its model goes
-    response = submit(client, me, {"type": "text_to_image", "input": {"prompt": "x", "loras": [{"model": model_id}], **SMALL}})
+    response = submit(
+        client, me, {"type": "text_to_image", "input": {"prompt": "x", "loras": [{"model": model_id}], **SMALL}}
+    )
     assert response.status_code == 202
     assert client.delete(f"/v1/models/{model_id}", headers=auth(me)).status_code == 204
     workers.gpu = workers.stack.start_worker("gpu", concurrency=2, name=f"ft-gpu-{secrets.token_hex(3)}")
@@ -398,14 +441,16 @@ def inputs(app, users, training_images) -> dict[str, str]:
         ({"images": ["@image"], "base_model": "no-such-model"}, ["input", "base_model"]),
         ({"images": ["@image"], "base_model": "demo-mask2former"}, ["input", "base_model"]),
     ],
-)  # fmt: skip
+)
 def test_bad_finetune_input_is_a_precise_422(client, users, inputs, params, loc):
     def resolve(value: Any) -> Any:
         if isinstance(value, list):
             return [resolve(v) for v in value]
         return inputs[value[1:]] if isinstance(value, str) and value.startswith("@") else value
 
-    response = submit(client, users.me.secret, {"type": "finetune", "input": {k: resolve(v) for k, v in params.items()}})
+    response = submit(
+        client, users.me.secret, {"type": "finetune", "input": {k: resolve(v) for k, v in params.items()}}
+    )
     assert_problem(response, 422, loc)
 
 
@@ -450,9 +495,19 @@ def _symlink_zip() -> bytes:
         ({"a.txt": "only a caption"}, "no image"),
         ({}, "no images"),
     ],
-    ids=["dotdot", "absolute", "script", "orphan-caption", "bad-image", "bad-caption", "too-many", "bomb",
-         "caption-only", "empty"],
-)  # fmt: skip
+    ids=[
+        "dotdot",
+        "absolute",
+        "script",
+        "orphan-caption",
+        "bad-image",
+        "bad-caption",
+        "too-many",
+        "bomb",
+        "caption-only",
+        "empty",
+    ],
+)
 def test_a_bad_dataset_zip_is_a_422_naming_the_problem(client, users, members, why):
     response = client.post(
         "/v1/files",

@@ -36,9 +36,7 @@ def scrape(app: Any) -> dict[str, Any]:
 
 
 def samples(family: Any, name: str | None = None) -> dict[tuple[tuple[str, str], ...], float]:
-    return {
-        tuple(sorted(s.labels.items())): s.value for s in family.samples if name is None or s.name == name
-    }
+    return {tuple(sorted(s.labels.items())): s.value for s in family.samples if name is None or s.name == name}
 
 
 def value(family: Any, **labels: str) -> float:
@@ -200,10 +198,15 @@ def test_workers_alive_and_gpu_memory_match_the_heartbeats(metrics_app, gpu_work
     with session_scope() as session:
         session.add(
             WorkerProcess(
-                id=gpu_row, hostname="gpu-host", pid=os.getpid(), queues=["gpu"], models={}, current_jobs=["job_x"],
+                id=gpu_row,
+                hostname="gpu-host",
+                pid=os.getpid(),
+                queues=["gpu"],
+                models={},
+                current_jobs=["job_x"],
                 device={"type": "cuda", "name": "NVIDIA H100", "memory_used_mb": 1536, "memory_total_mb": 81559},
             )
-        )  # fmt: skip
+        )
     try:
         expected, scraped = stable_workers(metrics_app, 30.0)
         assert expected["alive"] >= 3  # the gpu and maintenance workers, the row above

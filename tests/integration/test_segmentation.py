@@ -207,13 +207,17 @@ def test_model_is_loaded_once_for_many_jobs(client, keys, no_gpu_worker, seg_sta
     jobs = [segment(client, keys.user_a.secret, file_id)["id"] for _ in range(5)]
     for job_id in jobs:
         assert wait_for(client, keys.user_a.secret, job_id, timeout=90)["status"] == "succeeded"
-    models = wait_heartbeat(worker.node, lambda m: m.get("segmentation:demo-mask2former", {}).get("batched_images") == 5)
+    models = wait_heartbeat(
+        worker.node, lambda m: m.get("segmentation:demo-mask2former", {}).get("batched_images") == 5
+    )
     stats = models["segmentation:demo-mask2former"]
     assert stats["loads"] == 1 and stats["loaded"] is True
     assert stats["hits"] == 4
 
 
-def test_a_missing_or_pickle_only_model_fails_the_job_clearly(client, keys, no_gpu_worker, seg_stack, api_catalog, tmp_path):
+def test_a_missing_or_pickle_only_model_fails_the_job_clearly(
+    client, keys, no_gpu_worker, seg_stack, api_catalog, tmp_path
+):
     pickled = tmp_path / "pickled"
     pickled.mkdir()
     (pickled / "config.json").write_text("{}")
@@ -225,7 +229,9 @@ def test_a_missing_or_pickle_only_model_fails_the_job_clearly(client, keys, no_g
     stack = seg_stack(GPUJOBS_MODEL_CATALOG=str(catalog))
     stack.start_worker("gpu", concurrency=1, name="seg-missing")
     file_id = uploaded(client, keys.user_a.secret, picture(32, 32))
-    job = wait_for(client, keys.user_a.secret, segment(client, keys.user_a.secret, file_id, model="gone")["id"], timeout=60)
+    job = wait_for(
+        client, keys.user_a.secret, segment(client, keys.user_a.secret, file_id, model="gone")["id"], timeout=60
+    )
     assert job["status"] == "failed"
     assert job["error"]["code"] == "model_unavailable"
     assert "gone" in job["error"]["message"] and "/nonexistent/m2f" in job["error"]["message"]

@@ -156,7 +156,7 @@ def test_encoding_the_training_set_checks_for_cancel_before_each_batch(demo_cata
     from worker.context import Canceled
     from worker.jobs.finetune.run import ENCODE_BATCH, encode_samples
 
-    family, _, inputs, samples = _training_set(demo_catalog, "float32", images=ENCODE_BATCH * 2 + 1)
+    family, _, _, samples = _training_set(demo_catalog, "float32", images=ENCODE_BATCH * 2 + 1)
     checks = []
 
     def cancel_on_the_second() -> None:

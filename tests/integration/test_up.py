@@ -45,8 +45,12 @@ def test_up_runs_a_job_and_ctrl_c_leaves_nothing_running(tmp_path, services):
     log = (tmp_path / "up.log").open("w+")
     up = subprocess.Popen(
         [*gpujobs_command(), "up", "--port", str(port)],
-        cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-    )  # fmt: skip
+        cwd=ROOT,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     try:
         deadline = time.monotonic() + 120
         while "gpujobs is ready" not in (tmp_path / "up.log").read_text():

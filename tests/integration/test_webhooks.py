@@ -79,7 +79,7 @@ def test_start_progress_and_one_completed_arrive_in_order_each_signed(
     # Every delivery is recorded, with its one attempt.
     listed = deliveries(client, admin, job["id"])
     assert [d["event"] for d in listed] == [t.removeprefix("job.") for t in types]
-    for delivery, request in zip(listed, got):
+    for delivery, request in zip(listed, got, strict=True):
         assert delivery["id"] == request.headers["webhook-id"]
         assert delivery["status"] == "delivered" and delivery["attempts"] == 1 and delivery["next_attempt_at"] is None
         [attempt] = delivery["history"]

@@ -175,9 +175,13 @@ def test_a_job_whose_worker_dies_on_every_attempt_fails_as_worker_lost(client, k
     for attempt in range(1, max_attempts + 1):
         worker = start_worker()
         wait_for(
-            client, admin, job["id"], "running", timeout=60,
+            client,
+            admin,
+            job["id"],
+            "running",
+            timeout=60,
             until=lambda j, n=attempt: j["attempts"] == n and j["progress"]["step"] >= 1,
-        )  # fmt: skip
+        )
         worker.kill()
 
     failed = wait_for(client, admin, job["id"], ("failed", "succeeded", "canceled"), timeout=30)

@@ -63,7 +63,9 @@ def test_a_good_catalog(tmp_path: Path) -> None:
     assert sd.describe() == "S3 prefix s3://bucket/models/sd (downloaded on first use)"
 
 
-def test_relative_sources_are_resolved_against_the_catalog_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_relative_sources_are_resolved_against_the_catalog_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     path = write(tmp_path / "conf" / "catalog.toml", GOOD)
     (tmp_path / "conf" / "weights" / "m2f").mkdir(parents=True)
     elsewhere = tmp_path / "elsewhere"
@@ -134,7 +136,9 @@ def test_each_job_kind_is_accepted(kind: str) -> None:
     assert catalog.get("x").kind == kind and catalog.default_for(kind).name == "x"
 
 
-@pytest.mark.parametrize("table", [{"kind": "detection", "source": "org/x"}, {"source": "org/x"}, {"kind": 3, "source": "org/x"}])
+@pytest.mark.parametrize(
+    "table", [{"kind": "detection", "source": "org/x"}, {"source": "org/x"}, {"kind": 3, "source": "org/x"}]
+)
 def test_an_unknown_kind_is_refused_naming_the_allowed_ones(table: dict) -> None:
     with pytest.raises(CatalogError) as refused:
         parse({"models": {"bad": table}})
@@ -148,7 +152,9 @@ def test_an_unknown_kind_is_refused_naming_the_allowed_ones(table: dict) -> None
 @pytest.mark.parametrize("source", [None, "", 42, ["org/x"]])
 def test_a_missing_or_empty_source_is_refused(source: object) -> None:
     table = {"kind": "segmentation"} | ({} if source is None else {"source": source})
-    with pytest.raises(CatalogError, match=r"^models\.m\.source must be a path, a Hugging Face repo id or an s3:// prefix$"):
+    with pytest.raises(
+        CatalogError, match=r"^models\.m\.source must be a path, a Hugging Face repo id or an s3:// prefix$"
+    ):
         parse({"models": {"m": table}})
 
 

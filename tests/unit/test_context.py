@@ -1,4 +1,4 @@
-"""``JobContext`` on the migrated SQLite database (``sessions``), with a fake clock: no services, no threads but its own."""
+"""``JobContext`` on the migrated SQLite database (``sessions``) with a fake clock: no services, no other threads."""
 
 from __future__ import annotations
 
@@ -158,7 +158,9 @@ def test_checkpoints_are_recorded_by_the_owner_only_and_found_by_the_next_attemp
     assert claim is not None and claim.attempt == attempt + 1
     ctx = context(sessions, job_id, claim.attempt, Clock())
     found = ctx.latest_checkpoint()
-    assert found == checkpoints.Checkpoint(step=100, key="jobs/x/step-100", attempt=attempt, details={"latents_key": "k"})
+    assert found == checkpoints.Checkpoint(
+        step=100, key="jobs/x/step-100", attempt=attempt, details={"latents_key": "k"}
+    )
     ctx.resumed(found, load_seconds=0.5)
     with sessions() as session:
         resumed = session.scalars(
@@ -173,9 +175,17 @@ def test_tenant_models_are_the_tenants_own(sessions):
     with sessions() as session:
         for model_id, tenant in (("mdl_mine", "ten_a"), ("mdl_theirs", "ten_b")):
             session.add(
-                Model(id=model_id, tenant_id=tenant, name=model_id, base_model="demo-sd", storage_key=f"models/{model_id}",
-                      size=1, sha256="0" * 64, details={})
-            )  # fmt: skip
+                Model(
+                    id=model_id,
+                    tenant_id=tenant,
+                    name=model_id,
+                    base_model="demo-sd",
+                    storage_key=f"models/{model_id}",
+                    size=1,
+                    sha256="0" * 64,
+                    details={},
+                )
+            )
         session.commit()
     ctx = context(sessions, job_id, attempt, Clock())
     found = ctx.tenant_models(["mdl_mine", "mdl_theirs", "mdl_gone"])

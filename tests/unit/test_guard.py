@@ -45,9 +45,13 @@ def test_parse_refuses_what_is_not_an_http_url(url: str, message: str) -> None:
 
 def test_parse_gives_what_to_connect_to_and_what_to_send() -> None:
     assert parse("  HTTPS://Hooks.Example.:8443/in/?a=1&b=2  ") == Target(
-        scheme="https", host="hooks.example", port=8443, path="/in/?a=1&b=2",
-        host_header="hooks.example:8443", authorization=None,
-    )  # fmt: skip
+        scheme="https",
+        host="hooks.example",
+        port=8443,
+        path="/in/?a=1&b=2",
+        host_header="hooks.example:8443",
+        authorization=None,
+    )
     plain = parse("http://hooks.example")
     assert (plain.port, plain.path, plain.host_header) == (80, "/", "hooks.example")
     assert parse("https://hooks.example/x").port == 443
@@ -167,7 +171,10 @@ def test_public_addresses_are_allowed(address: str) -> None:
         ("http://[fe80::1]/in", "names fe80::1, a link-local address"),
         ("http://[fd00::1]/in", "names fd00::1, a private address"),
         ("http://[::ffff:127.0.0.1]/in", "names ::ffff:7f00:1, a loopback address (IPv4 127.0.0.1 inside IPv6)"),
-        ("http://[::ffff:a9fe:a9fe]/in", "names ::ffff:a9fe:a9fe, a link-local address (IPv4 169.254.169.254 inside IPv6)"),
+        (
+            "http://[::ffff:a9fe:a9fe]/in",
+            "names ::ffff:a9fe:a9fe, a link-local address (IPv4 169.254.169.254 inside IPv6)",
+        ),
         ("http://user:pw@127.0.0.1/in", "names 127.0.0.1, a loopback address"),
     ],
 )
@@ -178,14 +185,16 @@ def test_check_url_refuses_non_public_hosts_in_any_spelling(url: str, message: s
 
 
 @pytest.mark.parametrize(
-    "url", ["http://localhost:8080/in", "http://127.0.0.1/in", "http://2130706433/", "http://[::1]/", "http://10.0.0.5/"]
+    "url",
+    ["http://localhost:8080/in", "http://127.0.0.1/in", "http://2130706433/", "http://[::1]/", "http://10.0.0.5/"],
 )
 def test_allow_private_lets_non_public_hosts_through(url: str) -> None:
     assert check_url(url, allow_private=True) == parse(url)
 
 
 @pytest.mark.parametrize(
-    "url", ["https://hooks.example/in", "http://8.8.8.8:8080/in", "https://[2606:4700:4700::1111]/", "http://1.2.3.4.5/"]
+    "url",
+    ["https://hooks.example/in", "http://8.8.8.8:8080/in", "https://[2606:4700:4700::1111]/", "http://1.2.3.4.5/"],
 )
 def test_check_url_passes_public_literals_and_names_without_resolving_them(url: str) -> None:
     assert check_url(url, allow_private=False) == parse(url)
@@ -216,7 +225,9 @@ def test_resolve_checks_the_addresses_it_will_connect_to(url: str, message: str,
 
 def test_resolve_refuses_localhost_whatever_it_resolves_to() -> None:
     target = parse("http://localhost:9/")  # what check_url would refuse by name; resolve judges the addresses
-    with pytest.raises(Refused, match=rf"^localhost resolves to (127\.0\.0\.1|::1), a loopback address; {PUBLIC_ONLY}$"):
+    with pytest.raises(
+        Refused, match=rf"^localhost resolves to (127\.0\.0\.1|::1), a loopback address; {PUBLIC_ONLY}$"
+    ):
         resolve(target, allow_private=False)
     addresses = resolve(target, allow_private=True)
     assert addresses and all(ipaddress.ip_address(a).is_loopback for a in addresses)

@@ -61,10 +61,16 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Built]:
         docs = client.get("/docs")
         assert docs.status_code == 200
         rules = [
-            (rule.rule, set(rule.methods or ()) - {"HEAD", "OPTIONS"}, hasattr(app.view_functions[rule.endpoint], "_openapi"))
+            (
+                rule.rule,
+                set(rule.methods or ()) - {"HEAD", "OPTIONS"},
+                hasattr(app.view_functions[rule.endpoint], "_openapi"),
+            )
             for rule in app.url_map.iter_rules()
         ]
-        yield Built(doc, served.get_json(), docs.get_data(as_text=True), rules, job_types(app.config["GPUJOBS_SETTINGS"]))
+        yield Built(
+            doc, served.get_json(), docs.get_data(as_text=True), rules, job_types(app.config["GPUJOBS_SETTINGS"])
+        )
     finally:
         Image.MAX_IMAGE_PIXELS = pixels
         environment.undo()
@@ -125,7 +131,18 @@ def test_it_is_an_openapi_3_1_document(built: Built) -> None:
     doc = built.doc
     assert doc["openapi"] == "3.1.0"
     assert doc["info"]["title"] == "gpujobs" and doc["info"]["version"]
-    assert set(doc) <= {"openapi", "info", "jsonSchemaDialect", "servers", "paths", "webhooks", "components", "security", "tags", "externalDocs"}
+    assert set(doc) <= {
+        "openapi",
+        "info",
+        "jsonSchemaDialect",
+        "servers",
+        "paths",
+        "webhooks",
+        "components",
+        "security",
+        "tags",
+        "externalDocs",
+    }
     assert doc["components"]["securitySchemes"] == {"bearer": {"type": "http", "scheme": "bearer"}}
 
 
@@ -134,7 +151,9 @@ def test_the_served_document_is_the_generated_one(built: Built) -> None:
 
 
 def _references(doc: dict[str, Any]) -> list[tuple[str, str]]:
-    return [(path, node["$ref"]) for path, node in walk(doc) if isinstance(node, dict) and isinstance(node.get("$ref"), str)]
+    return [
+        (path, node["$ref"]) for path, node in walk(doc) if isinstance(node, dict) and isinstance(node.get("$ref"), str)
+    ]
 
 
 def test_every_component_reference_resolves_and_every_component_is_used(built: Built) -> None:
@@ -218,7 +237,9 @@ def test_every_operation_is_well_formed(built: Built) -> None:
 
 def test_every_public_route_of_the_api_is_documented(built: Built) -> None:
     documented = {
-        (re.sub(r"\{([^}]+)\}", r"<\1>", path), method.upper()) for path, item in built.doc["paths"].items() for method in item
+        (re.sub(r"\{([^}]+)\}", r"<\1>", path), method.upper())
+        for path, item in built.doc["paths"].items()
+        for method in item
     }
     served_v1 = {
         (re.sub(r"<(?:[^:<>]+:)?([^<>]+)>", r"<\1>", rule), method)
@@ -227,7 +248,7 @@ def test_every_public_route_of_the_api_is_documented(built: Built) -> None:
         for method in methods
     }
     assert served_v1 and served_v1 <= documented, f"undocumented: {sorted(served_v1 - documented)}"
-    for rule, methods, is_documented in built.rules:
+    for rule, _methods, is_documented in built.rules:
         if rule.startswith(("/admin", "/static")):
             assert not is_documented, "the dashboard is not part of the API"
     for path, item in built.doc["paths"].items():
@@ -296,7 +317,9 @@ def test_each_input_schema_carries_its_fields_bounds(built: Built) -> None:
         for field, info in job_type.Input.model_fields.items():
             prop = schemas[f"{name}Input"]["properties"][field]
             for key, value in _constraints(info).items():
-                assert _keyword(prop, key) == value, f"{name}.{field}: {key} should be {value}, is {_keyword(prop, key)}"
+                assert _keyword(prop, key) == value, (
+                    f"{name}.{field}: {key} should be {value}, is {_keyword(prop, key)}"
+                )
                 checked += 1
             if info.description:
                 assert prop["description"] == info.description

@@ -56,7 +56,9 @@ class Instance:
     mask: np.ndarray  # bool (H, W)
 
 
-def theirs(m2f: SimpleNamespace, class_logits: Any, mask_logits: Any, threshold: float = 0.5, **kwargs: Any) -> list[Instance]:
+def theirs(
+    m2f: SimpleNamespace, class_logits: Any, mask_logits: Any, threshold: float = 0.5, **kwargs: Any
+) -> list[Instance]:
     """transformers' instances with their full masks, highest score first."""
     outputs = m2f.Output(class_queries_logits=class_logits[None], masks_queries_logits=mask_logits[None])
     result = m2f.processor.post_process_instance_segmentation(
@@ -81,7 +83,9 @@ def ours(
     valid: tuple[int, int] = (CANVAS, CANVAS),
     original: tuple[int, int] = (CANVAS, CANVAS),
 ) -> list[Instance]:
-    found = m2f.segmentation.postprocess(class_logits, mask_logits, valid, CANVAS, original, threshold, mask_threshold, overlap)
+    found = m2f.segmentation.postprocess(
+        class_logits, mask_logits, valid, CANVAS, original, threshold, mask_threshold, overlap
+    )
     return [Instance(f.label_id, f.score, f.mask) for f in found]
 
 
@@ -126,7 +130,9 @@ def _boundary_band(masks: list[np.ndarray], width: int) -> np.ndarray:
 # --- hand-made outputs -------------------------------------------------------------------------------------
 
 
-def rect(m2f: SimpleNamespace, rows: tuple[int, int], cols: tuple[int, int], inside: float = 6.0, size: int = MASK) -> Any:
+def rect(
+    m2f: SimpleNamespace, rows: tuple[int, int], cols: tuple[int, int], inside: float = 6.0, size: int = MASK
+) -> Any:
     logits = m2f.torch.full((size, size), -6.0)
     logits[rows[0] : rows[1], cols[0] : cols[1]] = inside
     return logits
@@ -268,14 +274,26 @@ def random_model_outputs(m2f: SimpleNamespace) -> tuple[Any, Any]:
     torch = m2f.torch
     torch.manual_seed(0)
     backbone = SwinConfig(
-        embed_dim=16, depths=[1, 1, 1, 1], num_heads=[1, 1, 2, 2], window_size=7, image_size=224,
+        embed_dim=16,
+        depths=[1, 1, 1, 1],
+        num_heads=[1, 1, 2, 2],
+        window_size=7,
+        image_size=224,
         out_features=["stage1", "stage2", "stage3", "stage4"],
-    )  # fmt: skip
+    )
     config = Mask2FormerConfig(
-        backbone_config=backbone, num_queries=20, hidden_dim=32, mask_feature_size=32, feature_size=32,
-        encoder_layers=1, decoder_layers=2, num_attention_heads=2, dim_feedforward=64, encoder_feedforward_dim=64,
+        backbone_config=backbone,
+        num_queries=20,
+        hidden_dim=32,
+        mask_feature_size=32,
+        feature_size=32,
+        encoder_layers=1,
+        decoder_layers=2,
+        num_attention_heads=2,
+        dim_feedforward=64,
+        encoder_feedforward_dim=64,
         num_labels=80,
-    )  # fmt: skip
+    )
     model = Mask2FormerForUniversalSegmentation(config).eval()
     segmenter = m2f.segmentation.Segmenter(
         key="segmentation:unit", model=model, processor=m2f.processor, id2label={}, device="cpu", dtype=torch.float32
@@ -297,9 +315,7 @@ def test_a_random_mask2formers_outputs_give_the_same_instances(m2f: SimpleNamesp
     classes, masks = random_model_outputs
     reference = theirs(m2f, classes, masks)
     assert len(reference) >= 8
-    overlapping = sum(
-        bool((a.mask & b.mask).any()) for n, a in enumerate(reference) for b in reference[n + 1 :]
-    )
+    overlapping = sum(bool((a.mask & b.mask).any()) for n, a in enumerate(reference) for b in reference[n + 1 :])
     assert overlapping >= 10, "the comparison must involve overlapping instances"
     for overlap in (0.0, 0.5, 0.8):
         mine = ours(m2f, classes, masks, overlap=overlap)

@@ -27,7 +27,9 @@ def test_the_readme_table_is_generated_from_the_settings() -> None:
     from gpujobs.cli import settings_table
 
     readme = (ROOT / "README.md").read_text()
-    assert settings_table(Settings) in readme, "the README's configuration table is stale: `gpujobs settings --markdown`"
+    assert settings_table(Settings) in readme, (
+        "the README's configuration table is stale: `gpujobs settings --markdown`"
+    )
     assert set(readme_table()) == {f"GPUJOBS_{name.upper()}" for name in Settings.model_fields}
 
 
@@ -80,7 +82,9 @@ def test_variables_are_parsed_into_their_types(monkeypatch: pytest.MonkeyPatch, 
     assert settings.segmentation_image_size == 512
 
 
-@pytest.mark.parametrize(("value", "expected"), [("1", True), ("yes", True), ("TRUE", True), ("0", False), ("off", False), ("false", False)])
+@pytest.mark.parametrize(
+    ("value", "expected"), [("1", True), ("yes", True), ("TRUE", True), ("0", False), ("off", False), ("false", False)]
+)
 def test_booleans_take_the_usual_spellings(value: str, expected: bool, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("GPUJOBS_TORCH_COMPILE", value)
     assert Settings().torch_compile is expected

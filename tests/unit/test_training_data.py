@@ -1,4 +1,4 @@
-"""Dataset zips of ``finetune`` jobs (worker/jobs/finetune/training_data.py), built in memory and checked member by member."""
+"""Dataset zips of ``finetune`` jobs (``training_data.py``), built in memory, checked member by member."""
 
 from __future__ import annotations
 
@@ -23,7 +23,9 @@ def image(size: tuple[int, int] = (8, 6), fmt: str = "PNG", color: tuple[int, in
     return buffer.getvalue()
 
 
-def make_zip(members: dict[str, bytes | tuple[zipfile.ZipInfo, bytes]], compression: int = zipfile.ZIP_DEFLATED) -> bytes:
+def make_zip(
+    members: dict[str, bytes | tuple[zipfile.ZipInfo, bytes]], compression: int = zipfile.ZIP_DEFLATED
+) -> bytes:
     buffer = io.BytesIO()
     with zipfile.ZipFile(buffer, "w", compression) as archive:
         for name, data in members.items():
@@ -118,7 +120,18 @@ def test_a_zip_without_images(members: dict) -> None:
     assert refused(make_zip(members)) == "the zip holds no images"
 
 
-@pytest.mark.parametrize("name", ["../evil.png", "cats/../../evil.png", "/etc/evil.png", "\\evil.png", "dir\\..\\evil.png", "C:/evil.png", "c:evil.png"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "../evil.png",
+        "cats/../../evil.png",
+        "/etc/evil.png",
+        "\\evil.png",
+        "dir\\..\\evil.png",
+        "C:/evil.png",
+        "c:evil.png",
+    ],
+)
 def test_unsafe_paths(name: str) -> None:
     assert refused(make_zip({"ok.png": image(), name: image()})) == f"the zip entry {name!r} has an unsafe path"
 

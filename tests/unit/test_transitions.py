@@ -19,10 +19,10 @@ import pytest
 from sqlalchemy import func, select
 
 from db import transitions
-from worker import checkpoints
 from db.models import Artifact, Job, JobEvent, JobStatus, Tenant, WebhookDelivery, utcnow
 from db.settings import Settings
 from db.transitions import LeaseState, TransitionError
+from worker import checkpoints
 
 LEASE = 30.0
 EXPIRED = -1.0  # a lease that ran out a second before it was granted: the reconciler may take the job
@@ -117,8 +117,16 @@ STATES = ["queued", "running", "running_expired", "succeeded", "failed", "cancel
 # transition name → (call with attempt 1, the states it is allowed from, the status it leads to)
 TRANSITIONS: dict[str, tuple[Callable[[Any, str], Any], set[str], str | None]] = {
     "claim": (lambda s, j: transitions.claim(s, j, "w2", LEASE), {"queued"}, "running"),
-    "renew_lease": (lambda s, j: transitions.renew_lease(s, j, 1, LEASE, {"step": 7}), {"running", "running_expired"}, None),
-    "succeed": (lambda s, j: transitions.succeed(s, j, 1, {"ok": 1}, {"step": 2}), {"running", "running_expired"}, "succeeded"),
+    "renew_lease": (
+        lambda s, j: transitions.renew_lease(s, j, 1, LEASE, {"step": 7}),
+        {"running", "running_expired"},
+        None,
+    ),
+    "succeed": (
+        lambda s, j: transitions.succeed(s, j, 1, {"ok": 1}, {"step": 2}),
+        {"running", "running_expired"},
+        "succeeded",
+    ),
     "fail": (lambda s, j: transitions.fail(s, j, 1, "job_failed", "no"), {"running", "running_expired"}, "failed"),
     "cancel": (lambda s, j: transitions.cancel(s, j, 1), {"running", "running_expired"}, "canceled"),
     "requeue": (lambda s, j: transitions.requeue(s, j, 1, "lost"), {"running_expired"}, "queued"),
@@ -252,11 +260,24 @@ def test_renew_lease_extends_it_saves_progress_and_reports_a_cancel(db, new_job)
 def test_succeed_stores_output_artifacts_and_models(db, new_job, tenant_id: str) -> None:
     job_id = new_job()
     transitions.claim(db, job_id, "w1", LEASE)
-    artifact = {"name": "out.png", "content_type": "image/png", "size": 3, "sha256": "a" * 64, "storage_key": "k/out.png"}
+    artifact = {
+        "name": "out.png",
+        "content_type": "image/png",
+        "size": 3,
+        "sha256": "a" * 64,
+        "storage_key": "k/out.png",
+    }
     model = {
-        "id": "mdl_unit", "tenant_id": tenant_id, "name": "mine", "kind": "lora", "base_model": "sd",
-        "storage_key": "models/mdl_unit/w.safetensors", "size": 10, "sha256": "b" * 64, "details": {"rank": 4},
-    }  # fmt: skip
+        "id": "mdl_unit",
+        "tenant_id": tenant_id,
+        "name": "mine",
+        "kind": "lora",
+        "base_model": "sd",
+        "storage_key": "models/mdl_unit/w.safetensors",
+        "size": 10,
+        "sha256": "b" * 64,
+        "details": {"rank": 4},
+    }
     assert transitions.succeed(db, job_id, 1, {"image": "out.png"}, {"step": 4, "total": 4}, [artifact], [model])
     db.commit()
     job = row(db, job_id)
@@ -351,7 +372,10 @@ def test_give_up_fails_an_expired_job_as_worker_lost(db, new_job) -> None:
     db.commit()
     job = row(db, job_id)
     assert job["status"] == "failed"
-    assert job["error"] == {"code": "worker_lost", "message": "The job's worker stopped responding on each of its 1 attempts"}
+    assert job["error"] == {
+        "code": "worker_lost",
+        "message": "The job's worker stopped responding on each of its 1 attempts",
+    }
     assert events(db, job_id)[-1] == ("failed", 1)
 
 
@@ -416,7 +440,11 @@ def test_webhook_deliveries_are_written_with_the_transitions_once_each(db, new_j
     transitions.claim(db, job_id, "w3", LEASE)
     transitions.succeed(db, job_id, 3, {"ok": True}, {})
     db.commit()
-    assert deliveries(db, job_id) == [("start", 0, "running"), ("completed", 0, "failed"), ("completed", 1, "succeeded")]
+    assert deliveries(db, job_id) == [
+        ("start", 0, "running"),
+        ("completed", 0, "failed"),
+        ("completed", 1, "succeeded"),
+    ]
 
     quiet = new_job()  # no webhook: no deliveries
     transitions.claim(db, quiet, "w1", LEASE)
@@ -527,7 +555,9 @@ def test_worker_succeeding_and_reconciler_requeueing_exactly_one_wins(sessions, 
         succeeded, requeued = race(
             sessions,
             lambda s, job_id=job_id: transitions.succeed(s, job_id, 1, {"ok": True}, {"step": 1}),
-            lambda s, job_id=job_id: transitions.requeue(s, job_id, 1, "attempt 1 lost its worker (lease expired); requeued"),
+            lambda s, job_id=job_id: transitions.requeue(
+                s, job_id, 1, "attempt 1 lost its worker (lease expired); requeued"
+            ),
         )
         assert succeeded != requeued, (succeeded, requeued)
         job = row(db, job_id)

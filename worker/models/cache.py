@@ -63,7 +63,9 @@ def footprint(value: Any) -> int:
 
     seen: set[int] = set()
     total = 0
-    modules = [v for v in (vars(value).values() if hasattr(value, "__dict__") else []) if isinstance(v, torch.nn.Module)]
+    modules = [
+        v for v in (vars(value).values() if hasattr(value, "__dict__") else []) if isinstance(v, torch.nn.Module)
+    ]
     if isinstance(value, torch.nn.Module):
         modules.append(value)
     if hasattr(value, "components"):  # a diffusers pipeline

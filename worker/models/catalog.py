@@ -90,9 +90,7 @@ def builtin_entries(settings: Settings | None = None) -> dict[str, dict[str, Any
     return entries
 
 
-def parse(
-    data: dict[str, Any], path: Path | None = None, kinds: Collection[str] | None = None
-) -> Catalog:
+def parse(data: dict[str, Any], path: Path | None = None, kinds: Collection[str] | None = None) -> Catalog:
     """A catalog from its TOML data; ``kinds``: the model kinds it may name (default: the served job types')."""
     kinds = sorted(kinds if kinds is not None else model_kinds())
     models = data.get("models")

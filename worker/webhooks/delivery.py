@@ -91,8 +91,13 @@ def send_due(job_id: str) -> list[str]:
             continue
         log.info(
             "webhook %s (job %s, %s) attempt %d: %s%s",
-            delivery.id, job_id, delivery.event, delivery.attempts + 1, outcome.value, f" ({error})" if error else "",
-        )  # fmt: skip
+            delivery.id,
+            job_id,
+            delivery.event,
+            delivery.attempts + 1,
+            outcome.value,
+            f" ({error})" if error else "",
+        )
         outcomes.append(outcome.value)
         if next_attempt_at is not None:
             _enqueue_soon(job_id, next_attempt_at)

@@ -6,11 +6,12 @@ from storage once per worker into ``<model_dir>/loras/<sha256>.safetensors`` (ch
 the recorded sha256), and loaded into the UNet as a peft adapter named by the model id.
 
 Adapters stay in the UNet after the run, up to ``lora_cache_size`` per UNet (least recently used
-dropped first): loading one costs a file read and a few hundred module swaps, switching costs
-almost nothing. Their weights count in the model cache's memory budget (the UNet's model is
-measured again when its adapters change, and other models make room). Every run sets the adapters it wants before it starts, under the family's lock:
-the job's LoRAs at their scales, or all adapters off, so a run without LoRAs computes exactly what
-the base model computes (peft then calls the original layers only).
+dropped first): loading one costs a file read and a few hundred module swaps, switching costs almost
+nothing. Their weights count in the model cache's memory budget (the UNet's model is measured again
+when its adapters change, and other models make room). Every run sets the adapters it wants before
+it starts, under the family's lock: the job's LoRAs at their scales, or all adapters off, so a run
+without LoRAs computes exactly what the base model computes (peft then calls the original layers
+only).
 """
 
 from __future__ import annotations
@@ -52,7 +53,9 @@ class Lora:
 def resolve(
     wanted: Sequence[tuple[str, float]], found: Mapping[str, TenantModel], base_model: str, settings: Settings
 ) -> list[Lora]:
-    """The LoRAs ``wanted`` (model id, scale), their weights on local disk; a deleted or mismatched one fails the job."""
+    """The LoRAs ``wanted`` (model id, scale) with their weights on local disk.
+
+    A deleted or mismatched one fails the job."""
     loras = []
     for model_id, scale in wanted:
         row = found.get(model_id)

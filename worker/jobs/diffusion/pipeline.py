@@ -167,7 +167,9 @@ class Family:
         # One per family: loading rewires this family's UNet, and its processors' scale is set per run.
         entry = cache.entry(self.ip_adapter_model, IP_ADAPTER.name)
         key = IP_ADAPTER.cache_key(entry.name, variant=self.model)
-        return key, cache.load(IP_ADAPTER, entry.name, variant=self.model, loader=functools.partial(load_ip_adapter, self))
+        return key, cache.load(
+            IP_ADAPTER, entry.name, variant=self.model, loader=functools.partial(load_ip_adapter, self)
+        )
 
 
 def load_family(entry: ModelEntry, folder: Path, device: str, dtype: torch.dtype) -> Family:
@@ -231,7 +233,9 @@ def load_inpainting_unet(entry: ModelEntry, folder: Path, device: str, dtype: to
     from diffusers import UNet2DConditionModel
 
     subfolder = "unet" if (folder / "unet" / "config.json").is_file() else None
-    unet = UNet2DConditionModel.from_pretrained(folder, subfolder=subfolder, use_safetensors=True, **dtype_kwargs(dtype))
+    unet = UNet2DConditionModel.from_pretrained(
+        folder, subfolder=subfolder, use_safetensors=True, **dtype_kwargs(dtype)
+    )
     if unet.config.in_channels != 9:
         raise ModelUnavailable(
             f"model {entry.name!r} is not an inpainting UNet: it takes {unet.config.in_channels} input channels, not 9"

@@ -215,7 +215,13 @@ def _store(
     get_cache().count(family.key, "images", len(seeds))
     ctx.progress(steps, steps, "storing")
     height, width = pixels.shape[1:3]
-    record = {"type": job_type, **params.model_dump(mode="json"), "model": family.model, "width": width, "height": height}
+    record = {
+        "type": job_type,
+        **params.model_dump(mode="json"),
+        "model": family.model,
+        "width": width,
+        "height": height,
+    }
 
     def encode_png(array: Any, seed: int) -> bytes:
         return png_with_parameters(array, {**record, "seed": seed})

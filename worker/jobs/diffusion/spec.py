@@ -73,7 +73,9 @@ INPAINTING_UNET = ModelKind(  # a base model's dedicated inpainting UNet (`inpai
     name="inpainting", loader="worker.jobs.diffusion.pipeline:load_inpainting_unet", listed=False
 )
 IP_ADAPTER = ModelKind(  # a base model's IP-Adapter for style transfer (`ip_adapter = "<name>"` on its entry)
-    name="ip_adapter", loader=None, listed=False  # loaded onto its family's pipeline (pipeline.py), never alone
+    name="ip_adapter",
+    loader=None,
+    listed=False,  # loaded onto its family's pipeline (pipeline.py), never alone
 )
 KINDS = (DIFFUSION, INPAINTING_UNET, IP_ADAPTER)
 
@@ -120,7 +122,9 @@ NegativePrompt = Annotated[
 ]
 Side = Annotated[
     int,
-    Field(ge=8, multiple_of=8, description="Pixels, a multiple of 8, at most `GPUJOBS_GENERATION_MAX_WIDTH`/`_HEIGHT`."),
+    Field(
+        ge=8, multiple_of=8, description="Pixels, a multiple of 8, at most `GPUJOBS_GENERATION_MAX_WIDTH`/`_HEIGHT`."
+    ),
     AfterValidator(_side),
 ]
 Steps = Annotated[

@@ -154,7 +154,9 @@ def _run_training(
     encoded = guard_out_of_memory(family.device, "encoding the training set", encode)
     ctx.progress(0, params.steps, "loading the UNet")
     trainer = guard_out_of_memory(
-        family.device, "preparing the UNet", functools.partial(Trainer, folder, training_config(params), encoded, family)
+        family.device,
+        "preparing the UNet",
+        functools.partial(Trainer, folder, training_config(params), encoded, family),
     )
     resumed_from = _resume(ctx, trainer, checkpoint)
     latents_key = checkpoint.details.get("latents_key") if checkpoint is not None and stored is not None else None
@@ -223,8 +225,13 @@ def _resume(ctx: JobContext, trainer: Trainer, checkpoint: Checkpoint | None) ->
         return None
     seconds = time.monotonic() - started
     ctx.resumed(checkpoint, load_seconds=round(seconds, 3))
-    log.info("job %s attempt %d resumed from step %d (checkpoint loaded in %.2f s)", ctx.job_id, ctx.attempt,
-             checkpoint.step, seconds)  # fmt: skip
+    log.info(
+        "job %s attempt %d resumed from step %d (checkpoint loaded in %.2f s)",
+        ctx.job_id,
+        ctx.attempt,
+        checkpoint.step,
+        seconds,
+    )
     return checkpoint.step
 
 
@@ -239,8 +246,13 @@ def _result(
     rate: float,
 ) -> Output:
     ctx.check()
-    ctx.progress(params.steps, params.steps, "storing", loss=round(curve[-1]["loss"], 6) if curve else None,
-                 steps_per_second=round(rate, 4))  # fmt: skip
+    ctx.progress(
+        params.steps,
+        params.steps,
+        "storing",
+        loss=round(curve[-1]["loss"], 6) if curve else None,
+        steps_per_second=round(rate, 4),
+    )
     model_id = new_id("mdl")
     key = f"models/{model_id}/{LORA_WEIGHTS_NAME}"
     artifact = ctx.store(LORA_WEIGHTS_NAME, weights, "application/octet-stream", key=key)

@@ -230,9 +230,12 @@ class Trainer:
             "samples_seen": self.samples_seen,
             "loss": self.loss.state(),
             "scaler": self.scaler.state_dict() if self.scaler else None,
-            "shapes": {f"optimizer.{i}.{k}": list(v.shape) for i, s in self.optimizer.state_dict()["state"].items()
-                       for k, v in s.items()},
-        }  # fmt: skip
+            "shapes": {
+                f"optimizer.{i}.{k}": list(v.shape)
+                for i, s in self.optimizer.state_dict()["state"].items()
+                for k, v in s.items()
+            },
+        }
         return save(tensors, metadata={"gpujobs": json.dumps(meta)})
 
     def restore(self, data: bytes) -> None:

@@ -51,8 +51,12 @@ def load_segmenter(entry: ModelEntry, folder: Path, device: str, dtype: torch.dt
     model = model.to(device).eval()
     id2label = {int(k): v for k, v in model.config.id2label.items()}
     return Segmenter(
-        key=SEGMENTATION.cache_key(entry.name), model=model, processor=processor, id2label=id2label,
-        device=device, dtype=dtype,
+        key=SEGMENTATION.cache_key(entry.name),
+        model=model,
+        processor=processor,
+        id2label=id2label,
+        device=device,
+        dtype=dtype,
     )
 
 

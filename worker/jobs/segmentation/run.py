@@ -43,9 +43,15 @@ def run(ctx: JobContext, params: Input) -> Output:
     ctx.progress(2, len(STAGES), STAGES[2])
     size = (image.height, image.width)
     found = postprocess(
-        class_logits, mask_logits, valid, canvas, size,
-        params.threshold, params.mask_threshold, params.overlap_mask_area_threshold,
-    )  # fmt: skip
+        class_logits,
+        mask_logits,
+        valid,
+        canvas,
+        size,
+        params.threshold,
+        params.mask_threshold,
+        params.overlap_mask_area_threshold,
+    )
     if params.labels is not None:
         wanted = set(params.labels)
         found = [f for f in found if segmenter.id2label.get(f.label_id) in wanted]
@@ -84,10 +90,25 @@ def encode_instances(found: list[Found], id2label: dict[int, str]) -> list[Insta
 
 
 PALETTE = [
-    (230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48), (145, 30, 180),
-    (70, 240, 240), (240, 50, 230), (210, 245, 60), (250, 190, 212), (0, 128, 128), (220, 190, 255),
-    (170, 110, 40), (255, 250, 200), (128, 0, 0), (170, 255, 195), (128, 128, 0), (255, 215, 180),
-]  # fmt: skip
+    (230, 25, 75),
+    (60, 180, 75),
+    (255, 225, 25),
+    (0, 130, 200),
+    (245, 130, 48),
+    (145, 30, 180),
+    (70, 240, 240),
+    (240, 50, 230),
+    (210, 245, 60),
+    (250, 190, 212),
+    (0, 128, 128),
+    (220, 190, 255),
+    (170, 110, 40),
+    (255, 250, 200),
+    (128, 0, 0),
+    (170, 255, 195),
+    (128, 128, 0),
+    (255, 215, 180),
+]
 
 
 def overlay_png(image: Image.Image, found: list[Found], instances: list[Instance]) -> bytes:

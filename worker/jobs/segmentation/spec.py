@@ -34,7 +34,7 @@ class Input(JobInput):
         0.8, ge=0, le=1, description="Drop an instance when less than this share of its mask is left after overlaps."
     )
     labels: list[str] | None = Field(
-        None, min_length=1, max_length=80, description="Keep only these COCO categories (e.g. `[\"person\", \"dog\"]`)."
+        None, min_length=1, max_length=80, description='Keep only these COCO categories (e.g. `["person", "dog"]`).'
     )
     model: SegmentationModel = None
 
@@ -74,7 +74,8 @@ class Output(BaseModel):
 
 JOB_TYPE = JobType(
     name="segmentation",
-    summary="Instance segmentation (Mask2Former, COCO): masks as COCO RLE, boxes, scores, an instance map and an overlay.",
+    summary="Instance segmentation (Mask2Former, COCO): masks as COCO RLE, boxes, scores, an instance map "
+    "and an overlay.",
     Input=Input,
     Output=Output,
     queue=Queue.GPU,
