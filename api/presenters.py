@@ -1,4 +1,4 @@
-"""How resources look on the wire (API.md), and list pagination."""
+"""How resources look on the wire (docs/api.md), and list pagination."""
 
 from __future__ import annotations
 

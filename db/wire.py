@@ -1,4 +1,4 @@
-"""How a job looks on the wire (API.md ``Job``): the API's answers and the webhook body share it.
+"""How a job looks on the wire (docs/api.md ``Job``): the API's answers and the webhook body share it.
 
 It lives in ``db/`` because the state machine snapshots the job into a webhook delivery in the
 same transaction as the event, and the webhook worker (which may not import ``api``) sends it.
@@ -68,7 +68,7 @@ LORA_WEIGHTS_NAME = "pytorch_lora_weights.safetensors"  # the name diffusers' lo
 
 
 def model_json(model: Model, *, urls: bool = True, storage: Storage | None = None) -> dict[str, Any]:
-    """A fine-tuned ``Model`` (API.md); ``urls=False`` leaves out the presigned weights URL."""
+    """A fine-tuned ``Model`` (docs/api.md); ``urls=False`` leaves out the presigned weights URL."""
     weights: dict[str, Any] = {
         "name": LORA_WEIGHTS_NAME,
         "content_type": "application/octet-stream",
