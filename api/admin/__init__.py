@@ -10,22 +10,13 @@ Errors answer as an HTML page to a browser and as problem+json to anything else.
 
 from __future__ import annotations
 
-from flask import Blueprint, Flask
+from flask import Flask
 
+from api.admin import actions, pages, session  # noqa: F401  (they attach their routes to ``bp``)
+from api.admin.blueprint import bp
 from db.settings import Settings
-
-bp = Blueprint(
-    "admin",
-    __name__,
-    url_prefix="/admin",
-    template_folder="templates",
-    static_folder="static",
-    static_url_path="/static",
-)
 
 
 def init_app(app: Flask, settings: Settings) -> None:
-    from api.admin import actions, pages, session  # noqa: F401  (they attach their routes to ``bp``)
-
     session.configure(app, settings)
     app.register_blueprint(bp)

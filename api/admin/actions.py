@@ -15,7 +15,7 @@ from sqlalchemy import select
 from werkzeug.wrappers import Response as BaseResponse
 
 from api import config
-from api.admin import bp
+from api.admin.blueprint import bp
 from api.admin.pages import keys_page
 from api.admin.session import current_admin
 from api.errors import ApiError

@@ -15,7 +15,8 @@ from sqlalchemy.orm import selectinload
 from werkzeug.wrappers import Response as BaseResponse
 
 from api import config, stats
-from api.admin import bp, charts
+from api.admin import charts
+from api.admin.blueprint import bp
 from api.errors import ApiError, validation_error
 from api.presenters import ID, page_params, paginate
 from db.models import ApiKey, Artifact, File, Job, JobStatus, Tenant, WebhookDelivery, utcnow

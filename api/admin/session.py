@@ -43,7 +43,7 @@ from flask.sessions import SecureCookieSessionInterface
 from werkzeug.wrappers import Response as BaseResponse
 
 from api import config
-from api.admin import bp
+from api.admin.blueprint import bp
 from api.errors import ApiError, problem
 from db.keys import find_active_key
 from db.models import ApiKey, Role

@@ -15,15 +15,12 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
 from worker.models.cache import ModelUnavailable
 from worker.models.catalog import ModelEntry
-
-if TYPE_CHECKING:
-    from worker.jobs.diffusion.pipeline import Family
 
 DEFAULT_IP_ADAPTER_WEIGHTS = "ip-adapter_sd15.safetensors"
 
@@ -88,8 +85,11 @@ def swapped_in(pipe: Any, adapter: IPAdapter, scale: float) -> Iterator[None]:
         plain.apply(pipe)
 
 
-def load_ip_adapter(family: Family, entry: ModelEntry, folder: Path, device: str, dtype: torch.dtype) -> IPAdapter:
-    """``entry`` loaded by diffusers' ``load_ip_adapter`` on the family's pipeline, then taken off it.
+def load_ip_adapter(
+    pipe: Any, base_model: str, entry: ModelEntry, folder: Path, device: str, dtype: torch.dtype
+) -> IPAdapter:
+    """``entry`` loaded by diffusers' ``load_ip_adapter`` on ``pipe`` (a family's image-to-image
+    pipeline, of ``base_model``), then taken off it.
 
     Call under ``family.lock``: while it loads, the UNet is the adapter's. The folder is laid out as
     ``load_ip_adapter`` reads it: ``<subfolder>/<weight_name>`` (safetensors with ``image_proj.*``
@@ -127,7 +127,6 @@ def load_ip_adapter(family: Family, entry: ModelEntry, folder: Path, device: str
             # FaceID adapters bring LoRA layers that load_ip_adapter fuses into the UNet for good.
             raise ModelUnavailable(f"model {entry.name!r}: IP-Adapters with LoRA layers (FaceID) are not supported")
 
-    pipe = family.image_to_image
     plain = _Conditioning.of(pipe)
     try:
         pipe.load_ip_adapter(
@@ -149,7 +148,7 @@ def load_ip_adapter(family: Family, entry: ModelEntry, folder: Path, device: str
         )
     except RuntimeError as exc:  # tensors of the wrong shape: an adapter made for another base model
         reason = str(exc).strip().splitlines()[0]
-        raise ModelUnavailable(f"the IP-Adapter {entry.name!r} does not fit {family.model!r}: {reason}") from exc
+        raise ModelUnavailable(f"the IP-Adapter {entry.name!r} does not fit {base_model!r}: {reason}") from exc
     finally:
         plain.apply(pipe)  # whatever happened, the family's UNet and pipeline are plain again
     return adapter

@@ -168,7 +168,10 @@ class Family:
         entry = cache.entry(self.ip_adapter_model, IP_ADAPTER.name)
         key = IP_ADAPTER.cache_key(entry.name, variant=self.model)
         return key, cache.load(
-            IP_ADAPTER, entry.name, variant=self.model, loader=functools.partial(load_ip_adapter, self)
+            IP_ADAPTER,
+            entry.name,
+            variant=self.model,
+            loader=functools.partial(load_ip_adapter, self.image_to_image, self.model),
         )
 
 
