@@ -269,32 +269,13 @@ def random_model_outputs(m2f: SimpleNamespace) -> tuple[Any, Any]:
     """A tiny random Mask2Former (the demo model's shape) run on a 384×384 image through our own
     preprocessing, its logits standardized and scaled: random weights alone give no instance."""
     from PIL import Image
-    from transformers import Mask2FormerConfig, Mask2FormerForUniversalSegmentation, SwinConfig
+    from transformers import Mask2FormerForUniversalSegmentation
+
+    from worker.jobs.segmentation.demo import tiny_config
 
     torch = m2f.torch
     torch.manual_seed(0)
-    backbone = SwinConfig(
-        embed_dim=16,
-        depths=[1, 1, 1, 1],
-        num_heads=[1, 1, 2, 2],
-        window_size=7,
-        image_size=224,
-        out_features=["stage1", "stage2", "stage3", "stage4"],
-    )
-    config = Mask2FormerConfig(
-        backbone_config=backbone,
-        num_queries=20,
-        hidden_dim=32,
-        mask_feature_size=32,
-        feature_size=32,
-        encoder_layers=1,
-        decoder_layers=2,
-        num_attention_heads=2,
-        dim_feedforward=64,
-        encoder_feedforward_dim=64,
-        num_labels=80,
-    )
-    model = Mask2FormerForUniversalSegmentation(config).eval()
+    model = Mask2FormerForUniversalSegmentation(tiny_config()).eval()
     segmenter = m2f.segmentation.Segmenter(
         key="segmentation:unit", model=model, processor=m2f.processor, id2label={}, device="cpu", dtype=torch.float32
     )

@@ -13,11 +13,9 @@ log = logging.getLogger(__name__)
 NAME = "demo-mask2former"
 
 
-def build_segmentation(folder: Path, seed: int = 0) -> None:
-    """A small Swin + Mask2Former with the 80 COCO labels, and its image processor."""
-    import torch
-    from transformers import Mask2FormerConfig, Mask2FormerForUniversalSegmentation, SwinConfig
-    from transformers.models.mask2former import Mask2FormerImageProcessorPil
+def tiny_config() -> Any:
+    """A small Swin + Mask2Former configuration with the 80 COCO labels (seconds on a CPU)."""
+    from transformers import Mask2FormerConfig, SwinConfig
 
     backbone = SwinConfig(
         embed_dim=16,
@@ -27,7 +25,7 @@ def build_segmentation(folder: Path, seed: int = 0) -> None:
         image_size=224,
         out_features=["stage1", "stage2", "stage3", "stage4"],
     )
-    config = Mask2FormerConfig(
+    return Mask2FormerConfig(
         backbone_config=backbone,
         num_queries=20,
         hidden_dim=32,
@@ -42,8 +40,16 @@ def build_segmentation(folder: Path, seed: int = 0) -> None:
         id2label=dict(enumerate(COCO_LABELS)),
         label2id={name: i for i, name in enumerate(COCO_LABELS)},
     )
+
+
+def build_segmentation(folder: Path, seed: int = 0) -> None:
+    """The tiny model with random weights, and its image processor, saved like the real checkpoint."""
+    import torch
+    from transformers import Mask2FormerForUniversalSegmentation
+    from transformers.models.mask2former import Mask2FormerImageProcessorPil
+
     torch.manual_seed(seed)
-    model = Mask2FormerForUniversalSegmentation(config)
+    model = Mask2FormerForUniversalSegmentation(tiny_config())
     model.save_pretrained(folder, safe_serialization=True)
     Mask2FormerImageProcessorPil(size={"shortest_edge": 384, "longest_edge": 384}).save_pretrained(folder)
 
