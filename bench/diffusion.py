@@ -9,7 +9,7 @@ The model is SD 1.5's UNet, VAE and CLIP text encoder built from ``/work/shared/
 (or ``--configs``) with random weights and an offline tokenizer, saved once with ``save_pretrained``
 (safetensors) into ``--model-dir`` and reused: same shapes, so the same cost as the real weights.
 
-Started here (by ``bench.deployment``): an embedded Redis and S3 server (``gpujobs.embedded``), a fresh
+Started here (by ``bench.deployment``): an embedded Redis and S3 server (``gpujobs.harness``), a fresh
 PostgreSQL database when one answers on 127.0.0.1:5432 (else SQLite, or ``--database-url``), then ``gpujobs api`` and ``gpujobs worker
 --queues gpu --concurrency 1`` with a catalog naming the model (not preloaded).
 

@@ -78,7 +78,7 @@ from bench.deployment import (
     redis_answers,
     redis_client,
 )
-from gpujobs.embedded import free_port
+from gpujobs.harness.ports import free_port
 
 DEFAULT_REDIS = "redis://127.0.0.1:6379/13"
 S3_BUCKET = "gpujobs-bench"
@@ -451,7 +451,7 @@ class Profiler:
         if not (self.py_spy and self.out_dir):
             yield
             return
-        from gpujobs import embedded
+        from gpujobs.harness import processes
 
         self.out_dir.mkdir(parents=True, exist_ok=True)
         recorders = []
@@ -461,7 +461,7 @@ class Profiler:
             out = self.out_dir / f"{phase}-{label.replace(' ', '-')}.txt"
             args = [self.py_spy, "record", "--pid", str(pid), "--subprocesses", "--nonblocking", "--gil",
                     "--rate", "250", "--format", "raw", "--output", str(out)]  # fmt: skip
-            recorders.append(embedded.start_process(args, self.out_dir / "py-spy.log"))
+            recorders.append(processes.start_process(args, self.out_dir / "py-spy.log"))
         time.sleep(0.5 if recorders else 0)  # let py-spy attach
         try:
             yield
@@ -471,7 +471,7 @@ class Profiler:
             for proc in recorders:
                 with contextlib.suppress(Exception):
                     proc.wait(15)
-                embedded.stop_process(proc)
+                processes.stop_process(proc)
 
 
 def run_concurrent(

@@ -133,7 +133,7 @@ def batched(segmenter, cache, pictures: list, batch: int, canvas: int) -> dict: 
 
 def job_overhead(folder: Path, pictures: list, canvas: int, device: str, jobs: int) -> dict:
     """Whole jobs through the real runner (database + S3), against the forward pass alone."""
-    from gpujobs.embedded import start_s3
+    from gpujobs.harness.servers import start_s3
 
     tmp = Path(tempfile.mkdtemp(prefix="gpujobs-bench-seg-"))
     s3 = start_s3(tmp / "s3")

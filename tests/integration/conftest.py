@@ -24,10 +24,12 @@ from typing import Any
 
 import pytest
 
-from gpujobs.embedded import EmbeddedS3, start_s3
-from tests.integration import processes
-from tests.integration.processes import ROOT, ManagedProcess, Stack
-from tests.integration.services import Database, RedisDatabase, provision_database, provision_redis
+from gpujobs.harness import processes
+from gpujobs.harness.databases import Database, RedisDatabase, provision_database, provision_redis
+from gpujobs.harness.processes import ManagedProcess, Stack
+from gpujobs.harness.servers import EmbeddedS3, start_s3
+
+ROOT = Path(__file__).resolve().parents[2]
 
 # Small timings so that leases expire, reconciles run and cancels land within a second or two.
 TEST_SETTINGS = {
@@ -50,6 +52,12 @@ TEST_SETTINGS = {
     # A dataset over the image limit is cheap to build at this size.
     "GPUJOBS_FINETUNE_MAX_IMAGES": "20",
 }
+
+
+def embedded_only() -> bool:
+    """``GPUJOBS_TEST_EMBEDDED=1``: run as on a bare machine (SQLite and an embedded Redis) even where
+    PostgreSQL and Redis answer."""
+    return os.environ.get("GPUJOBS_TEST_EMBEDDED", "").lower() in ("1", "true", "yes")
 
 
 def reset_process_caches() -> None:
@@ -104,8 +112,13 @@ def services(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Services]:
     saved_environ = dict(os.environ)
     database = redis_db = s3 = None
     try:
-        database = provision_database(root / "db")
-        redis_db = provision_redis(root)
+        import migrations
+
+        # GPUJOBS_TEST_DATABASE_URL names a database to use instead of a fresh one.
+        given = os.environ.get("GPUJOBS_TEST_DATABASE_URL")
+        database = provision_database(root / "db", url=given, postgres=not embedded_only())
+        migrations.upgrade(database.url)
+        redis_db = provision_redis(root, machine=not embedded_only())
         s3 = start_s3(root / "s3")
         catalog = demo_models()
         env = {

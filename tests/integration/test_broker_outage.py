@@ -14,17 +14,16 @@ from dataclasses import dataclass
 import pytest
 import requests
 
-from gpujobs.embedded import EmbeddedRedis, start_redis
-from tests.integration.client import events
-from tests.integration.conftest import make_key
-from tests.integration.processes import Stack
-from tests.integration.services import (
+from gpujobs.harness.databases import (
     create_postgres_database,
     drop_postgres_database,
-    embedded_only,
     postgres_maintenance_conninfo,
     sqlite_url,
 )
+from gpujobs.harness.processes import Stack
+from gpujobs.harness.servers import EmbeddedRedis, start_redis
+from tests.integration.client import events
+from tests.integration.conftest import embedded_only, make_key
 
 
 @dataclass

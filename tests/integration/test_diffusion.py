@@ -33,7 +33,7 @@ from tests.integration.generation import (
     wait_models,
     worker_models,
 )
-from tests.integration.processes import Stack
+from gpujobs.harness.processes import Stack
 
 SMALL = {"width": 64, "height": 64, "num_inference_steps": 3}
 

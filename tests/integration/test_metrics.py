@@ -12,7 +12,7 @@ import pytest
 
 from tests.integration.admin_client import logged_in, page
 from tests.integration.client import assert_problem, diagnostic, wait_for
-from tests.integration.processes import Stack
+from gpujobs.harness.processes import Stack
 
 WINDOW = 7 * 86400  # every job of this test session is inside it
 

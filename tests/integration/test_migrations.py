@@ -5,7 +5,12 @@ from __future__ import annotations
 import pytest
 from sqlalchemy import create_engine, inspect
 
-from tests.integration.services import create_postgres_database, drop_postgres_database, postgres_unavailable_reason, sqlite_url
+from gpujobs.harness.databases import (
+    create_postgres_database,
+    drop_postgres_database,
+    postgres_unavailable_reason,
+    sqlite_url,
+)
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

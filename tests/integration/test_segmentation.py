@@ -17,7 +17,7 @@ import pytest
 import requests
 
 from tests.integration.client import assert_problem, auth, submit, upload, wait_for
-from tests.integration.processes import Stack
+from gpujobs.harness.processes import Stack
 
 
 def picture(width: int, height: int, seed: int = 0) -> bytes:
