@@ -5,7 +5,7 @@ Run from the repository root::
     . .venv/bin/activate && python -m bench.diffusion                  # CPU: 256×256, 4 steps, fp32
     . .venv/bin/activate && python -m bench.diffusion --device cuda    # GPU: 512×512, 25 steps, fp16
 
-The model is SD 1.5's UNet, VAE and CLIP text encoder built from ``/work/shared/model-configs/sd15``
+The model is SD 1.5's UNet, VAE and CLIP text encoder built from ``bench/model-configs/sd15``
 (or ``--configs``) with random weights and an offline tokenizer, saved once with ``save_pretrained``
 (safetensors) into ``--model-dir`` and reused: same shapes, so the same cost as the real weights.
 
@@ -38,9 +38,7 @@ import argparse
 import io
 import json
 import os
-import platform
 import shutil
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -48,9 +46,12 @@ from typing import Any
 
 import requests
 
-from bench.deployment import REPO, Deployment, cpu_model, log, run
+from bench.deployment import REPO, Deployment, run
+from bench.lib.client import JobsClient
+from bench.lib.report import log, machine
+from bench.lib.stats import median
 
-DEFAULT_CONFIGS = Path("/work/shared/model-configs/sd15")
+DEFAULT_CONFIGS = Path(__file__).resolve().parent / "model-configs" / "sd15"
 MODEL_NAME = "sd15-random"
 PROMPT = "a lighthouse on a cliff at dusk, oil painting"
 NEGATIVE = "blurry"
@@ -159,30 +160,18 @@ def raw_call(pipe: Any, size: int, steps: int, seed: int) -> tuple[float, Any]:
 # --- jobs -----------------------------------------------------------------------------------------
 
 
-class Client:
-    def __init__(self, base: str, key: str) -> None:
-        self.base = base
-        self.session = requests.Session()
-        self.session.headers["Authorization"] = f"Bearer {key}"
-
-    def run(self, size: int, steps: int, seed: int) -> tuple[float, dict[str, Any]]:
-        """Submit → succeeded, seconds (client side), and the finished job."""
-        body = {"type": "text_to_image", "input": {
-            "prompt": PROMPT, "negative_prompt": NEGATIVE, "width": size, "height": size,
-            "num_inference_steps": steps, "guidance_scale": GUIDANCE, "scheduler": SCHEDULER, "seed": seed,
-        }}  # fmt: skip
-        started = time.perf_counter()
-        response = self.session.post(f"{self.base}/v1/jobs", json=body, headers={"Prefer": "wait=60"}, timeout=120)
-        if response.status_code != 202:
-            raise RuntimeError(f"POST /v1/jobs answered {response.status_code}: {response.text[:300]}")
-        job = response.json()
-        deadline = started + JOB_TIMEOUT
-        while job["status"] in ("queued", "running") and time.perf_counter() < deadline:
-            job = self.session.get(f"{self.base}/v1/jobs/{job['id']}", headers={"Prefer": "wait=60"}, timeout=120).json()
-        elapsed = time.perf_counter() - started
-        if job["status"] != "succeeded":
-            raise RuntimeError(f"job {job['id']} ended {job['status']}: {job.get('error')}")
-        return elapsed, job
+def run_job(client: JobsClient, size: int, steps: int, seed: int) -> tuple[float, dict[str, Any]]:
+    """Submit → succeeded, seconds (client side), and the finished job."""
+    body = {"type": "text_to_image", "input": {
+        "prompt": PROMPT, "negative_prompt": NEGATIVE, "width": size, "height": size,
+        "num_inference_steps": steps, "guidance_scale": GUIDANCE, "scheduler": SCHEDULER, "seed": seed,
+    }}  # fmt: skip
+    started = time.perf_counter()
+    job = client.finish(client.submit(body, wait=60), JOB_TIMEOUT)
+    elapsed = time.perf_counter() - started
+    if job["status"] != "succeeded":
+        raise RuntimeError(f"job {job['id']} ended {job['status']}: {job.get('error')}")
+    return elapsed, job
 
 
 def job_pixels(job: dict[str, Any]) -> Any:
@@ -195,18 +184,6 @@ def job_pixels(job: dict[str, Any]) -> Any:
 
 
 # --- the run --------------------------------------------------------------------------------------
-
-
-def median(values: list[float]) -> float:
-    return statistics.median(values) if values else float("nan")
-
-
-def machine(device: str) -> str:
-    import torch
-
-    if device == "cuda":
-        return f"{torch.cuda.get_device_name(0)}, torch {torch.__version__}, CUDA {torch.version.cuda}"
-    return f"{os.cpu_count()} cores ({cpu_model()}), torch {torch.__version__} ({torch.get_num_threads()} threads), Python {platform.python_version()}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -260,23 +237,22 @@ def main(argv: list[str] | None = None) -> int:
 def measure_service(args: argparse.Namespace, deployment: Deployment, settings: dict[str, str]) -> dict[str, Any]:
     """Jobs through ``gpujobs api`` and ``gpujobs worker`` against the raw call in this process."""
     deployment.start_services(database_url=args.database_url)
-    env, key = deployment.prepare("gpujobs-bench-diffusion", settings, "diffusion benchmark")
-    deployment.start("worker", [
-        sys.executable, "-m", "gpujobs", "worker", "--queues", "gpu", "--concurrency", "1", "--name", "bench-diffusion",
-    ], env)  # fmt: skip
-    base = deployment.start_api(env)
-    deployment.wait_for_log("worker")
-    client = Client(base, key)
+    key = deployment.prepare("gpujobs-bench-diffusion", settings, "diffusion benchmark")
+    assert deployment.stack is not None
+    worker = deployment.stack.start_worker("gpu", concurrency=1, name="bench-diffusion", wait=False)
+    _, base = deployment.start_api()
+    deployment.stack.wait_worker_ready(worker)
+    client = JobsClient(base, key)
     log(f"API and worker up; {args.device}: {args.size}×{args.size}, {args.steps} steps, guidance {GUIDANCE}, {SCHEDULER}")
 
-    cold_seconds, cold_job = client.run(args.size, args.steps, seed=1)
+    cold_seconds, cold_job = run_job(client, args.size, args.steps, seed=1)
     log(f"cold job: {cold_seconds:.2f} s (includes loading the model in the worker)")
 
     log("loading the raw pipeline in this process")
     pipe = load_raw_pipeline(args.model_dir, args.device, args.torch_compile, args.channels_last)
 
     def job(seed: int) -> tuple[float, Any, float | None, float | None]:
-        seconds, finished = client.run(args.size, args.steps, seed)
+        seconds, finished = run_job(client, args.size, args.steps, seed)
         return seconds, job_pixels(finished), finished["metrics"]["run_seconds"], finished["metrics"]["queue_seconds"]
 
     return {

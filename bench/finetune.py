@@ -5,7 +5,7 @@ Run from the repository root::
     . .venv/bin/activate && python -m bench.finetune                  # CPU: 256×256, a few steps, fp32
     . .venv/bin/activate && python -m bench.finetune --device cuda    # GPU: 512×512, fp16 (or --dtype bfloat16)
 
-The model is SD 1.5 (UNet, VAE, CLIP text encoder) built from ``/work/shared/model-configs/sd15``
+The model is SD 1.5 (UNet, VAE, CLIP text encoder) built from ``bench/model-configs/sd15``
 with random weights by ``bench.diffusion`` (same shapes, same cost as the real weights), and the
 training set is ``--images`` generated pictures uploaded as files.
 
@@ -45,9 +45,7 @@ from __future__ import annotations
 import argparse
 import gc
 import io
-import os
 import signal
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -55,8 +53,12 @@ from typing import Any
 
 import requests
 
-from bench.deployment import REPO, Deployment, log, run
-from bench.diffusion import DEFAULT_CONFIGS, MODEL_NAME, build_model, machine, write_catalog
+from bench.deployment import REPO, Deployment, run
+from bench.diffusion import DEFAULT_CONFIGS, MODEL_NAME, build_model, write_catalog
+from bench.lib.client import JobsClient
+from bench.lib.report import log, machine
+from bench.lib.stats import median
+from gpujobs.harness.processes import ManagedProcess, signal_group
 
 PROFILES = {"cpu": (256, 4), "cuda": (512, 100)}  # device → (resolution, measured steps)
 RANK = 4
@@ -168,36 +170,8 @@ def free_memory(device: str) -> None:
 # --- gpujobs -----------------------------------------------------------------------------------------
 
 
-class Client:
-    def __init__(self, base: str, key: str) -> None:
-        self.base = base
-        self.session = requests.Session()
-        self.session.headers["Authorization"] = f"Bearer {key}"
-
-    def upload(self, data: bytes, name: str) -> str:
-        response = self.session.post(f"{self.base}/v1/files", files={"file": (name, data)}, timeout=60)
-        response.raise_for_status()
-        return response.json()["id"]
-
-    def submit(self, params: dict[str, Any]) -> dict[str, Any]:
-        response = self.session.post(f"{self.base}/v1/jobs", json={"type": "finetune", "input": params}, timeout=60)
-        if response.status_code != 202:
-            raise RuntimeError(f"POST /v1/jobs answered {response.status_code}: {response.text[:300]}")
-        return response.json()
-
-    def get(self, job_id: str) -> dict[str, Any]:
-        return self.session.get(f"{self.base}/v1/jobs/{job_id}", timeout=60).json()
-
-    def cancel(self, job_id: str) -> None:
-        self.session.post(f"{self.base}/v1/jobs/{job_id}/cancel", timeout=60)
-
-    def finish(self, job_id: str) -> dict[str, Any]:
-        deadline = time.monotonic() + JOB_TIMEOUT
-        job = self.get(job_id)
-        while job["status"] in ("queued", "running") and time.monotonic() < deadline:
-            time.sleep(0.5)
-            job = self.get(job_id)
-        return job
+def finetune(params: dict[str, Any]) -> dict[str, Any]:
+    return {"type": "finetune", "input": params}
 
 
 def job_rate(timeline: list[dict[str, Any]], steps: int) -> dict[str, Any]:
@@ -279,21 +253,20 @@ def measure(args: argparse.Namespace, deployment: Deployment) -> dict[str, Any]:
         "GPUJOBS_MAX_BODY_BYTES": str(256 * 2**20),
     }
     deployment.start_services(database_url=args.database_url)
-    env, key = deployment.prepare("gpujobs-bench-finetune", settings, "finetune benchmark")
-    python = [sys.executable, "-m", "gpujobs"]
+    key = deployment.prepare("gpujobs-bench-finetune", settings, "finetune benchmark")
+    stack = deployment.stack
+    assert stack is not None
     workers = {
-        name: deployment.start(name, [*python, "worker", "--queues", "train", "--concurrency", "1", "--name", name], env)
+        name: stack.start_worker("train", concurrency=1, name=name, wait=False)
         for name in ("bench-train-a", "bench-train-b")
     }
-    base = deployment.start_api(env)
-    for name in workers:
-        deployment.wait_for_log(name)
-    deployment.start("beat", [*python, "beat"], env)
-    deployment.start("maintenance", [*python, "worker", "--queues", "maintenance", "--name", "bench-m"], env)
-    for name in ("beat", "maintenance"):
-        deployment.wait_until(name, lambda n=name: deployment.logs[n].stat().st_size > 0)
+    _, base = deployment.start_api()
+    for worker in workers.values():
+        stack.wait_worker_ready(worker)
+    stack.start_beat()
+    stack.start_worker("maintenance", name="bench-m")
 
-    client = Client(base, key)
+    client = JobsClient(base, key)
     images = pictures(args.images, args.resolution)
     files = [client.upload(data, f"{i}.png") for i, data in enumerate(images)]
     common = {"images": files, "instance_prompt": PROMPT, "resolution": args.resolution, "rank": RANK,
@@ -301,9 +274,9 @@ def measure(args: argparse.Namespace, deployment: Deployment) -> dict[str, Any]:
 
     log("warming up both workers (a one-step fine-tune each, at once)")
     started = time.monotonic()
-    warm = [client.submit({**common, "steps": 1}) for _ in workers]
+    warm = [client.submit(finetune({**common, "steps": 1})) for _ in workers]
     for job in warm:
-        done = client.finish(job["id"])
+        done = client.finish(job, JOB_TIMEOUT)
         if done["status"] != "succeeded":
             raise RuntimeError(f"warm-up job ended {done['status']}: {done.get('error')}")
     cold_seconds = time.monotonic() - started
@@ -317,8 +290,8 @@ def measure(args: argparse.Namespace, deployment: Deployment) -> dict[str, Any]:
 
     def job_run() -> dict[str, Any]:
         log(f"gpujobs finetune job: {args.steps} + 1 steps")
-        job = client.submit({**common, "steps": args.steps + 1, "checkpoint_every": args.checkpoint_every})
-        done = client.finish(job["id"])
+        job = client.submit(finetune({**common, "steps": args.steps + 1, "checkpoint_every": args.checkpoint_every}))
+        done = client.finish(job, JOB_TIMEOUT)
         if done["status"] != "succeeded":
             raise RuntimeError(f"the measured job ended {done['status']}: {done.get('error')}")
         figures = job_rate(events(deployment.database_url, job["id"]), args.steps) | {
@@ -336,8 +309,8 @@ def measure(args: argparse.Namespace, deployment: Deployment) -> dict[str, Any]:
         plain.append(plain_run(f"round {round_ + 1}"))
         if not job_first:
             service.append(job_run())
-    plain_rate = statistics.median(p["steps_per_second"] for p in plain)
-    job_rate_ = statistics.median(j["steps_per_second"] for j in service)
+    plain_rate = median([p["steps_per_second"] for p in plain])
+    job_rate_ = median([j["steps_per_second"] for j in service])
     weights_url = service[-1].pop("weights_url")
     for figures in service:
         figures.pop("weights_url", None)
@@ -366,8 +339,6 @@ def measure(args: argparse.Namespace, deployment: Deployment) -> dict[str, Any]:
 
 def lora_switching(args: argparse.Namespace, tmp: Path, weights: bytes) -> dict[str, Any]:
     """What a generation worker pays per job to load and unload a LoRA, against switching a loaded one on and off."""
-    import statistics
-
     import torch
     from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 
@@ -388,7 +359,7 @@ def lora_switching(args: argparse.Namespace, tmp: Path, weights: bytes) -> dict[
             if args.device == "cuda":
                 torch.cuda.synchronize()
             seconds.append(time.perf_counter() - started)
-        return statistics.median(seconds)
+        return median(seconds)
 
     def forward() -> None:
         with torch.inference_mode():
@@ -420,18 +391,22 @@ def lora_switching(args: argparse.Namespace, tmp: Path, weights: bytes) -> dict[
 
 
 def measure_resume(
-    args: argparse.Namespace, deployment: Deployment, client: Client, common: dict[str, Any], workers: dict[str, Any]
+    args: argparse.Namespace,
+    deployment: Deployment,
+    client: JobsClient,
+    common: dict[str, Any],
+    workers: dict[str, ManagedProcess],
 ) -> dict[str, Any]:
     every = args.resume_checkpoint_every
     log(f"resume: a fine-tune checkpointing every {every} steps; its worker is killed after the first checkpoint")
-    job = client.submit({**common, "steps": 10_000, "checkpoint_every": every})
+    job = client.submit(finetune({**common, "steps": 10_000, "checkpoint_every": every}))
     checkpoint = wait_event(deployment.database_url, job["id"], "checkpoint")
     claimed = wait_event(deployment.database_url, job["id"], "claimed", attempt=1)
     victim = next(name for name in workers if f"claimed by {name}@" in claimed["message"])
-    os.killpg(workers[victim].pid, signal.SIGKILL)
+    signal_group(workers[victim].proc, signal.SIGKILL)
     killed_at = _utcnow()
     expires_at = _lease_expiry(deployment.database_url, job["id"])  # its last renewal + the lease
-    workers[victim].wait(30)
+    workers[victim].proc.wait(30)
     log(f"killed {victim} after the checkpoint at step {checkpoint['data']['step']}")
 
     step = checkpoint["data"]["step"]
@@ -440,7 +415,7 @@ def measure_resume(
     while time.monotonic() < deadline and not _milestone(deployment.database_url, job["id"], 2, "training"):
         time.sleep(0.5)
     client.cancel(job["id"])
-    client.finish(job["id"])
+    client.finish(client.get(job["id"]), JOB_TIMEOUT)
     second = [e for e in events(deployment.database_url, job["id"]) if e["attempt"] == 2]
     at = {e["kind"]: e["at"] for e in second if e["kind"] != "progress"}
     at |= {e["message"]: e["at"] for e in second if e["kind"] == "progress"}

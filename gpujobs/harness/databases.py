@@ -115,11 +115,11 @@ class Database:
         return self.url.startswith("postgresql")
 
     def drop(self) -> None:
-        """Close this process's connections and drop the database, if it was created here."""
+        """Close this process's connections, then drop the database if it was created here."""
         from db.session import dispose_engines
 
+        dispose_engines()
         if self.owned_postgres:
-            dispose_engines()
             drop_postgres_database(self.url)
 
 

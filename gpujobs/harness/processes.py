@@ -216,7 +216,8 @@ def stop_together(
     on_kill: Callable[[ManagedProcess], None] = lambda _: None,
 ) -> None:
     """SIGTERM every process group at once, give them ``timeout`` between them (less once ``hurry()``),
-    then SIGKILL the late ones (``on_kill`` is told) and reap all."""
+    then SIGKILL the late ones (``on_kill`` is told); reap all, and kill what any left in its group."""
+    processes = list(processes)
     running = [process for process in processes if process.alive]
     for process in running:
         signal_group(process.proc, signal.SIGTERM)
@@ -227,8 +228,8 @@ def stop_together(
         if process.alive:
             on_kill(process)
             signal_group(process.proc, signal.SIGKILL)
-    for process in running:
-        stop_process(process.proc, timeout=5)  # reaps it; SIGKILL to what is left of its group
+    for process in processes:
+        stop_process(process.proc, timeout=5)
 
 
 # --- a deployment's processes ----------------------------------------------------------------------

@@ -18,6 +18,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Self
 
 from gpujobs.harness.ports import free_port, port_free
 from gpujobs.harness.processes import STOP_TIMEOUT, log_tail, start_process, stop_process
@@ -35,10 +36,27 @@ class ServiceError(RuntimeError):
     """An embedded server did not start; the message carries the tail of its log."""
 
 
+class EmbeddedServer:
+    """A server process started here, with its log: stopped by ``stop()`` or at the end of a ``with`` block."""
+
+    name: str  # what an error message calls it
+    process: subprocess.Popen
+    log_path: Path
+
+    def stop(self, timeout: float = STOP_TIMEOUT) -> None:
+        stop_process(self.process, timeout)
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.stop()
+
+
 # --- Redis ---------------------------------------------------------------------------------------
 
 
-class EmbeddedRedis:
+class EmbeddedRedis(EmbeddedServer):
     """A ``redis-server`` on 127.0.0.1 that keeps nothing on disk (a broker restart loses its queue;
     the reconciler re-sends whatever was never run)."""
 
@@ -50,15 +68,6 @@ class EmbeddedRedis:
         self.data_dir = data_dir
         self.log_path = log_path
         self.url = f"redis://127.0.0.1:{port}/0"
-
-    def stop(self, timeout: float = STOP_TIMEOUT) -> None:
-        stop_process(self.process, timeout)
-
-    def __enter__(self) -> EmbeddedRedis:
-        return self
-
-    def __exit__(self, *_: object) -> None:
-        self.stop()
 
     def __repr__(self) -> str:
         return f"<EmbeddedRedis {self.url} pid={self.process.pid}>"
@@ -125,7 +134,7 @@ def start_redis(data_dir: Path, port: int | None = None) -> EmbeddedRedis:
 # --- S3 (SeaweedFS) ------------------------------------------------------------------------------
 
 
-class EmbeddedS3:
+class EmbeddedS3(EmbeddedServer):
     """``weed mini`` on 127.0.0.1 serving S3 with one access key."""
 
     name = "S3 server (weed)"
@@ -153,18 +162,12 @@ class EmbeddedS3:
         return s3_client(self.endpoint_url, self.access_key, self.secret_key)
 
     def stop(self, timeout: float = STOP_TIMEOUT) -> None:
-        stop_process(self.process, timeout)
+        super().stop(timeout)
         # weed leaves its unix sockets in /tmp, named after the ports.
         for port in self.ports.values():
             for sock in Path("/tmp").glob(f"seaweedfs-*-{port}.sock"):
                 with contextlib.suppress(OSError):
                     sock.unlink()
-
-    def __enter__(self) -> EmbeddedS3:
-        return self
-
-    def __exit__(self, *_: object) -> None:
-        self.stop()
 
     def __repr__(self) -> str:
         return f"<EmbeddedS3 {self.endpoint_url} pid={self.process.pid}>"

@@ -17,7 +17,7 @@ from pathlib import Path
 import click
 
 from gpujobs.harness.processes import ManagedProcess, Stack, describe_exit, log_tail, stop_together
-from gpujobs.harness.servers import EmbeddedRedis, EmbeddedS3
+from gpujobs.harness.servers import EmbeddedServer
 
 # A child that dies sooner than this after starting counts as crashing in a loop.
 STABLE_AFTER_SECONDS = 30.0
@@ -44,7 +44,7 @@ class Crashes:
 class Supervisor:
     stack: Stack
     echo: Callable[[str], None] = click.echo
-    dependencies: list[EmbeddedRedis | EmbeddedS3] = field(default_factory=list)
+    dependencies: list[EmbeddedServer] = field(default_factory=list)
     hurry: bool = False
     crashes: dict[str, Crashes] = field(default_factory=dict)
 
