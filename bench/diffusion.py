@@ -5,11 +5,11 @@ Run from the repository root::
     . .venv/bin/activate && python -m bench.diffusion                  # CPU: 256×256, 4 steps, fp32
     . .venv/bin/activate && python -m bench.diffusion --device cuda    # GPU: 512×512, 25 steps, fp16
 
-The model is SD 1.5's UNet, VAE and CLIP text encoder built from ``/work/shared/model-configs/sd15``
+The model is SD 1.5's UNet, VAE and CLIP text encoder built from ``bench/model-configs/sd15``
 (or ``--configs``) with random weights and an offline tokenizer, saved once with ``save_pretrained``
 (safetensors) into ``--model-dir`` and reused: same shapes, so the same cost as the real weights.
 
-Started here (by ``bench.deployment``): an embedded Redis and S3 server (``gpujobs.embedded``), a fresh
+Started here (by ``bench.deployment``): an embedded Redis and S3 server (``gpujobs.harness``), a fresh
 PostgreSQL database when one answers on 127.0.0.1:5432 (else SQLite, or ``--database-url``), then ``gpujobs api`` and ``gpujobs worker
 --queues gpu --concurrency 1`` with a catalog naming the model (not preloaded).
 
@@ -38,9 +38,7 @@ import argparse
 import io
 import json
 import os
-import platform
 import shutil
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -48,9 +46,12 @@ from typing import Any
 
 import requests
 
-from bench.deployment import REPO, Deployment, cpu_model, log, run
+from bench.deployment import REPO, Deployment, run
+from bench.lib.client import JobsClient
+from bench.lib.report import log, machine
+from bench.lib.stats import median
 
-DEFAULT_CONFIGS = Path("/work/shared/model-configs/sd15")
+DEFAULT_CONFIGS = Path(__file__).resolve().parent / "model-configs" / "sd15"
 MODEL_NAME = "sd15-random"
 PROMPT = "a lighthouse on a cliff at dusk, oil painting"
 NEGATIVE = "blurry"
@@ -80,7 +81,7 @@ def build_model(configs: Path, folder: Path) -> None:
     )
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from worker.models.demo_diffusion import build_tokenizer
+    from worker.jobs.diffusion.demo import build_tokenizer
 
     log(f"model: building SD 1.5 with random weights from {configs} into {folder} (once; ~4.3 GB)")
     started = time.monotonic()
@@ -89,7 +90,9 @@ def build_model(configs: Path, folder: Path) -> None:
     torch.manual_seed(0)
 
     def config(part: str) -> dict[str, Any]:
-        return json.loads((configs / part / ("scheduler_config.json" if part == "scheduler" else "config.json")).read_text())
+        return json.loads(
+            (configs / part / ("scheduler_config.json" if part == "scheduler" else "config.json")).read_text()
+        )
 
     def model_config(part: str) -> dict[str, Any]:
         return {k: v for k, v in config(part).items() if not k.startswith("_")}
@@ -122,7 +125,7 @@ def load_raw_pipeline(folder: Path, device: str, torch_compile: bool = False, ch
     import torch
     from diffusers import EulerDiscreteScheduler, StableDiffusionPipeline
 
-    from worker.models.diffusion import dtype_kwargs
+    from worker.jobs.diffusion.pipeline import dtype_kwargs
 
     dtype = torch.float16 if device == "cuda" else torch.float32
     pipe = StableDiffusionPipeline.from_pretrained(
@@ -159,30 +162,27 @@ def raw_call(pipe: Any, size: int, steps: int, seed: int) -> tuple[float, Any]:
 # --- jobs -----------------------------------------------------------------------------------------
 
 
-class Client:
-    def __init__(self, base: str, key: str) -> None:
-        self.base = base
-        self.session = requests.Session()
-        self.session.headers["Authorization"] = f"Bearer {key}"
-
-    def run(self, size: int, steps: int, seed: int) -> tuple[float, dict[str, Any]]:
-        """Submit → succeeded, seconds (client side), and the finished job."""
-        body = {"type": "text_to_image", "input": {
-            "prompt": PROMPT, "negative_prompt": NEGATIVE, "width": size, "height": size,
-            "num_inference_steps": steps, "guidance_scale": GUIDANCE, "scheduler": SCHEDULER, "seed": seed,
-        }}  # fmt: skip
-        started = time.perf_counter()
-        response = self.session.post(f"{self.base}/v1/jobs", json=body, headers={"Prefer": "wait=60"}, timeout=120)
-        if response.status_code != 202:
-            raise RuntimeError(f"POST /v1/jobs answered {response.status_code}: {response.text[:300]}")
-        job = response.json()
-        deadline = started + JOB_TIMEOUT
-        while job["status"] in ("queued", "running") and time.perf_counter() < deadline:
-            job = self.session.get(f"{self.base}/v1/jobs/{job['id']}", headers={"Prefer": "wait=60"}, timeout=120).json()
-        elapsed = time.perf_counter() - started
-        if job["status"] != "succeeded":
-            raise RuntimeError(f"job {job['id']} ended {job['status']}: {job.get('error')}")
-        return elapsed, job
+def run_job(client: JobsClient, size: int, steps: int, seed: int) -> tuple[float, dict[str, Any]]:
+    """Submit → succeeded, seconds (client side), and the finished job."""
+    body = {
+        "type": "text_to_image",
+        "input": {
+            "prompt": PROMPT,
+            "negative_prompt": NEGATIVE,
+            "width": size,
+            "height": size,
+            "num_inference_steps": steps,
+            "guidance_scale": GUIDANCE,
+            "scheduler": SCHEDULER,
+            "seed": seed,
+        },
+    }
+    started = time.perf_counter()
+    job = client.finish(client.submit(body, wait=60), JOB_TIMEOUT)
+    elapsed = time.perf_counter() - started
+    if job["status"] != "succeeded":
+        raise RuntimeError(f"job {job['id']} ended {job['status']}: {job.get('error')}")
+    return elapsed, job
 
 
 def job_pixels(job: dict[str, Any]) -> Any:
@@ -197,35 +197,34 @@ def job_pixels(job: dict[str, Any]) -> Any:
 # --- the run --------------------------------------------------------------------------------------
 
 
-def median(values: list[float]) -> float:
-    return statistics.median(values) if values else float("nan")
-
-
-def machine(device: str) -> str:
-    import torch
-
-    if device == "cuda":
-        return f"{torch.cuda.get_device_name(0)}, torch {torch.__version__}, CUDA {torch.version.cuda}"
-    return f"{os.cpu_count()} cores ({cpu_model()}), torch {torch.__version__} ({torch.get_num_threads()} threads), Python {platform.python_version()}"
-
-
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--device", choices=sorted(PROFILES), default="cpu")
     parser.add_argument("--samples", type=int, help="warm rounds (raw call + job each; default: 5 on CPU, 20 on CUDA)")
     parser.add_argument("--size", type=int, help="image side (default: 256 on CPU, 512 on CUDA)")
     parser.add_argument("--steps", type=int, help="denoising steps (default: 4 on CPU, 25 on CUDA)")
     parser.add_argument(
-        "--in-process", action="store_true",
+        "--in-process",
+        action="store_true",
         help="no API, queue or S3: the worker's text_to_image code in this process, on the raw call's modules",
-    )  # fmt: skip
-    parser.add_argument("--torch-compile", action="store_true", help="GPUJOBS_TORCH_COMPILE for the job, and compile the raw UNet")
-    parser.add_argument("--channels-last", action="store_true", help="GPUJOBS_CHANNELS_LAST for the job, and the raw UNet/VAE")
-    parser.add_argument("--configs", type=Path, default=DEFAULT_CONFIGS, help=f"SD 1.5 configs (default {DEFAULT_CONFIGS})")
+    )
     parser.add_argument(
-        "--model-dir", type=Path, default=REPO / "var" / "bench" / MODEL_NAME,
+        "--torch-compile", action="store_true", help="GPUJOBS_TORCH_COMPILE for the job, and compile the raw UNet"
+    )
+    parser.add_argument(
+        "--channels-last", action="store_true", help="GPUJOBS_CHANNELS_LAST for the job, and the raw UNet/VAE"
+    )
+    parser.add_argument(
+        "--configs", type=Path, default=DEFAULT_CONFIGS, help=f"SD 1.5 configs (default {DEFAULT_CONFIGS})"
+    )
+    parser.add_argument(
+        "--model-dir",
+        type=Path,
+        default=REPO / "var" / "bench" / MODEL_NAME,
         help="where the random-weight model is built once and reused (default var/bench/sd15-random)",
-    )  # fmt: skip
+    )
     parser.add_argument("--database-url", help="default: a fresh PostgreSQL database on 127.0.0.1:5432, else SQLite")
     parser.add_argument("--json", type=Path, help="also write the figures to this file")
     parser.add_argument("--keep-logs", action="store_true", help="keep the temp dir with the API's and worker's logs")
@@ -234,8 +233,11 @@ def main(argv: list[str] | None = None) -> int:
     import torch  # fail fast, before building or starting anything
 
     if args.device == "cuda" and not torch.cuda.is_available():
-        print("--device cuda: torch sees no CUDA device (torch.cuda.is_available() is False); "
-              f"this torch is {torch.__version__}. Run on a GPU machine with a CUDA build of torch.", file=sys.stderr)  # fmt: skip
+        print(
+            "--device cuda: torch sees no CUDA device (torch.cuda.is_available() is False); "
+            f"this torch is {torch.__version__}. Run on a GPU machine with a CUDA build of torch.",
+            file=sys.stderr,
+        )
         return 2
     size, steps = PROFILES[args.device]
     args.size, args.steps = args.size or size, args.steps or steps
@@ -247,7 +249,10 @@ def main(argv: list[str] | None = None) -> int:
 
     def measure(deployment: Deployment) -> dict[str, Any]:
         build_model(args.configs, args.model_dir)
-        settings = {"GPUJOBS_MODEL_CATALOG": str(write_catalog(deployment.tmp, args.model_dir)), "GPUJOBS_DEVICE": args.device}
+        settings = {
+            "GPUJOBS_MODEL_CATALOG": str(write_catalog(deployment.tmp, args.model_dir)),
+            "GPUJOBS_DEVICE": args.device,
+        }
         if args.torch_compile:
             settings["GPUJOBS_TORCH_COMPILE"] = "true"
         if args.channels_last:
@@ -260,23 +265,24 @@ def main(argv: list[str] | None = None) -> int:
 def measure_service(args: argparse.Namespace, deployment: Deployment, settings: dict[str, str]) -> dict[str, Any]:
     """Jobs through ``gpujobs api`` and ``gpujobs worker`` against the raw call in this process."""
     deployment.start_services(database_url=args.database_url)
-    env, key = deployment.prepare("gpujobs-bench-diffusion", settings, "diffusion benchmark")
-    deployment.start("worker", [
-        sys.executable, "-m", "gpujobs", "worker", "--queues", "gpu", "--concurrency", "1", "--name", "bench-diffusion",
-    ], env)  # fmt: skip
-    base = deployment.start_api(env)
-    deployment.wait_for_log("worker")
-    client = Client(base, key)
-    log(f"API and worker up; {args.device}: {args.size}×{args.size}, {args.steps} steps, guidance {GUIDANCE}, {SCHEDULER}")
+    key = deployment.prepare("gpujobs-bench-diffusion", settings, "diffusion benchmark")
+    assert deployment.stack is not None
+    worker = deployment.stack.start_worker("gpu", concurrency=1, name="bench-diffusion", wait=False)
+    _, base = deployment.start_api()
+    deployment.stack.wait_worker_ready(worker)
+    client = JobsClient(base, key)
+    log(
+        f"API and worker up; {args.device}: {args.size}×{args.size}, {args.steps} steps, guidance {GUIDANCE}, {SCHEDULER}"
+    )
 
-    cold_seconds, cold_job = client.run(args.size, args.steps, seed=1)
+    cold_seconds, cold_job = run_job(client, args.size, args.steps, seed=1)
     log(f"cold job: {cold_seconds:.2f} s (includes loading the model in the worker)")
 
     log("loading the raw pipeline in this process")
     pipe = load_raw_pipeline(args.model_dir, args.device, args.torch_compile, args.channels_last)
 
     def job(seed: int) -> tuple[float, Any, float | None, float | None]:
-        seconds, finished = client.run(args.size, args.steps, seed)
+        seconds, finished = run_job(client, args.size, args.steps, seed)
         return seconds, job_pixels(finished), finished["metrics"]["run_seconds"], finished["metrics"]["queue_seconds"]
 
     return {
@@ -292,8 +298,10 @@ class MemoryContext:
 
     def __init__(self) -> None:
         self.deadline = time.monotonic() + JOB_TIMEOUT
-        self.cancel_requested = False
         self.stored: dict[str, bytes] = {}
+
+    def should_stop(self) -> bool:
+        return time.monotonic() > self.deadline
 
     def progress(self, step: int, total: int | None = None, message: str | None = None, **extra: Any) -> None:
         pass
@@ -302,7 +310,7 @@ class MemoryContext:
         pass
 
     def store(self, name: str, data: bytes, content_type: str) -> Any:
-        from worker.jobs.base import Artifact
+        from worker.jobs.spec import Artifact
 
         self.stored[name] = data
         return Artifact(name=name, content_type=content_type, size=len(data), sha256="")
@@ -315,20 +323,28 @@ def measure_in_process(args: argparse.Namespace, deployment: Deployment, setting
 
     os.environ.update(settings)
     from db.settings import reset_settings
-    from worker.jobs.text_to_image import Input
+    from worker.jobs.diffusion.pipeline import make_scheduler
+    from worker.jobs.diffusion.run import text_to_image
+    from worker.jobs.diffusion.spec import DIFFUSION
+    from worker.jobs.diffusion.spec import TextToImageInput as Input
     from worker.models.cache import get_cache
-    from worker.models.diffusion import load_family, make_scheduler
-    from worker.models.diffusion_jobs import text_to_image
 
     reset_settings()
-    params = {"prompt": PROMPT, "negative_prompt": NEGATIVE, "width": args.size, "height": args.size,
-              "num_inference_steps": args.steps, "guidance_scale": GUIDANCE, "scheduler": SCHEDULER}  # fmt: skip
+    params = {
+        "prompt": PROMPT,
+        "negative_prompt": NEGATIVE,
+        "width": args.size,
+        "height": args.size,
+        "num_inference_steps": args.steps,
+        "guidance_scale": GUIDANCE,
+        "scheduler": SCHEDULER,
+    }
     started = time.perf_counter()
     text_to_image(MemoryContext(), Input(**params, seed=1))
     cold_seconds = time.perf_counter() - started
     log(f"cold job path: {cold_seconds:.2f} s (includes loading the model)")
     cache = get_cache()
-    family = cache.get(f"diffusion:{MODEL_NAME}", cache.entry(None, "diffusion"), load_family)
+    family = cache.load(DIFFUSION, MODEL_NAME)
     pipe = family.text_to_image
     pipe.scheduler = make_scheduler(family, SCHEDULER)  # the raw side keeps this one; each job makes its own
 
@@ -368,8 +384,11 @@ def rounds(args: argparse.Namespace, pipe: Any, job: Any) -> dict[str, Any]:
             queue_seconds.append(queued)
         difference = int(np.abs(job_image.astype(int) - np.asarray(raw_image).astype(int)).max())
         max_difference = max(max_difference, difference)
-        log(f"round {index + 1}/{args.samples}: raw {raw_seconds:.3f} s, job {job_seconds:.3f} s"
-            + (f" (run {run:.3f} s)" if run is not None else "") + f", max pixel difference {difference}")  # fmt: skip
+        log(
+            f"round {index + 1}/{args.samples}: raw {raw_seconds:.3f} s, job {job_seconds:.3f} s"
+            + (f" (run {run:.3f} s)" if run is not None else "")
+            + f", max pixel difference {difference}"
+        )
     return {
         "device": args.device,
         "machine": machine(args.device),
@@ -396,21 +415,31 @@ def report(r: dict[str, Any]) -> None:
     overhead_pct = (r["job_over_raw"] - 1) * 100
     settings = ", ".join(name for name in ("torch_compile", "channels_last") if r[name]) or "eager"
     job_label = "job submit → succeeded, warm" if r["mode"] == "service" else "job path in process, warm"
-    print(f"\nText-to-image, SD 1.5 architecture (random weights), {r['size']}×{r['size']}, {r['steps']} steps, "
-          f"guidance {GUIDANCE}, {SCHEDULER}, 1 image, {settings}; {r['device']}: {r['machine']}")  # fmt: skip
+    print(
+        f"\nText-to-image, SD 1.5 architecture (random weights), {r['size']}×{r['size']}, {r['steps']} steps, "
+        f"guidance {GUIDANCE}, {SCHEDULER}, 1 image, {settings}; {r['device']}: {r['machine']}"
+    )
     print(f"{'':36}{'median':>10}")
     print(f"{'raw pipe(...) call, warm':36}{r['raw_median_s']:>9.3f}s")
     print(f"{job_label:36}{r['job_median_s']:>9.3f}s   ({r['job_over_raw']:.3f}× raw, {overhead_pct:+.1f}%)")
     if r["job_run_median_s"] is not None:
-        print(f"{'  of which the worker ran it':36}{r['job_run_median_s']:>9.3f}s   (queue {r['job_queue_median_s']:.3f} s)")
+        print(
+            f"{'  of which the worker ran it':36}{r['job_run_median_s']:>9.3f}s   (queue {r['job_queue_median_s']:.3f} s)"
+        )
     print(f"{'job minus raw, paired by round':36}{r['overhead_median_s']:>9.3f}s")
     cold_over_warm = r["cold_job_s"] / r["job_median_s"]
     print(f"{'cold job (first, loads the model)':36}{r['cold_job_s']:>9.3f}s   ({cold_over_warm:.2f}× warm)")
     same = "identical" if r["pixels_identical"] else f"differ by up to {r['max_pixel_difference']}/255"
     print(f"job PNG vs raw image, same seed: {same}; {r['samples']} rounds")
     before, after = r["load_average_1m"]
-    print(f"machine load (1-min average) before / after the rounds: {before:.2f} / {after:.2f}"
-          + ("  ← busy: other processes shared the CPU, figures are noisy" if max(before, after) > (os.cpu_count() or 1) + 1 else ""))
+    print(
+        f"machine load (1-min average) before / after the rounds: {before:.2f} / {after:.2f}"
+        + (
+            "  ← busy: other processes shared the CPU, figures are noisy"
+            if max(before, after) > (os.cpu_count() or 1) + 1
+            else ""
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -5,7 +5,7 @@ Run from the repository root::
     . .venv/bin/activate && python -m bench.finetune                  # CPU: 256×256, a few steps, fp32
     . .venv/bin/activate && python -m bench.finetune --device cuda    # GPU: 512×512, fp16 (or --dtype bfloat16)
 
-The model is SD 1.5 (UNet, VAE, CLIP text encoder) built from ``/work/shared/model-configs/sd15``
+The model is SD 1.5 (UNet, VAE, CLIP text encoder) built from ``bench/model-configs/sd15``
 with random weights by ``bench.diffusion`` (same shapes, same cost as the real weights), and the
 training set is ``--images`` generated pictures uploaded as files.
 
@@ -45,9 +45,7 @@ from __future__ import annotations
 import argparse
 import gc
 import io
-import os
 import signal
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -55,8 +53,12 @@ from typing import Any
 
 import requests
 
-from bench.deployment import REPO, Deployment, log, run
-from bench.diffusion import DEFAULT_CONFIGS, MODEL_NAME, build_model, machine, write_catalog
+from bench.deployment import REPO, Deployment, run
+from bench.diffusion import DEFAULT_CONFIGS, MODEL_NAME, build_model, write_catalog
+from bench.lib.client import JobsClient
+from bench.lib.report import log, machine
+from bench.lib.stats import median
+from gpujobs.harness.processes import ManagedProcess, signal_group
 
 PROFILES = {"cpu": (256, 4), "cuda": (512, 100)}  # device → (resolution, measured steps)
 RANK = 4
@@ -102,21 +104,36 @@ def plain_loop(folder: Path, images: list[bytes], args: argparse.Namespace) -> d
     text_encoder = CLIPTextModel.from_pretrained(folder, subfolder="text_encoder", torch_dtype=dtype).to(device)
     tokenizer = CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer")
     with torch.no_grad():
-        pixels = torch.stack([
-            torch.from_numpy(np.asarray(Image.open(io.BytesIO(data)).convert("RGB").resize((args.resolution,) * 2),
-                                        dtype=np.float32) / 127.5 - 1).permute(2, 0, 1)
-            for data in images
-        ])  # fmt: skip
+        pixels = torch.stack(
+            [
+                torch.from_numpy(
+                    np.asarray(
+                        Image.open(io.BytesIO(data)).convert("RGB").resize((args.resolution,) * 2), dtype=np.float32
+                    )
+                    / 127.5
+                    - 1
+                ).permute(2, 0, 1)
+                for data in images
+            ]
+        )
         posterior = vae.encode(pixels.to(device, dtype)).latent_dist
-        mean, std = (posterior.mean * vae.config.scaling_factor).float(), (posterior.std * vae.config.scaling_factor).float()
-        ids = tokenizer([PROMPT] * len(images), padding="max_length", max_length=77, truncation=True, return_tensors="pt")
+        mean, std = (
+            (posterior.mean * vae.config.scaling_factor).float(),
+            (posterior.std * vae.config.scaling_factor).float(),
+        )
+        ids = tokenizer(
+            [PROMPT] * len(images), padding="max_length", max_length=77, truncation=True, return_tensors="pt"
+        )
         text = text_encoder(ids.input_ids.to(device))[0]
     del vae, text_encoder
 
     unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", torch_dtype=dtype if mixed else torch.float32)
     unet.requires_grad_(False)
-    unet.add_adapter(LoraConfig(r=RANK, lora_alpha=RANK, init_lora_weights="gaussian",
-                                target_modules=["to_q", "to_k", "to_v", "to_out.0"]))  # fmt: skip
+    unet.add_adapter(
+        LoraConfig(
+            r=RANK, lora_alpha=RANK, init_lora_weights="gaussian", target_modules=["to_q", "to_k", "to_v", "to_out.0"]
+        )
+    )
     lora = [p for p in unet.parameters() if p.requires_grad]
     for p in lora:
         p.data = p.data.float()
@@ -168,36 +185,8 @@ def free_memory(device: str) -> None:
 # --- gpujobs -----------------------------------------------------------------------------------------
 
 
-class Client:
-    def __init__(self, base: str, key: str) -> None:
-        self.base = base
-        self.session = requests.Session()
-        self.session.headers["Authorization"] = f"Bearer {key}"
-
-    def upload(self, data: bytes, name: str) -> str:
-        response = self.session.post(f"{self.base}/v1/files", files={"file": (name, data)}, timeout=60)
-        response.raise_for_status()
-        return response.json()["id"]
-
-    def submit(self, params: dict[str, Any]) -> dict[str, Any]:
-        response = self.session.post(f"{self.base}/v1/jobs", json={"type": "finetune", "input": params}, timeout=60)
-        if response.status_code != 202:
-            raise RuntimeError(f"POST /v1/jobs answered {response.status_code}: {response.text[:300]}")
-        return response.json()
-
-    def get(self, job_id: str) -> dict[str, Any]:
-        return self.session.get(f"{self.base}/v1/jobs/{job_id}", timeout=60).json()
-
-    def cancel(self, job_id: str) -> None:
-        self.session.post(f"{self.base}/v1/jobs/{job_id}/cancel", timeout=60)
-
-    def finish(self, job_id: str) -> dict[str, Any]:
-        deadline = time.monotonic() + JOB_TIMEOUT
-        job = self.get(job_id)
-        while job["status"] in ("queued", "running") and time.monotonic() < deadline:
-            time.sleep(0.5)
-            job = self.get(job_id)
-        return job
+def finetune(params: dict[str, Any]) -> dict[str, Any]:
+    return {"type": "finetune", "input": params}
 
 
 def job_rate(timeline: list[dict[str, Any]], steps: int) -> dict[str, Any]:
@@ -230,7 +219,9 @@ def wait_event(database_url: str, job_id: str, kind: str, attempt: int | None = 
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--device", choices=sorted(PROFILES), default="cpu")
     parser.add_argument("--dtype", help="float32 (CPU default), float16 (CUDA default) or bfloat16")
     parser.add_argument("--resolution", type=int, help="training size (default: 256 on CPU, 512 on CUDA)")
@@ -238,13 +229,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--images", type=int, default=4, help="training images (default 4)")
     parser.add_argument("--batch-size", type=int, default=1)
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds of plain loop + job (default 3)")
-    parser.add_argument("--checkpoint-every", type=int, default=100, help="the measured job's checkpoints (default 100)")
+    parser.add_argument(
+        "--checkpoint-every", type=int, default=100, help="the measured job's checkpoints (default 100)"
+    )
     parser.add_argument("--resume-checkpoint-every", type=int, default=2, help="the resume job's checkpoints")
     parser.add_argument("--lease", type=float, default=10.0, help="GPUJOBS_LEASE_SECONDS (default 10)")
-    parser.add_argument("--control-poll", type=float, default=0.5,
-                        help="GPUJOBS_CONTROL_POLL_SECONDS: lease renewal and progress saves (default 0.5, the service's)")
+    parser.add_argument(
+        "--control-poll",
+        type=float,
+        default=0.5,
+        help="GPUJOBS_CONTROL_POLL_SECONDS: lease renewal and progress saves (default 0.5, the service's)",
+    )
     parser.add_argument("--no-resume", action="store_true", help="skip the worker-death part")
-    parser.add_argument("--configs", type=Path, default=DEFAULT_CONFIGS, help=f"SD 1.5 configs (default {DEFAULT_CONFIGS})")
+    parser.add_argument(
+        "--configs", type=Path, default=DEFAULT_CONFIGS, help=f"SD 1.5 configs (default {DEFAULT_CONFIGS})"
+    )
     parser.add_argument("--model-dir", type=Path, default=REPO / "var" / "bench" / MODEL_NAME)
     parser.add_argument("--database-url", help="default: a fresh PostgreSQL database on 127.0.0.1:5432, else SQLite")
     parser.add_argument("--json", type=Path, help="also write the figures to this file")
@@ -254,7 +253,10 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     if args.device == "cuda" and not torch.cuda.is_available():
-        print("--device cuda: torch sees no CUDA device; run on a GPU machine with a CUDA build of torch.", file=sys.stderr)
+        print(
+            "--device cuda: torch sees no CUDA device; run on a GPU machine with a CUDA build of torch.",
+            file=sys.stderr,
+        )
         return 2
     resolution, steps = PROFILES[args.device]
     args.resolution, args.steps = args.resolution or resolution, args.steps or steps
@@ -279,37 +281,45 @@ def measure(args: argparse.Namespace, deployment: Deployment) -> dict[str, Any]:
         "GPUJOBS_MAX_BODY_BYTES": str(256 * 2**20),
     }
     deployment.start_services(database_url=args.database_url)
-    env, key = deployment.prepare("gpujobs-bench-finetune", settings, "finetune benchmark")
-    python = [sys.executable, "-m", "gpujobs"]
+    key = deployment.prepare("gpujobs-bench-finetune", settings, "finetune benchmark")
+    stack = deployment.stack
+    assert stack is not None
     workers = {
-        name: deployment.start(name, [*python, "worker", "--queues", "train", "--concurrency", "1", "--name", name], env)
+        name: stack.start_worker("train", concurrency=1, name=name, wait=False)
         for name in ("bench-train-a", "bench-train-b")
     }
-    base = deployment.start_api(env)
-    for name in workers:
-        deployment.wait_for_log(name)
-    deployment.start("beat", [*python, "beat"], env)
-    deployment.start("maintenance", [*python, "worker", "--queues", "maintenance", "--name", "bench-m"], env)
-    for name in ("beat", "maintenance"):
-        deployment.wait_until(name, lambda n=name: deployment.logs[n].stat().st_size > 0)
+    _, base = deployment.start_api()
+    for worker in workers.values():
+        stack.wait_worker_ready(worker)
+    stack.start_beat()
+    stack.start_worker("maintenance", name="bench-m")
 
-    client = Client(base, key)
+    client = JobsClient(base, key)
     images = pictures(args.images, args.resolution)
     files = [client.upload(data, f"{i}.png") for i, data in enumerate(images)]
-    common = {"images": files, "instance_prompt": PROMPT, "resolution": args.resolution, "rank": RANK,
-              "learning_rate": LEARNING_RATE, "batch_size": args.batch_size, "seed": 0}  # fmt: skip
+    common = {
+        "images": files,
+        "instance_prompt": PROMPT,
+        "resolution": args.resolution,
+        "rank": RANK,
+        "learning_rate": LEARNING_RATE,
+        "batch_size": args.batch_size,
+        "seed": 0,
+    }
 
     log("warming up both workers (a one-step fine-tune each, at once)")
     started = time.monotonic()
-    warm = [client.submit({**common, "steps": 1}) for _ in workers]
+    warm = [client.submit(finetune({**common, "steps": 1})) for _ in workers]
     for job in warm:
-        done = client.finish(job["id"])
+        done = client.finish(job, JOB_TIMEOUT)
         if done["status"] != "succeeded":
             raise RuntimeError(f"warm-up job ended {done['status']}: {done.get('error')}")
     cold_seconds = time.monotonic() - started
 
     def plain_run(which: str) -> dict[str, Any]:
-        log(f"plain diffusers + peft loop in this process ({which}): {args.steps} steps at {args.resolution}², {args.dtype}")
+        log(
+            f"plain diffusers + peft loop in this process ({which}): {args.steps} steps at {args.resolution}², {args.dtype}"
+        )
         figures = plain_loop(args.model_dir, images, args)
         free_memory(args.device)
         log(f"plain loop: {figures['steps_per_second']:.4f} steps/s")
@@ -317,8 +327,8 @@ def measure(args: argparse.Namespace, deployment: Deployment) -> dict[str, Any]:
 
     def job_run() -> dict[str, Any]:
         log(f"gpujobs finetune job: {args.steps} + 1 steps")
-        job = client.submit({**common, "steps": args.steps + 1, "checkpoint_every": args.checkpoint_every})
-        done = client.finish(job["id"])
+        job = client.submit(finetune({**common, "steps": args.steps + 1, "checkpoint_every": args.checkpoint_every}))
+        done = client.finish(job, JOB_TIMEOUT)
         if done["status"] != "succeeded":
             raise RuntimeError(f"the measured job ended {done['status']}: {done.get('error')}")
         figures = job_rate(events(deployment.database_url, job["id"]), args.steps) | {
@@ -336,8 +346,8 @@ def measure(args: argparse.Namespace, deployment: Deployment) -> dict[str, Any]:
         plain.append(plain_run(f"round {round_ + 1}"))
         if not job_first:
             service.append(job_run())
-    plain_rate = statistics.median(p["steps_per_second"] for p in plain)
-    job_rate_ = statistics.median(j["steps_per_second"] for j in service)
+    plain_rate = median([p["steps_per_second"] for p in plain])
+    job_rate_ = median([j["steps_per_second"] for j in service])
     weights_url = service[-1].pop("weights_url")
     for figures in service:
         figures.pop("weights_url", None)
@@ -366,8 +376,6 @@ def measure(args: argparse.Namespace, deployment: Deployment) -> dict[str, Any]:
 
 def lora_switching(args: argparse.Namespace, tmp: Path, weights: bytes) -> dict[str, Any]:
     """What a generation worker pays per job to load and unload a LoRA, against switching a loaded one on and off."""
-    import statistics
-
     import torch
     from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 
@@ -375,7 +383,9 @@ def lora_switching(args: argparse.Namespace, tmp: Path, weights: bytes) -> dict[
     (tmp / "lora").mkdir(exist_ok=True)
     (tmp / "lora" / "pytorch_lora_weights.safetensors").write_bytes(weights)
     dtype = getattr(torch, args.dtype)
-    unet = UNet2DConditionModel.from_pretrained(args.model_dir, subfolder="unet", torch_dtype=dtype).to(args.device).eval()
+    unet = (
+        UNet2DConditionModel.from_pretrained(args.model_dir, subfolder="unet", torch_dtype=dtype).to(args.device).eval()
+    )
     side = args.resolution // 8
     sample = torch.randn(2, 4, side, side, device=args.device, dtype=dtype)  # a CFG batch
     text = torch.randn(2, 77, unet.config.cross_attention_dim, device=args.device, dtype=dtype)
@@ -388,7 +398,7 @@ def lora_switching(args: argparse.Namespace, tmp: Path, weights: bytes) -> dict[
             if args.device == "cuda":
                 torch.cuda.synchronize()
             seconds.append(time.perf_counter() - started)
-        return statistics.median(seconds)
+        return median(seconds)
 
     def forward() -> None:
         with torch.inference_mode():
@@ -398,8 +408,9 @@ def lora_switching(args: argparse.Namespace, tmp: Path, weights: bytes) -> dict[
         state, alphas, metadata = StableDiffusionPipeline.lora_state_dict(
             str(tmp / "lora"), weight_name="pytorch_lora_weights.safetensors", return_lora_metadata=True
         )
-        StableDiffusionPipeline.load_lora_into_unet(state, network_alphas=alphas, unet=unet, adapter_name="bench",
-                                                    metadata=metadata)  # fmt: skip
+        StableDiffusionPipeline.load_lora_into_unet(
+            state, network_alphas=alphas, unet=unet, adapter_name="bench", metadata=metadata
+        )
 
     forward()
     plain = timed(forward)
@@ -420,18 +431,22 @@ def lora_switching(args: argparse.Namespace, tmp: Path, weights: bytes) -> dict[
 
 
 def measure_resume(
-    args: argparse.Namespace, deployment: Deployment, client: Client, common: dict[str, Any], workers: dict[str, Any]
+    args: argparse.Namespace,
+    deployment: Deployment,
+    client: JobsClient,
+    common: dict[str, Any],
+    workers: dict[str, ManagedProcess],
 ) -> dict[str, Any]:
     every = args.resume_checkpoint_every
     log(f"resume: a fine-tune checkpointing every {every} steps; its worker is killed after the first checkpoint")
-    job = client.submit({**common, "steps": 10_000, "checkpoint_every": every})
+    job = client.submit(finetune({**common, "steps": 10_000, "checkpoint_every": every}))
     checkpoint = wait_event(deployment.database_url, job["id"], "checkpoint")
     claimed = wait_event(deployment.database_url, job["id"], "claimed", attempt=1)
     victim = next(name for name in workers if f"claimed by {name}@" in claimed["message"])
-    os.killpg(workers[victim].pid, signal.SIGKILL)
+    signal_group(workers[victim].proc, signal.SIGKILL)
     killed_at = _utcnow()
     expires_at = _lease_expiry(deployment.database_url, job["id"])  # its last renewal + the lease
-    workers[victim].wait(30)
+    workers[victim].proc.wait(30)
     log(f"killed {victim} after the checkpoint at step {checkpoint['data']['step']}")
 
     step = checkpoint["data"]["step"]
@@ -440,7 +455,7 @@ def measure_resume(
     while time.monotonic() < deadline and not _milestone(deployment.database_url, job["id"], 2, "training"):
         time.sleep(0.5)
     client.cancel(job["id"])
-    client.finish(job["id"])
+    client.finish(client.get(job["id"]), JOB_TIMEOUT)
     second = [e for e in events(deployment.database_url, job["id"]) if e["attempt"] == 2]
     at = {e["kind"]: e["at"] for e in second if e["kind"] != "progress"}
     at |= {e["message"]: e["at"] for e in second if e["kind"] == "progress"}
@@ -487,37 +502,55 @@ def _utcnow() -> Any:
 
 def report(r: dict[str, Any]) -> None:
     print()
-    print(f"LoRA fine-tuning on {r['device']} ({r['machine']}), {r['resolution']}², batch {r['batch_size']}, "
-          f"{r['images']} images, rank {RANK}, {r['dtype']}")  # fmt: skip
+    print(
+        f"LoRA fine-tuning on {r['device']} ({r['machine']}), {r['resolution']}², batch {r['batch_size']}, "
+        f"{r['images']} images, rank {RANK}, {r['dtype']}"
+    )
     plain = ", ".join(f"{p['steps_per_second']:.4f}" for p in r["plain"])
     jobs = ", ".join(f"{j['steps_per_second']:.4f}" for j in r["gpujobs"])
     reported = ", ".join(str(j["reported_steps_per_second"]) for j in r["gpujobs"])
-    print(f"  plain diffusers + peft loop : {r['plain_steps_per_second']:.4f} steps/s median ({plain}; "
-          f"{r['plain'][0]['steps']} steps each)")  # fmt: skip
-    print(f"  gpujobs finetune job        : {r['gpujobs_steps_per_second']:.4f} steps/s median ({jobs}; by the "
-          f"job's timeline; the jobs report {reported})")  # fmt: skip
+    print(
+        f"  plain diffusers + peft loop : {r['plain_steps_per_second']:.4f} steps/s median ({plain}; "
+        f"{r['plain'][0]['steps']} steps each)"
+    )
+    print(
+        f"  gpujobs finetune job        : {r['gpujobs_steps_per_second']:.4f} steps/s median ({jobs}; by the "
+        f"job's timeline; the jobs report {reported})"
+    )
     print(f"  ratio gpujobs / plain       : {r['ratio']:.3f}  (aim ≥ 0.95)")
     print(f"  two cold one-step jobs      : {r['cold_two_jobs_s']:.1f} s (both workers load the model)")
     if "resume" in r:
         s = r["resume"]
-        print(f"  resume after SIGKILL (lease {s['lease_seconds']:g} s, checkpoint at step {s['checkpoint_step']}, "
-              f"{s['checkpoint_bytes']} bytes):")  # fmt: skip
-        print(f"    kill → lease expired {s['kill_to_lease_expiry_s']:.2f} s (requeued "
-              f"{s['lease_expiry_to_requeued_s']:.2f} s after that)")  # fmt: skip
-        print(f"    kill → requeued {s['kill_to_requeued_s']:.2f} s → claimed {s['kill_to_claimed_s']:.2f} s "
-              f"→ resumed {s['kill_to_resumed_s']:.2f} s → next step done {s['kill_to_next_step_s']:.2f} s")  # fmt: skip
-        print(f"    after the claim: {s['claimed_to_encoding_s']:.2f} s to start, encoding the captions (latents "
-              f"downloaded) {s['encoding_s']:.2f} s, UNet copy + checkpoint {s['unet_and_checkpoint_s']:.2f} s "
-              f"(checkpoint fetched and restored in {s['checkpoint_load_s']:.2f} s), one step "
-              f"{s['resumed_to_next_step_s']:.2f} s")  # fmt: skip
+        print(
+            f"  resume after SIGKILL (lease {s['lease_seconds']:g} s, checkpoint at step {s['checkpoint_step']}, "
+            f"{s['checkpoint_bytes']} bytes):"
+        )
+        print(
+            f"    kill → lease expired {s['kill_to_lease_expiry_s']:.2f} s (requeued "
+            f"{s['lease_expiry_to_requeued_s']:.2f} s after that)"
+        )
+        print(
+            f"    kill → requeued {s['kill_to_requeued_s']:.2f} s → claimed {s['kill_to_claimed_s']:.2f} s "
+            f"→ resumed {s['kill_to_resumed_s']:.2f} s → next step done {s['kill_to_next_step_s']:.2f} s"
+        )
+        print(
+            f"    after the claim: {s['claimed_to_encoding_s']:.2f} s to start, encoding the captions (latents "
+            f"downloaded) {s['encoding_s']:.2f} s, UNet copy + checkpoint {s['unet_and_checkpoint_s']:.2f} s "
+            f"(checkpoint fetched and restored in {s['checkpoint_load_s']:.2f} s), one step "
+            f"{s['resumed_to_next_step_s']:.2f} s"
+        )
         budget = s["lease_seconds"] + s["checkpoint_load_s"]
         print(f"    aim: resumed within lease + checkpoint load = {budget:.2f} s → {s['kill_to_resumed_s']:.2f} s")
     if "lora_switching" in r:
         w = r["lora_switching"]
-        print(f"  a generation worker's LoRA (rank {RANK}) on the full UNet: load + unload {w['load_and_unload_s']:.3f} s; "
-              f"switch on + off {w['switch_on_and_off_s'] * 1000:.1f} ms")  # fmt: skip
-        print(f"    UNet forward (CFG batch 2): no adapter {w['forward_no_adapter_s']:.3f} s, adapter loaded but off "
-              f"{w['forward_adapter_off_s']:.3f} s, on {w['forward_adapter_on_s']:.3f} s")  # fmt: skip
+        print(
+            f"  a generation worker's LoRA (rank {RANK}) on the full UNet: load + unload {w['load_and_unload_s']:.3f} s; "
+            f"switch on + off {w['switch_on_and_off_s'] * 1000:.1f} ms"
+        )
+        print(
+            f"    UNet forward (CFG batch 2): no adapter {w['forward_no_adapter_s']:.3f} s, adapter loaded but off "
+            f"{w['forward_adapter_off_s']:.3f} s, on {w['forward_adapter_on_s']:.3f} s"
+        )
 
 
 if __name__ == "__main__":

@@ -32,7 +32,7 @@ Phases (figures printed as medians, p99 and ratios):
 load (other work) hits them alike; (b) interleaves them sample by sample.
 
 CPU seconds of every process involved (this client, the API servers, the workers, PostgreSQL,
-Redis, S3) are read from /proc around each phase and printed per job.
+Redis, S3) are read (psutil, per process tree) around each phase and printed per job.
 
 The services, set up and torn down by ``bench.deployment``: ``--database-url``, else a fresh
 PostgreSQL database on 127.0.0.1:5432 when one answers (else SQLite in a temp dir); ``--broker-url``,
@@ -47,169 +47,34 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import http.client
-import json
-import math
 import os
-import platform
 import shlex
-import signal
-import statistics
 import sys
 import tempfile
-import threading
 import time
-import urllib.parse
-from collections.abc import Callable
-from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import requests
+from bench.deployment import DEFAULT_API_COMMAND, READY_TIMEOUT, Deployment, redis_client, run
+from bench.lib.client import SESSIONS, UNFINISHED, HandClient, JobsClient
+from bench.lib.cpu import CpuMeter
+from bench.lib.load import STOP, Op, Sample, run_interleaved, run_rounds
+from bench.lib.profiler import Profiler
+from bench.lib.report import log, machine, ratio
+from gpujobs.harness.databases import REDIS_HOST, REDIS_PORT
+from gpujobs.harness.ports import free_port
+from gpujobs.harness.servers import EmbeddedS3, redis_answers
 
-from bench.deployment import (
-    DEFAULT_API_COMMAND,
-    REPO,
-    Deployment,
-    cpu_model,
-    interrupt_on,
-    log,
-    redis_answers,
-    redis_client,
-)
-from gpujobs.embedded import free_port
-
-DEFAULT_REDIS = "redis://127.0.0.1:6379/13"
+DEFAULT_REDIS = f"redis://{REDIS_HOST}:{REDIS_PORT}/13"
+DEFAULT_WORKER_COMMAND = "{python} -m gpujobs worker --queues {queues}"
 S3_BUCKET = "gpujobs-bench"
 BASELINE_BUCKET = "gpujobs-bench-baseline"
 GPUJOBS_QUEUES = ("gpu", "maintenance")
 BASELINE_QUEUES = ("bench_bare", "bench_hand")
 DIAGNOSTIC = {"type": "diagnostic", "input": {"sleep_seconds": 0, "steps": 1}}
-FINISHED = {"succeeded", "failed", "canceled"}
 WAIT_SECONDS = 30
-REQUEST_TIMEOUT = 60.0
-
-
-STOP = threading.Event()  # set on Ctrl-C / SIGTERM: client threads stop before the servers do
-_error_logs: dict[str, int] = {}
-_error_lock = threading.Lock()
-
-
-# --- statistics ----------------------------------------------------------------------------------
-
-
-def percentile(values: list[float], q: float) -> float:
-    """Nearest-rank percentile (q in 0..100)."""
-    ordered = sorted(values)
-    if not ordered:
-        return float("nan")
-    return ordered[max(0, math.ceil(q / 100 * len(ordered)) - 1)]
-
-
-@dataclass
-class Sample:
-    """Timings of one measured series (seconds)."""
-
-    name: str
-    times: list[float] = field(default_factory=list)
-    errors: int = 0
-    wall: float | None = None  # for concurrent phases: first start to last end
-    extra: dict[str, list[float]] = field(default_factory=dict)  # e.g. GETs per polled job, server-side spans
-    cpu: dict[str, float] = field(default_factory=dict)  # CPU seconds by process group over the phase
-
-    @property
-    def median_ms(self) -> float:
-        return statistics.median(self.times) * 1000 if self.times else float("nan")
-
-    @property
-    def p99_ms(self) -> float:
-        return percentile(self.times, 99) * 1000
-
-    @property
-    def rate(self) -> float:
-        return len(self.times) / self.wall if self.wall else float("nan")
-
-    def as_dict(self) -> dict[str, Any]:
-        out: dict[str, Any] = {
-            "n": len(self.times),
-            "errors": self.errors,
-            "median_ms": round(self.median_ms, 3),
-            "p99_ms": round(self.p99_ms, 3),
-            "mean_ms": round(statistics.fmean(self.times) * 1000, 3) if self.times else None,
-        }
-        if self.wall:
-            out |= {"wall_s": round(self.wall, 3), "per_second": round(self.rate, 1)}
-        for key, values in self.extra.items():
-            if key == "gets":
-                out["mean_gets_per_job"] = round(statistics.fmean(values), 2)
-            else:
-                out[f"{key}_median_ms"] = round(statistics.median(values) * 1000, 3)
-        if self.cpu:
-            n = max(1, len(self.times))
-            out["cpu_ms_per_op"] = {k: round(v * 1000 / n, 3) for k, v in self.cpu.items()}
-        return out
-
-
-# --- CPU accounting from /proc --------------------------------------------------------------------
-
-CLK_TCK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
-
-
-class CpuMeter:
-    """CPU seconds (user + system) of the processes involved, grouped by role."""
-
-    def __init__(self) -> None:
-        self.groups: dict[int, str] = {}  # process group id -> role
-        self.database_name: str | None = None
-        self.embedded_redis = False
-
-    def snapshot(self) -> dict[str, float]:
-        totals: dict[str, float] = {}
-        me = os.getpid()
-        for entry in os.scandir("/proc"):
-            if not entry.name.isdigit():
-                continue
-            try:
-                with open(f"/proc/{entry.name}/stat", "rb") as fh:
-                    stat = fh.read().decode(errors="replace")
-            except OSError:
-                continue
-            comm = stat[stat.find("(") + 1 : stat.rfind(")")]
-            fields = stat[stat.rfind(")") + 2 :].split()
-            pid, pgrp = int(entry.name), int(fields[2])
-            seconds = (int(fields[11]) + int(fields[12])) / CLK_TCK
-            role = None
-            if pid == me:
-                role = "client"
-            elif pgrp in self.groups:
-                role = self.groups[pgrp]
-            elif comm == "postgres" and self._our_postgres(pid):
-                role = "postgres"
-            elif comm == "redis-server":
-                role = "redis"
-            if role:
-                totals[role] = totals.get(role, 0.0) + seconds
-        return totals
-
-    def _our_postgres(self, pid: int) -> bool:
-        """Backends of our database, and the shared background processes (WAL writer, ...)."""
-        try:
-            with open(f"/proc/{pid}/cmdline", "rb") as fh:
-                cmdline = fh.read().decode(errors="replace")
-        except OSError:
-            return False
-        if self.database_name is None:
-            return True
-        if self.database_name in cmdline:
-            return True
-        # Background processes carry no database name; client backends carry "user db host(port)".
-        return "(" not in cmdline and "postgres:" in cmdline
-
-    @staticmethod
-    def delta(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
-        roles = sorted(set(before) | set(after))
-        return {r: max(0.0, after.get(r, 0.0) - before.get(r, 0.0)) for r in roles}
+CPU_ROLES = ["client", "gpujobs api", "baseline api", "gpujobs worker", "baseline worker", "postgres", "redis", "s3"]
 
 
 # --- the baseline's deployment --------------------------------------------------------------------
@@ -230,10 +95,17 @@ def baseline_settings(deployment: Deployment) -> dict[str, str]:
     return settings
 
 
+def purge(queues: tuple[str, ...]) -> int:
+    from bench.baseline_app import celery_app
+
+    with celery_app.connection_for_write() as conn:
+        return sum(conn.default_channel.queue_purge(q) or 0 for q in queues)
+
+
 def forget_broker_keys(broker_url: str, redis_was_empty: bool) -> None:
     """Only what this run made: its queues, its results, and (on a database that was empty) kombu's bookkeeping
     keys; nothing else in that Redis database is touched."""
-    purge(broker_url, GPUJOBS_QUEUES + BASELINE_QUEUES)
+    purge(GPUJOBS_QUEUES + BASELINE_QUEUES)
     client = redis_client(broker_url)
     patterns = ["celery-task-meta-*"] + [f"_kombu.binding*.{q}" for q in BASELINE_QUEUES]
     if redis_was_empty:
@@ -244,118 +116,17 @@ def forget_broker_keys(broker_url: str, redis_was_empty: bool) -> None:
             client.delete(*keys[i : i + 500])
 
 
-# --- clients --------------------------------------------------------------------------------------
+def api_settings() -> tuple[int, int]:
+    """The API servers' processes and threads: `gpujobs api`'s defaults, for both APIs."""
+    try:
+        from gpujobs import cli
+
+        return int(getattr(cli, "DEFAULT_API_WORKERS", 2)), int(getattr(cli, "DEFAULT_API_THREADS", 8))
+    except Exception:  # the CLI is being edited; the defaults are what it had
+        return 2, 8
 
 
-class LeanResponse:
-    def __init__(self, status: int, data: bytes) -> None:
-        self.status_code, self.content = status, data
-
-    @property
-    def text(self) -> str:
-        return self.content.decode(errors="replace")
-
-    def json(self) -> Any:
-        return json.loads(self.content)
-
-    def raise_for_status(self) -> None:
-        if self.status_code >= 400:
-            raise RuntimeError(f"HTTP {self.status_code}: {self.text[:300]}")
-
-
-class LeanSession:
-    """``--http http.client``: one keep-alive ``http.client`` connection, a few times cheaper than requests.
-
-    Only what the benchmark uses of ``requests.Session``: ``headers``, ``get`` and ``post``.
-    """
-
-    def __init__(self) -> None:
-        self.headers: dict[str, str] = {}
-        self._conn: http.client.HTTPConnection | None = None
-
-    def _request(self, method: str, url: str, body: bytes | None, headers: dict[str, str] | None, params: Any) -> LeanResponse:
-        parts = urllib.parse.urlsplit(url)
-        path = parts.path + (f"?{urllib.parse.urlencode(params)}" if params else "")
-        all_headers = {**self.headers, **(headers or {})}
-        if body is not None:
-            all_headers["Content-Type"] = "application/json"
-        for attempt in (1, 2):  # a keep-alive connection the server closed is opened again once
-            if self._conn is None:
-                self._conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=REQUEST_TIMEOUT)
-            try:
-                self._conn.request(method, path, body=body, headers=all_headers)
-                response = self._conn.getresponse()
-                return LeanResponse(response.status, response.read())
-            except (http.client.HTTPException, ConnectionError):
-                self._conn.close()
-                self._conn = None
-                if attempt == 2:
-                    raise
-        raise AssertionError("unreachable")
-
-    def post(self, url: str, json: Any = None, headers: dict[str, str] | None = None, params: Any = None, timeout: float | None = None) -> LeanResponse:  # noqa: A002
-        return self._request("POST", url, _json_bytes(json), headers, params)
-
-    def get(self, url: str, timeout: float | None = None) -> LeanResponse:
-        return self._request("GET", url, None, None, None)
-
-
-def _json_bytes(value: Any) -> bytes:
-    return json.dumps(value).encode()
-
-
-HTTP_CLIENTS: dict[str, Callable[[], Any]] = {"requests": requests.Session, "http.client": LeanSession}
-http_session: Callable[[], Any] = requests.Session
-
-
-class GpujobsClient:
-    name = "gpujobs"
-
-    def __init__(self, base: str, key: str) -> None:
-        self.base, self.key = base, key
-
-    def session(self) -> Any:
-        s = http_session()
-        s.headers["Authorization"] = f"Bearer {self.key}"
-        return s
-
-    def submit(self, s: Any, wait: int = 0) -> dict[str, Any]:
-        headers = {"Prefer": f"wait={wait}"} if wait else None
-        r = s.post(f"{self.base}/v1/jobs", json=DIAGNOSTIC, headers=headers, timeout=REQUEST_TIMEOUT)
-        if r.status_code != 202:
-            raise RuntimeError(f"POST /v1/jobs answered {r.status_code}: {r.text[:300]}")
-        return r.json()  # type: ignore[no-any-return]
-
-    def get(self, s: Any, job_id: str) -> dict[str, Any]:
-        r = s.get(f"{self.base}/v1/jobs/{job_id}", timeout=REQUEST_TIMEOUT)
-        r.raise_for_status()
-        return r.json()  # type: ignore[no-any-return]
-
-
-class HandClient:
-    name = "hand-written"
-
-    def __init__(self, base: str) -> None:
-        self.base = base
-
-    def session(self) -> Any:
-        return http_session()
-
-    def submit(self, s: Any, wait: int = 0) -> dict[str, Any]:
-        params = {"wait": wait} if wait else None
-        r = s.post(f"{self.base}/jobs", params=params, json=DIAGNOSTIC, timeout=REQUEST_TIMEOUT)
-        if r.status_code != 202:
-            raise RuntimeError(f"POST /jobs answered {r.status_code}: {r.text[:300]}")
-        return r.json()  # type: ignore[no-any-return]
-
-    def get(self, s: Any, job_id: str) -> dict[str, Any]:
-        r = s.get(f"{self.base}/jobs/{job_id}", timeout=REQUEST_TIMEOUT)
-        r.raise_for_status()
-        return r.json()  # type: ignore[no-any-return]
-
-
-# An operation: (per-thread state) -> (ok, extra figures); timed by the caller.
-Op = Callable[[Any], tuple[bool, dict[str, float]]]
+# --- operations -----------------------------------------------------------------------------------
 
 
 def _ts(value: str | None) -> datetime | None:
@@ -378,224 +149,65 @@ def spans(body: dict[str, Any]) -> dict[str, float]:
     return out
 
 
-def round_trip_wait(client: Any) -> Op:
-    def op(s: Any) -> tuple[bool, dict[str, float]]:
-        body = client.submit(s, wait=WAIT_SECONDS)
-        return body["status"] == "succeeded", spans(body)
-
-    return op
+def round_trip_wait(client: Any) -> tuple[bool, dict[str, float]]:
+    body = client.submit(DIAGNOSTIC, wait=WAIT_SECONDS)
+    return body["status"] == "succeeded", spans(body)
 
 
-def round_trip_poll(client: Any) -> Op:
-    def op(s: Any) -> tuple[bool, dict[str, float]]:
-        deadline = time.monotonic() + WAIT_SECONDS
-        body = client.submit(s)
-        gets = 0
-        while body["status"] not in FINISHED and time.monotonic() < deadline:
-            body = client.get(s, body["id"])
-            gets += 1
-        return body["status"] == "succeeded", {"gets": float(gets)}
-
-    return op
+def round_trip_poll(client: Any) -> tuple[bool, dict[str, float]]:
+    deadline = time.monotonic() + WAIT_SECONDS
+    body = client.submit(DIAGNOSTIC)
+    gets = 0
+    while body["status"] in UNFINISHED and time.monotonic() < deadline:
+        body = client.get(body["id"])
+        gets += 1
+    return body["status"] == "succeeded", {"gets": float(gets)}
 
 
-def submit_only(client: Any) -> Op:
-    def op(s: Any) -> tuple[bool, dict[str, float]]:
-        return client.submit(s)["status"] == "queued", {}
-
-    return op
+def submit_only(client: Any) -> tuple[bool, dict[str, float]]:
+    return client.submit(DIAGNOSTIC)["status"] == "queued", {}
 
 
-def celery_round_trip(s: Any) -> tuple[bool, dict[str, float]]:
+def celery_round_trip(_: Any) -> tuple[bool, dict[str, float]]:
     from bench.baseline_app import noop
 
     return noop.apply_async(args=[1]).get(timeout=WAIT_SECONDS) == 1, {}
 
 
-def celery_send(s: Any) -> tuple[bool, dict[str, float]]:
+def celery_send(_: Any) -> tuple[bool, dict[str, float]]:
     from bench.baseline_app import noop
 
     noop.apply_async(args=[1], ignore_result=True)
     return True, {}
 
 
-def timed(op: Op, state: Any, sample: Sample) -> None:
-    t0 = time.perf_counter()
-    try:
-        ok, extra = op(state)
-    except Exception as exc:  # counted, reported (the first few); the run goes on
-        sample.errors += 1
-        with _error_lock:
-            shown = _error_logs[sample.name] = _error_logs.get(sample.name, 0) + 1
-        if shown <= 3 and not STOP.is_set():
-            log(f"{sample.name}: {type(exc).__name__}: {str(exc)[:200]}")
-        return
-    elapsed = time.perf_counter() - t0
-    if ok:
-        sample.times.append(elapsed)
-        for key, value in extra.items():
-            sample.extra.setdefault(key, []).append(value)
-    else:
-        sample.errors += 1
-
-
-class Profiler:
-    """Optional py-spy recordings (collapsed stacks) of the API and worker processes during a phase."""
-
-    def __init__(self, py_spy: str | None, out_dir: Path | None) -> None:
-        self.py_spy, self.out_dir = py_spy, out_dir
-        self.targets: dict[str, int] = {}  # label -> pid (a gunicorn master: its workers are included)
-
-    @contextlib.contextmanager
-    def record(self, phase: str, system: str) -> Any:
-        if not (self.py_spy and self.out_dir):
-            yield
-            return
-        from gpujobs import embedded
-
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        recorders = []
-        for label, pid in self.targets.items():
-            if not label.startswith(system):
-                continue
-            out = self.out_dir / f"{phase}-{label.replace(' ', '-')}.txt"
-            args = [self.py_spy, "record", "--pid", str(pid), "--subprocesses", "--nonblocking", "--gil",
-                    "--rate", "250", "--format", "raw", "--output", str(out)]  # fmt: skip
-            recorders.append(embedded.start_process(args, self.out_dir / "py-spy.log"))
-        time.sleep(0.5 if recorders else 0)  # let py-spy attach
-        try:
-            yield
-        finally:
-            for proc in recorders:
-                proc.send_signal(signal.SIGINT)
-            for proc in recorders:
-                with contextlib.suppress(Exception):
-                    proc.wait(15)
-                embedded.stop_process(proc)
-
-
-def run_concurrent(
-    name: str, op: Op, make_state: Callable[[], Any], clients: int, total: int, meter: CpuMeter
-) -> Sample:
-    """``clients`` threads share ``total`` operations; wall time is from the start signal to the last end."""
-    sample = Sample(name)
-    lock = threading.Lock()
-    remaining = [total]
-    barrier = threading.Barrier(clients + 1)
-
-    def worker() -> None:
-        state = make_state()
-        local = Sample(name)
-        barrier.wait()
-        while not STOP.is_set():
-            with lock:
-                if remaining[0] <= 0:
-                    break
-                remaining[0] -= 1
-            timed(op, state, local)
-        with lock:
-            sample.times.extend(local.times)
-            for key, values in local.extra.items():
-                sample.extra.setdefault(key, []).extend(values)
-            sample.errors += local.errors
-
-    threads = [threading.Thread(target=worker, daemon=True) for _ in range(clients)]
-    for t in threads:
-        t.start()
-    cpu_before = meter.snapshot()
-    barrier.wait()
-    t0 = time.perf_counter()
-    for t in threads:
-        t.join()
-    sample.wall = time.perf_counter() - t0
-    sample.cpu = CpuMeter.delta(cpu_before, meter.snapshot())
-    return sample
-
-
-def run_rounds(
-    phase: str,
-    systems: list[tuple[str, Op, Callable[[], Any]]],
-    total: int,
-    clients: int,
-    rounds: int,
-    warmup: int,
-    meter: CpuMeter,
-    profiler: Profiler,
-) -> dict[str, Sample]:
-    """Each system in turn, ``rounds`` times over, so a change in the machine's load hits all of them alike.
-
-    Rates are all operations over the summed wall time of the system's rounds.
-    """
-    merged = {label: Sample(label, wall=0.0) for label, _, _ in systems}
-    for label, op, make_state in systems:
-        run_concurrent(label, op, make_state, clients, warmup, meter)
-    for r in range(rounds):
-        count = total // rounds + (1 if r < total % rounds else 0)
-        for label, op, make_state in systems:
-            with profiler.record(phase, label) if r == 0 else contextlib.nullcontext():
-                s = run_concurrent(label, op, make_state, clients, count, meter)
-            m = merged[label]
-            m.times += s.times
-            for key, values in s.extra.items():
-                m.extra.setdefault(key, []).extend(values)
-            m.errors += s.errors
-            m.wall = (m.wall or 0.0) + (s.wall or 0.0)
-            for role, seconds in s.cpu.items():
-                m.cpu[role] = m.cpu.get(role, 0.0) + seconds
-    return merged
-
-
-def run_interleaved(series: list[tuple[str, Op, Any]], count: int, warmup: int) -> list[Sample]:
-    """One client: each round runs one operation of every series, so all see the same conditions."""
-    for _ in range(warmup):
-        for name, op, state in series:
-            timed(op, state, Sample(name))
-    samples = [Sample(name) for name, _, _ in series]
-    for _ in range(count):
-        if STOP.is_set():
-            break
-        for sample, (_, op, state) in zip(samples, series):
-            timed(op, state, sample)
-    return samples
-
-
 # --- the run --------------------------------------------------------------------------------------
 
 
-def purge(broker_url: str, queues: tuple[str, ...]) -> int:
-    from bench.baseline_app import celery_app
-
-    with celery_app.connection_for_write() as conn:
-        return sum(conn.default_channel.queue_purge(q) or 0 for q in queues)
-
-
-DEFAULT_WORKER_COMMAND = "{python} -m gpujobs worker --queues {queues}"
-
-
-def api_settings() -> tuple[int, int]:
-    try:
-        from gpujobs import cli
-
-        return int(getattr(cli, "DEFAULT_API_WORKERS", 2)), int(getattr(cli, "DEFAULT_API_THREADS", 8))
-    except Exception:  # the CLI is being edited; the defaults are what it had
-        return 2, 8
-
-
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--database-url", help="default: a fresh PostgreSQL database on 127.0.0.1:5432 if it answers, else SQLite in a temp dir")
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--database-url",
+        help="default: a fresh PostgreSQL database on 127.0.0.1:5432 if it answers, else SQLite in a temp dir",
+    )
     parser.add_argument("--broker-url", help=f"default: {DEFAULT_REDIS} if it answers, else an embedded Redis")
     parser.add_argument("--s3-endpoint", help="default: an embedded SeaweedFS S3 server")
     parser.add_argument("--s3-access-key")
     parser.add_argument("--s3-secret-key")
     parser.add_argument("--submissions", type=int, default=2000, help="per system, phase (a) (default 2000)")
     parser.add_argument("--latency-samples", type=int, default=300, help="per system and mode, phase (b) (default 300)")
-    parser.add_argument("--load-samples", type=int, help="per system, phase (c) (default: --latency-samples x 2; 0 skips)")
+    parser.add_argument(
+        "--load-samples", type=int, help="per system, phase (c) (default: --latency-samples x 2; 0 skips)"
+    )
     parser.add_argument("--clients", type=int, default=8, help="concurrent client threads in (a) and (c) (default 8)")
-    parser.add_argument("--rounds", type=int, default=3, help="(a) and (c) alternate the systems this many times (default 3)")
+    parser.add_argument(
+        "--rounds", type=int, default=3, help="(a) and (c) alternate the systems this many times (default 3)"
+    )
     parser.add_argument(
         "--http",
-        choices=sorted(HTTP_CLIENTS),
+        choices=sorted(SESSIONS),
         default="requests",
         help="HTTP client of the client threads: requests.Session (default) or a lean http.client connection",
     )
@@ -612,7 +224,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--json", type=Path, help="also write the figures to this file")
     parser.add_argument("--keep-logs", action="store_true", help="keep the temp dir with the children's logs")
-    parser.add_argument("--py-spy", help="path of py-spy: record the APIs and workers during (a) and (c) (perturbs the figures)")
+    parser.add_argument(
+        "--py-spy", help="path of py-spy: record the APIs and workers during (a) and (c) (perturbs the figures)"
+    )
     parser.add_argument(
         "--profile-dir",
         type=Path,
@@ -620,207 +234,204 @@ def main(argv: list[str] | None = None) -> int:
         help="where --py-spy writes collapsed stacks (default: $TMPDIR/gpujobs-bench-profiles)",
     )
     args = parser.parse_args(argv)
-    load_samples = args.latency_samples * 2 if args.load_samples is None else args.load_samples
-    global http_session
-    http_session = HTTP_CLIENTS[args.http]
+    args.load_samples = args.latency_samples * 2 if args.load_samples is None else args.load_samples
+    command = " ".join(["python -m bench.queue_overhead", *(argv if argv is not None else sys.argv[1:])])
 
-    # SIGTERM and SIGINT (even where the shell started us with SIGINT ignored) unwind as KeyboardInterrupt,
-    # so the finally below stops everything.
-    interrupt_on(signal.SIGTERM, signal.SIGINT)
+    def measure_until_stopped(deployment: Deployment) -> dict[str, Any]:
+        try:
+            return measure(args, command, deployment)
+        finally:
+            STOP.set()  # client threads stop before the servers do
+
+    return run("queue-overhead", measure_until_stopped, report, args.json, args.keep_logs)
+
+
+def measure(args: argparse.Namespace, command: str, deployment: Deployment) -> dict[str, Any]:
     load_before = os.getloadavg()[0]
-    deployment = Deployment.new("queue-overhead")
-    redis_was_empty: bool | None = None  # None: nothing of this run is in the broker yet
-    failed = True
-    started = time.monotonic()
-    try:
-        broker_url = args.broker_url or (DEFAULT_REDIS if redis_answers(DEFAULT_REDIS) else None)
-        deployment.start_services(args.database_url, broker_url, args.s3_endpoint, args.s3_access_key, args.s3_secret_key)
-        redis_was_empty = deployment.broker_url.startswith("redis") and redis_client(deployment.broker_url).dbsize() == 0
-        sys.path.insert(0, str(REPO))
-        # This process talks to the same services (migrations, keys, bare Celery, purges).
-        env, admin_key = deployment.prepare(S3_BUCKET, baseline_settings(deployment), "queue-overhead benchmark")
+    session = SESSIONS[args.http]
+    broker_url = args.broker_url or (DEFAULT_REDIS if redis_answers(REDIS_PORT, REDIS_HOST) else None)
+    deployment.start_services(args.database_url, broker_url, args.s3_endpoint, args.s3_access_key, args.s3_secret_key)
+    redis_was_empty = deployment.broker_url.startswith("redis") and redis_client(deployment.broker_url).dbsize() == 0
+    deployment.at_stop(lambda: forget_broker_keys(deployment.broker_url, redis_was_empty))
+    # This process talks to the same services (migrations, keys, bare Celery, purges).
+    admin_key = deployment.prepare(S3_BUCKET, baseline_settings(deployment), "queue-overhead benchmark")
+    assert deployment.stack is not None
 
-        from bench import baseline_app
+    from bench import baseline_app
 
-        baseline_app.metadata.create_all(baseline_app.engine)
-        s3 = baseline_app._s3()
-        with contextlib.suppress(Exception):
-            s3.create_bucket(Bucket=BASELINE_BUCKET)
+    deployment.at_stop(baseline_app.engine.dispose)
+    baseline_app.metadata.create_all(baseline_app.engine)
+    with contextlib.suppress(Exception):
+        baseline_app._s3().create_bucket(Bucket=BASELINE_BUCKET)
 
-        meter = CpuMeter()
-        meter.database_name = deployment.created_database
-        for part in deployment.embedded:
-            meter.groups[part.process.pid] = "s3" if hasattr(part, "endpoint_url") else "redis"
+    meter = CpuMeter(deployment.database_url.rsplit("/", 1)[1] if deployment.database.is_postgres else None)
+    for server in deployment.servers:
+        meter.add(server.process.pid, "s3" if isinstance(server, EmbeddedS3) else "redis")
 
-        workers, threads = api_settings()
-        gj_base = deployment.start_api(env, args.gpujobs_api_command, name="gpujobs-api")
-        bl_port = free_port()
-        gunicorn = [
-            sys.executable, "-m", "gunicorn",
-            "--worker-class", "gthread", "--workers", str(workers), "--threads", str(threads),
-            "--bind", f"127.0.0.1:{bl_port}", "--graceful-timeout", "10", "--keep-alive", "5",
-        ]  # fmt: skip
-        if Path("/dev/shm").is_dir():
-            gunicorn += ["--worker-tmp-dir", "/dev/shm"]
-        bl_base = f"http://127.0.0.1:{bl_port}"
-        bl_api = deployment.start("baseline-api", [*gunicorn, "bench.baseline_app:app"], env)
-        deployment.wait_for_http("baseline-api", f"{bl_base}/healthz")
-        gj_api = deployment.processes["gpujobs-api"]
-        meter.groups[gj_api.pid] = "gpujobs api"
-        meter.groups[bl_api.pid] = "baseline api"
-        log(f"APIs up: gpujobs {gj_base}, hand-written {bl_base} (gunicorn gthread, {workers} x {threads})")
+    workers, threads = api_settings()
+    gj_api, gj_base = deployment.start_api(args.gpujobs_api_command, name="gpujobs-api")
+    bl_port = free_port()
+    gunicorn = [
+        sys.executable,
+        "-m",
+        "gunicorn",
+        "--worker-class",
+        "gthread",
+        "--workers",
+        str(workers),
+        "--threads",
+        str(threads),
+        "--bind",
+        f"127.0.0.1:{bl_port}",
+        "--graceful-timeout",
+        "10",
+        "--keep-alive",
+        "5",
+    ]
+    if Path("/dev/shm").is_dir():
+        gunicorn += ["--worker-tmp-dir", "/dev/shm"]
+    bl_base = f"http://127.0.0.1:{bl_port}"
+    bl_api = deployment.stack.start("baseline-api", [*gunicorn, "bench.baseline_app:app"])
+    bl_api.wait_for_http(f"{bl_base}/healthz", READY_TIMEOUT)
+    meter.add(gj_api.pid, "gpujobs api")
+    meter.add(bl_api.pid, "baseline api")
+    log(f"APIs up: gpujobs {gj_base}, hand-written {bl_base} (gunicorn gthread, {workers} x {threads})")
 
-        profiler = Profiler(args.py_spy, args.profile_dir if args.py_spy else None)
-        profiler.targets |= {"gpujobs api": gj_api.pid, "hand-written api": bl_api.pid}
-        gj = GpujobsClient(gj_base, admin_key)
-        hand = HandClient(bl_base)
+    profiler = Profiler(args.py_spy, args.profile_dir if args.py_spy else None)
+    profiler.targets |= {"gpujobs api": gj_api.pid, "hand-written api": bl_api.pid}
 
-        # (a) submissions/s, no worker consuming
-        log(f"(a) {args.submissions} submissions per system, {args.clients} client threads, no worker consuming")
-        throughput = run_rounds(
-            "a",
-            [
-                ("bare Celery", celery_send, lambda: None),
-                ("hand-written", submit_only(hand), hand.session),
-                ("gpujobs", submit_only(gj), gj.session),
-            ],
-            args.submissions,
-            args.clients,
-            args.rounds,
-            args.warmup * args.clients,
-            meter,
-            profiler,
-        )
-        for label, sample in throughput.items():
-            log(f"    {label}: {sample.rate:.0f}/s ({sample.errors} errors)")
-        purged = purge(deployment.broker_url, GPUJOBS_QUEUES + BASELINE_QUEUES)
-        log(f"    purged {purged} unconsumed messages")
+    def gpujobs() -> JobsClient:
+        return JobsClient(gj_base, admin_key, session())
 
-        # Workers
-        from db.settings import get_settings
+    def hand() -> HandClient:
+        return HandClient(bl_base, session())
 
-        concurrency = str(get_settings().worker_concurrency)
-        worker_command = (args.gpujobs_worker_command or DEFAULT_WORKER_COMMAND).format(
-            python=shlex.quote(sys.executable), queues=",".join(GPUJOBS_QUEUES)
-        )
-        gj_worker = deployment.start("gpujobs-worker", shlex.split(worker_command), env)
-        bl_worker = deployment.start(
-            "baseline-worker",
-            [
-                sys.executable, "-m", "celery", "-A", "bench.baseline_app:celery_app", "worker",
-                "-Q", ",".join(BASELINE_QUEUES), "--pool", "threads", "--concurrency", concurrency,
-                "--hostname", f"bench-baseline-{os.getpid()}@%h", "--loglevel", "INFO",
-                "--without-mingle", "--without-gossip",
-            ],
-            env,
-        )  # fmt: skip
-        meter.groups[gj_worker.pid] = "gpujobs worker"
-        meter.groups[bl_worker.pid] = "baseline worker"
-        profiler.targets |= {"gpujobs worker": gj_worker.pid, "hand-written worker": bl_worker.pid}
-        deployment.wait_for_log("gpujobs-worker")
-        deployment.wait_for_log("baseline-worker")
-        log(f"workers up (Celery thread pool, concurrency {concurrency} each)")
+    def no_state() -> None:
+        return None
 
-        # (b) latency, sequential, interleaved
-        log(f"(b) {args.latency_samples} sequential round trips per system and mode (interleaved)")
-        gs, hs = gj.session(), hand.session()
-        latency = run_interleaved(
-            [
-                ("bare Celery: apply_async + .get()", celery_round_trip, None),
-                ("hand-written: POST ?wait (AsyncResult.get)", round_trip_wait(hand), hs),
-                ("hand-written: POST + GET polling", round_trip_poll(hand), hs),
-                ("gpujobs: POST Prefer: wait", round_trip_wait(gj), gs),
-                ("gpujobs: POST + GET polling", round_trip_poll(gj), gs),
-            ],
-            args.latency_samples,
-            args.warmup,
-        )
-        for s in latency:
-            log(f"    {s.name}: median {s.median_ms:.2f} ms, p99 {s.p99_ms:.2f} ms ({s.errors} errors)")
+    # (a) submissions/s, no worker consuming
+    log(f"(a) {args.submissions} submissions per system, {args.clients} client threads, no worker consuming")
+    throughput = run_rounds(
+        "a",
+        [
+            ("bare Celery", celery_send, no_state),
+            ("hand-written", submit_only, hand),
+            ("gpujobs", submit_only, gpujobs),
+        ],
+        args.submissions,
+        args.clients,
+        args.rounds,
+        args.warmup * args.clients,
+        meter,
+        profiler.record,
+    )
+    for label, sample in throughput.items():
+        log(f"    {label}: {sample.rate:.0f}/s ({sample.errors} errors)")
+    log(f"    purged {purge(GPUJOBS_QUEUES + BASELINE_QUEUES)} unconsumed messages")
 
-        # (c) latency under load
-        load: dict[str, Sample] = {}
-        if load_samples:
-            log(f"(c) {load_samples} round trips per system, {args.clients} concurrent clients")
-            load = run_rounds(
-                "c",
-                [
-                    ("bare Celery", celery_round_trip, lambda: None),
-                    ("hand-written", round_trip_wait(hand), hand.session),
-                    ("gpujobs", round_trip_wait(gj), gj.session),
-                ],
-                load_samples,
-                args.clients,
-                args.rounds,
-                args.warmup,
-                meter,
-                profiler,
-            )
-            for label, sample in load.items():
-                log(f"    {label}: {sample.rate:.0f} jobs/s, median {sample.median_ms:.1f} ms ({sample.errors} errors)")
+    # Workers
+    from db.settings import get_settings
 
-        results = {
-            "date": datetime.now(UTC).isoformat(timespec="seconds"),
-            "load_before": load_before,
-            "command": " ".join(["python -m bench.queue_overhead", *(argv if argv is not None else sys.argv[1:])]),
-            "machine": machine(),
-            "services": {"database": deployment.database_label, "broker": deployment.broker_label, "s3": deployment.s3_label},
-            "settings": {
-                "clients": args.clients,
-                "http_client": args.http,
-                "rounds": args.rounds,
-                "submissions": args.submissions,
-                "latency_samples": args.latency_samples,
-                "load_samples": load_samples,
-                "api": f"gunicorn gthread {workers} workers x {threads} threads",
-                "worker": f"Celery thread pool, concurrency {concurrency}",
-                "gpujobs_api_command": args.gpujobs_api_command or DEFAULT_API_COMMAND,
-                "gpujobs_worker_command": args.gpujobs_worker_command or DEFAULT_WORKER_COMMAND,
-            },
-            "throughput": {k: v.as_dict() for k, v in throughput.items()},
-            "latency": {s.name: s.as_dict() for s in latency},
-            "load": {k: v.as_dict() for k, v in load.items()},
-        }
-        report(results, throughput, latency, load, args)
-        if args.json:
-            args.json.write_text(json.dumps(results, indent=2) + "\n")
-            log(f"figures written to {args.json}")
-        failed = False
-        return 0
-    finally:
-        STOP.set()
-        for sig in (signal.SIGINT, signal.SIGTERM):  # a second Ctrl-C must not cut the cleanup short
-            signal.signal(sig, signal.SIG_IGN)
-        deployment.stop_processes()  # workers first, then the APIs
-        if redis_was_empty is not None:
-            with contextlib.suppress(Exception):
-                forget_broker_keys(deployment.broker_url, redis_was_empty)
-        with contextlib.suppress(Exception):
-            from bench import baseline_app
+    concurrency = str(get_settings().worker_concurrency)
+    worker_command = (args.gpujobs_worker_command or DEFAULT_WORKER_COMMAND).format(
+        python=shlex.quote(sys.executable), queues=",".join(GPUJOBS_QUEUES)
+    )
+    gj_worker = deployment.stack.start("gpujobs-worker", shlex.split(worker_command))
+    bl_worker = deployment.stack.start(
+        "baseline-worker",
+        [
+            sys.executable,
+            "-m",
+            "celery",
+            "-A",
+            "bench.baseline_app:celery_app",
+            "worker",
+            "-Q",
+            ",".join(BASELINE_QUEUES),
+            "--pool",
+            "threads",
+            "--concurrency",
+            concurrency,
+            "--hostname",
+            f"bench-baseline-{os.getpid()}@%h",
+            "--loglevel",
+            "INFO",
+            "--without-mingle",
+            "--without-gossip",
+        ],
+    )
+    meter.add(gj_worker.pid, "gpujobs worker")
+    meter.add(bl_worker.pid, "baseline worker")
+    profiler.targets |= {"gpujobs worker": gj_worker.pid, "hand-written worker": bl_worker.pid}
+    for worker in (gj_worker, bl_worker):
+        worker.wait_for_log(" ready.", READY_TIMEOUT)
+    log(f"workers up (Celery thread pool, concurrency {concurrency} each)")
 
-            baseline_app.engine.dispose()
-        deployment.stop(keep_logs=args.keep_logs or failed)
-        log(f"done in {time.monotonic() - started:.0f} s; every process this run started is stopped")
+    # (b) latency, sequential, interleaved
+    log(f"(b) {args.latency_samples} sequential round trips per system and mode (interleaved)")
+    gs, hs = gpujobs(), hand()
+    latency = run_interleaved(
+        [
+            ("bare Celery: apply_async + .get()", celery_round_trip, None),
+            ("hand-written: POST ?wait (AsyncResult.get)", round_trip_wait, hs),
+            ("hand-written: POST + GET polling", round_trip_poll, hs),
+            ("gpujobs: POST Prefer: wait", round_trip_wait, gs),
+            ("gpujobs: POST + GET polling", round_trip_poll, gs),
+        ],
+        args.latency_samples,
+        args.warmup,
+    )
+    for s in latency:
+        log(f"    {s.name}: median {s.median_ms:.2f} ms, p99 {s.p99_ms:.2f} ms ({s.errors} errors)")
 
+    # (c) latency under load
+    load: dict[str, Sample] = {}
+    if args.load_samples:
+        log(f"(c) {args.load_samples} round trips per system, {args.clients} concurrent clients")
+        waits: list[tuple[str, Op, Any]] = [
+            ("bare Celery", celery_round_trip, no_state),
+            ("hand-written", round_trip_wait, hand),
+            ("gpujobs", round_trip_wait, gpujobs),
+        ]
+        load = run_rounds("c", waits, args.load_samples, args.clients, args.rounds, args.warmup, meter, profiler.record)
+        for label, sample in load.items():
+            log(f"    {label}: {sample.rate:.0f} jobs/s, median {sample.median_ms:.1f} ms ({sample.errors} errors)")
 
-def machine() -> str:
-    return f"{os.cpu_count()} cores ({cpu_model()}), no GPU, Linux {platform.release()}, Python {platform.python_version()}"
+    return {
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "load_before": load_before,
+        "command": command,
+        "machine": machine(),
+        "services": {
+            "database": deployment.database_label,
+            "broker": deployment.broker_label,
+            "s3": deployment.s3_label,
+        },
+        "settings": {
+            "clients": args.clients,
+            "http_client": args.http,
+            "rounds": args.rounds,
+            "submissions": args.submissions,
+            "latency_samples": args.latency_samples,
+            "load_samples": args.load_samples,
+            "api": f"gunicorn gthread {workers} workers x {threads} threads",
+            "worker": f"Celery thread pool, concurrency {concurrency}",
+            "gpujobs_api_command": args.gpujobs_api_command or DEFAULT_API_COMMAND,
+            "gpujobs_worker_command": args.gpujobs_worker_command or DEFAULT_WORKER_COMMAND,
+        },
+        "throughput": {k: v.as_dict() for k, v in throughput.items()},
+        "latency": {s.name: s.as_dict() for s in latency},
+        "load": {k: v.as_dict() for k, v in load.items()},
+    }
 
 
 # --- the report -----------------------------------------------------------------------------------
 
 
-def _ratio(a: float, b: float) -> str:
-    return f"{a / b:.2f}x" if b and not math.isnan(a) and not math.isnan(b) else "n/a"
-
-
-def report(
-    results: dict[str, Any],
-    throughput: dict[str, Sample],
-    latency: list[Sample],
-    load: dict[str, Sample],
-    args: argparse.Namespace,
-) -> None:
+def report(results: dict[str, Any]) -> None:
+    """The figures as tables, from the results alone (so also from a run's JSON)."""
+    settings = results["settings"]
+    throughput, latency, load = results["throughput"], results["latency"], results["load"]
     out: list[str] = []
     p = out.append
     p("")
@@ -829,81 +440,86 @@ def report(
     p(f"machine:  {results['machine']}")
     for k, v in results["services"].items():
         p(f"{k + ':':9} {v}")
-    p(f"API:      {results['settings']['api']} (both APIs); workers: {results['settings']['worker']} (both)")
-    if args.gpujobs_api_command or args.gpujobs_worker_command:
-        p(f"gpujobs run as: {args.gpujobs_api_command or DEFAULT_API_COMMAND}")
-        p(f"           and: {args.gpujobs_worker_command or DEFAULT_WORKER_COMMAND}")
-    p(
-        f"load average (1 min) before the run: {results['load_before']:.2f}"
-        + ("  (other work was running: expect noisy, pessimistic figures)" if results["load_before"] > 1.0 else "")
-    )
+    p(f"API:      {settings['api']} (both APIs); workers: {settings['worker']} (both)")
+    commands = settings["gpujobs_api_command"], settings["gpujobs_worker_command"]
+    if commands != (DEFAULT_API_COMMAND, DEFAULT_WORKER_COMMAND):
+        p(f"gpujobs run as: {commands[0]}")
+        p(f"           and: {commands[1]}")
+    busy = "  (other work was running: expect noisy, pessimistic figures)" if results["load_before"] > 1.0 else ""
+    p(f"load average (1 min) before the run: {results['load_before']:.2f}{busy}")
     p("")
-    client_kind = "requests.Session" if args.http == "requests" else "http.client connection"
-    p(f"(a) Submissions/s: {args.clients} client threads in one process ({client_kind} each, keep-alive),")
-    p(f"    {args.submissions} submissions per system in {args.rounds} alternating rounds, no worker consuming")
+    client_kind = "requests.Session" if settings["http_client"] == "requests" else "http.client connection"
+    p(f"(a) Submissions/s: {settings['clients']} client threads in one process ({client_kind} each, keep-alive),")
+    p(
+        f"    {settings['submissions']} submissions per system in {settings['rounds']} alternating rounds, "
+        "no worker consuming"
+    )
     p(f"    {'system':<14}{'subs/s':>9}{'submit median':>15}{'p99':>9}{'errors':>8}")
     for name, s in throughput.items():
-        p(f"    {name:<14}{s.rate:>9.0f}{s.median_ms:>12.2f} ms{s.p99_ms:>6.2f} ms{s.errors:>8}")
-    g, h, b = throughput["gpujobs"], throughput["hand-written"], throughput["bare Celery"]
-    p(f"    gpujobs / hand-written: {_ratio(g.rate, h.rate)} the throughput;  gpujobs / bare Celery: {_ratio(g.rate, b.rate)}")
-    p(f"    aim >= 300 submissions/s: {'MET' if g.rate >= 300 else 'MISSED'} ({g.rate:.0f}/s)")
+        p(f"    {name:<14}{s['per_second']:>9.0f}{s['median_ms']:>12.2f} ms{s['p99_ms']:>6.2f} ms{s['errors']:>8}")
+    g, h, b = (throughput[k]["per_second"] for k in ("gpujobs", "hand-written", "bare Celery"))
+    p(f"    gpujobs / hand-written: {ratio(g, h)} the throughput;  gpujobs / bare Celery: {ratio(g, b)}")
+    p(f"    aim >= 300 submissions/s: {'MET' if g >= 300 else 'MISSED'} ({g:.0f}/s)")
     p("")
-    p(f"(b) Submit -> succeeded as seen by the client, one sequential client, {args.latency_samples} samples each")
+    p(
+        "(b) Submit -> succeeded as seen by the client, one sequential client, "
+        f"{settings['latency_samples']} samples each"
+    )
     p("    wait = one POST held until the job ends; poll = POST then back-to-back GETs until `succeeded`")
     p(f"    {'system / mode':<46}{'median':>10}{'p99':>10}{'mean':>10}{'GETs/job':>10}{'errors':>8}")
-    for s in latency:
-        gets = f"{statistics.fmean(s.extra['gets']):.1f}" if "gets" in s.extra else "-"
-        mean = statistics.fmean(s.times) * 1000 if s.times else float("nan")
-        p(f"    {s.name:<46}{s.median_ms:>7.2f} ms{s.p99_ms:>7.2f} ms{mean:>7.2f} ms{gets:>10}{s.errors:>8}")
-    by = {s.name: s for s in latency}
-    bare = by["bare Celery: apply_async + .get()"]
+    for name, s in latency.items():
+        gets = f"{s['mean_gets_per_job']:.1f}" if "mean_gets_per_job" in s else "-"
+        mean = s["mean_ms"] if s["mean_ms"] is not None else float("nan")
+        p(f"    {name:<46}{s['median_ms']:>7.2f} ms{s['p99_ms']:>7.2f} ms{mean:>7.2f} ms{gets:>10}{s['errors']:>8}")
+    bare = latency["bare Celery: apply_async + .get()"]
     for mode, gname, hname in [
         ("wait", "gpujobs: POST Prefer: wait", "hand-written: POST ?wait (AsyncResult.get)"),
         ("poll", "gpujobs: POST + GET polling", "hand-written: POST + GET polling"),
     ]:
-        gs, hs = by[gname], by[hname]
+        gs, hs = latency[gname], latency[hname]
         p(
-            f"    {mode}: gpujobs / hand-written median {_ratio(gs.median_ms, hs.median_ms)}, p99 {_ratio(gs.p99_ms, hs.p99_ms)};"
-            f"  gpujobs / bare Celery median {_ratio(gs.median_ms, bare.median_ms)}, p99 {_ratio(gs.p99_ms, bare.p99_ms)}"
+            f"    {mode}: gpujobs / hand-written median {ratio(gs['median_ms'], hs['median_ms'])}, "
+            f"p99 {ratio(gs['p99_ms'], hs['p99_ms'])};  gpujobs / bare Celery median "
+            f"{ratio(gs['median_ms'], bare['median_ms'])}, p99 {ratio(gs['p99_ms'], bare['p99_ms'])}"
         )
-    gw, hw = by["gpujobs: POST Prefer: wait"], by["hand-written: POST ?wait (AsyncResult.get)"]
-    ratio = gw.median_ms / hw.median_ms if hw.median_ms else float("nan")
-    p(f"    aim: median within 1.5x of hand-written (wait mode): {'MET' if ratio <= 1.5 else 'MISSED'} ({ratio:.2f}x)")
+    gw, hw = latency["gpujobs: POST Prefer: wait"], latency["hand-written: POST ?wait (AsyncResult.get)"]
+    within = gw["median_ms"] / hw["median_ms"] if hw["median_ms"] else float("nan")
+    verdict = "MET" if within <= 1.5 else "MISSED"
+    p(f"    aim: median within 1.5x of hand-written (wait mode): {verdict} ({within:.2f}x)")
     p("    where the wait-mode time goes (medians, from each job's own timestamps; 'outside' = total - server spans):")
-    for s in (hw, gw):
-        parts = {k: statistics.median(v) * 1000 for k, v in s.extra.items() if k != "gets"}
+    for name in ("hand-written: POST ?wait (AsyncResult.get)", "gpujobs: POST Prefer: wait"):
+        parts = {k.removesuffix("_median_ms"): v for k, v in latency[name].items() if k.endswith("_median_ms")}
         if parts:
-            outside = s.median_ms - sum(parts.values())
             named = ", ".join(f"{k} {v:.2f} ms" for k, v in parts.items())
-            p(f"      {s.name}: {named}, outside {outside:.2f} ms")
+            p(f"      {name}: {named}, outside {latency[name]['median_ms'] - sum(parts.values()):.2f} ms")
     p("      (gpujobs queue = created_at -> started_at: commit, broker send, delivery, claim;")
     p("       run = started_at -> finished_at: the job, its S3 put, the artifact row, success recorded;")
     p("       hand-written server = its row's created_at -> finished_at)")
     if load:
         p("")
-        p(f"(c) Under load: {args.clients} concurrent clients doing wait round trips, {len(next(iter(load.values())).times)} jobs per system")
+        p(
+            f"(c) Under load: {settings['clients']} concurrent clients doing wait round trips, "
+            f"{next(iter(load.values()))['n']} jobs per system"
+        )
         p(f"    {'system':<14}{'jobs/s':>9}{'median':>10}{'p99':>10}{'errors':>8}")
         for name, s in load.items():
-            p(f"    {name:<14}{s.rate:>9.0f}{s.median_ms:>7.1f} ms{s.p99_ms:>7.1f} ms{s.errors:>8}")
-        g, h, b = load["gpujobs"], load["hand-written"], load["bare Celery"]
+            p(f"    {name:<14}{s['per_second']:>9.0f}{s['median_ms']:>7.1f} ms{s['p99_ms']:>7.1f} ms{s['errors']:>8}")
+        g, h, b = (load[k] for k in ("gpujobs", "hand-written", "bare Celery"))
         p(
-            f"    gpujobs / hand-written: jobs/s {_ratio(g.rate, h.rate)}, median {_ratio(g.median_ms, h.median_ms)};"
-            f"  gpujobs / bare Celery: jobs/s {_ratio(g.rate, b.rate)}, median {_ratio(g.median_ms, b.median_ms)}"
+            f"    gpujobs / hand-written: jobs/s {ratio(g['per_second'], h['per_second'])}, "
+            f"median {ratio(g['median_ms'], h['median_ms'])};  gpujobs / bare Celery: jobs/s "
+            f"{ratio(g['per_second'], b['per_second'])}, median {ratio(g['median_ms'], b['median_ms'])}"
         )
     p("")
-    p("CPU milliseconds per operation, by process (from /proc; 2 cores = 2000 ms of CPU per second)")
-    roles = ["client", "gpujobs api", "baseline api", "gpujobs worker", "baseline worker", "postgres", "redis", "s3"]
-    p(f"    {'phase / system':<24}" + "".join(f"{r:>11}" for r in roles) + f"{'total':>9}")
+    p("CPU milliseconds per operation, by process (psutil; 2 cores = 2000 ms of CPU per second)")
+    p(f"    {'phase / system':<24}" + "".join(f"{r:>11}" for r in CPU_ROLES) + f"{'total':>9}")
     phases = [("(a) " + k, v) for k, v in throughput.items()] + [("(c) " + k, v) for k, v in load.items()]
     for name, s in phases:
-        n = max(1, len(s.times))
-        cells = "".join(f"{s.cpu.get(r, 0.0) * 1000 / n:>11.2f}" for r in roles)
-        p(f"    {name:<24}{cells}{sum(s.cpu.values()) * 1000 / n:>9.2f}")
+        per_op = s.get("cpu_ms_per_op", {})
+        cells = "".join(f"{per_op.get(r, 0.0):>11.2f}" for r in CPU_ROLES)
+        p(f"    {name:<24}{cells}{sum(per_op.values()):>9.2f}")
     print("\n".join(out), flush=True)
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except KeyboardInterrupt:
-        sys.exit(130)
+    sys.exit(main())

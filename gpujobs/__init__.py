@@ -1,8 +1,8 @@
 """gpujobs: a self-hosted service that runs computer-vision jobs on GPU workers.
 
-This package holds the command line (``gpujobs``), the supervisor behind
-``gpujobs up`` and the embedded Redis and S3 servers it starts. The service
-itself lives in ``api/`` (HTTP), ``worker/`` (jobs) and ``db/`` (state).
+This package holds the command line (``gpujobs``), ``gpujobs up`` and the harness
+that starts a stack on one machine (for ``up``, the tests and the benchmarks). The
+service itself lives in ``api/`` (HTTP), ``worker/`` (jobs) and ``db/`` (state).
 """
 
 from __future__ import annotations

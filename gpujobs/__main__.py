@@ -1,4 +1,4 @@
-"""``python -m gpujobs`` is the ``gpujobs`` command (the supervisor starts its children this way)."""
+"""``python -m gpujobs`` is the ``gpujobs`` command (the harness runs it so where no console script is installed)."""
 
 from gpujobs.cli import main
 

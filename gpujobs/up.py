@@ -17,7 +17,6 @@ import secrets
 import signal
 import socket
 import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
@@ -26,18 +25,15 @@ from pathlib import Path
 
 import click
 
-from gpujobs import embedded
-from gpujobs.supervisor import Child, Dependency, Fatal, Supervisor, tail
+from gpujobs.harness.processes import Interrupted, Stack, gpujobs_command, interrupt, on_stop_signals
+from gpujobs.harness.servers import ServiceError, start_redis, start_s3
+from gpujobs.harness.supervisor import Fatal, Supervisor, tail
 from worker.jobs.spec import Queue
 
 UP_QUEUES = ",".join(queue.value for queue in Queue)  # one worker serves every queue
 READY_TIMEOUT = 120.0
 WORKER_READY_TIMEOUT = 60.0
 POLL_SECONDS = 0.25
-
-
-class StopRequested(Exception):
-    """Ctrl-C or SIGTERM."""
 
 
 def run_up(*, host: str, port: int, demo: bool) -> int:
@@ -48,24 +44,20 @@ def run_up(*, host: str, port: int, demo: bool) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     var_dir = get_settings().var_dir.resolve()
     var_dir.mkdir(parents=True, exist_ok=True)
-    supervisor = Supervisor(env={})
-
-    def request_stop(signum: int, _frame: object) -> None:
-        raise StopRequested(signal.Signals(signum).name)
-
-    previous = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    supervisor = Supervisor(Stack({}, var_dir / "logs"))
+    previous = on_stop_signals(interrupt)
     status = 0
     try:
         _start(supervisor, var_dir, host, port, demo)
         while True:
             time.sleep(0.5)
             supervisor.check()
-    except StopRequested as stop:
+    except Interrupted as stop:
         click.echo(f"\n{stop.args[0]} received: stopping…")
     except Fatal as exc:
         click.echo(f"gpujobs up: {exc}", err=True)
         status = 1
-    except embedded.ServiceError as exc:
+    except ServiceError as exc:
         click.echo(f"gpujobs up: an embedded server did not start: {exc}", err=True)
         status = 1
     finally:
@@ -73,8 +65,7 @@ def run_up(*, host: str, port: int, demo: bool) -> int:
         def hurry(_signum: int, _frame: object) -> None:
             supervisor.hurry = True  # a second Ctrl-C kills instead of waiting
 
-        for sig in previous:
-            signal.signal(sig, hurry)
+        on_stop_signals(hurry)
         supervisor.stop()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
@@ -87,7 +78,8 @@ def _start(supervisor: Supervisor, var_dir: Path, host: str, port: int, demo: bo
     _check_port_free(host, port)
     env = _configure(supervisor, var_dir)
     os.environ.update(env)
-    supervisor.env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    stack = supervisor.stack
+    stack.env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     _reload_settings()
 
     from db.settings import get_settings
@@ -101,17 +93,16 @@ def _start(supervisor: Supervisor, var_dir: Path, host: str, port: int, demo: bo
     if demo:
         demo_env = _build_demo_models(var_dir, echo)
         os.environ.update(demo_env)
-        supervisor.env.update(demo_env)
+        stack.env.update(demo_env)
 
     from db.session import dispose_engines
 
     dispose_engines()  # children open their own connections
-    logs = var_dir / "logs"
-    python = [sys.executable, "-m", "gpujobs"]
-    supervisor.add(Child("api", [*python, "api", "--host", host, "--port", str(port)], logs / "api.log"))
-    supervisor.add(Child("worker", [*python, "worker", "--queues", UP_QUEUES, "--name", "up"], logs / "worker.log"))
-    supervisor.add(Child("beat", [*python, "beat"], logs / "beat.log"))
-    echo(f"api, worker and beat starting (logs in {logs})")
+    gpujobs = gpujobs_command()
+    stack.start("api", [*gpujobs, "api", "--host", host, "--port", str(port)])
+    stack.start("worker", [*gpujobs, "worker", "--queues", UP_QUEUES, "--name", "up"])
+    stack.start("beat", [*gpujobs, "beat"])
+    echo(f"api, worker and beat starting (logs in {stack.log_dir})")
 
     url = f"http://{_probe_host(host)}:{port}"
     _wait_ready(supervisor, f"{url}/readyz")
@@ -133,16 +124,16 @@ def _configure(supervisor: Supervisor, var_dir: Path) -> dict[str, str]:
     if "GPUJOBS_BROKER_URL" in os.environ:
         echo(f"broker: {_display_url(os.environ['GPUJOBS_BROKER_URL'])} (GPUJOBS_BROKER_URL)")
     else:
-        redis = embedded.start_redis(var_dir / "redis")
-        supervisor.dependencies.append(Dependency("Redis", redis.process, redis.log_path, redis.stop))
+        redis = start_redis(var_dir / "redis")
+        supervisor.dependencies.append(redis)
         env["GPUJOBS_BROKER_URL"] = redis.url
         echo(f"broker: embedded Redis at {redis.url}")
     if "GPUJOBS_S3_ENDPOINT_URL" in os.environ:
         echo(f"storage: {os.environ['GPUJOBS_S3_ENDPOINT_URL']} (GPUJOBS_S3_ENDPOINT_URL)")
     else:
         access_key, secret_key = _s3_credentials(var_dir)
-        s3 = embedded.start_s3(var_dir / "s3", access_key=access_key, secret_key=secret_key)
-        supervisor.dependencies.append(Dependency("S3 server (weed)", s3.process, s3.log_path, s3.stop))
+        s3 = start_s3(var_dir / "s3", access_key=access_key, secret_key=secret_key)
+        supervisor.dependencies.append(s3)
         env |= {
             "GPUJOBS_S3_ENDPOINT_URL": s3.endpoint_url,
             "GPUJOBS_S3_ACCESS_KEY": access_key,
@@ -252,7 +243,7 @@ def _build_demo_models(var_dir: Path, echo: Callable[[str], None]) -> dict[str, 
     target = var_dir / "demo-models"
     echo(f"demo: building the tiny demo models in {target} (once)")
     build = subprocess.run(
-        [sys.executable, "-m", "gpujobs", "models", "demo", str(target)],
+        [*gpujobs_command(), "models", "demo", str(target)],
         env={**os.environ, "HF_HUB_DISABLE_PROGRESS_BARS": "1"},
         stdin=subprocess.DEVNULL,
         capture_output=True,
@@ -294,7 +285,7 @@ def _wait_ready(supervisor: Supervisor, readyz: str) -> None:
         time.sleep(POLL_SECONDS)
     raise Fatal(
         f"the API did not become ready within {READY_TIMEOUT:g} s; {readyz} said: {last}\n"
-        f"Last lines of the API log:\n{tail(supervisor.children[0].log_path)}"
+        f"Last lines of the API log:\n{tail(supervisor.stack.processes[0].log_path)}"
     )
 
 

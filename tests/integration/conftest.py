@@ -14,6 +14,7 @@ Every process reads its settings when it first needs them (and this one again af
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from collections.abc import Iterator
@@ -24,10 +25,12 @@ from typing import Any
 
 import pytest
 
-from gpujobs.embedded import EmbeddedS3, start_s3
-from tests.integration import processes
-from tests.integration.processes import ROOT, ManagedProcess, Stack
-from tests.integration.services import Database, RedisDatabase, provision_database, provision_redis
+from gpujobs.harness import processes
+from gpujobs.harness.databases import Database, RedisDatabase, provision_database, provision_redis
+from gpujobs.harness.processes import ManagedProcess, Stack
+from gpujobs.harness.servers import EmbeddedS3, start_s3
+
+ROOT = Path(__file__).resolve().parents[2]
 
 # Small timings so that leases expire, reconciles run and cancels land within a second or two.
 TEST_SETTINGS = {
@@ -50,6 +53,12 @@ TEST_SETTINGS = {
     # A dataset over the image limit is cheap to build at this size.
     "GPUJOBS_FINETUNE_MAX_IMAGES": "20",
 }
+
+
+def embedded_only() -> bool:
+    """``GPUJOBS_TEST_EMBEDDED=1``: run as on a bare machine (SQLite and an embedded Redis) even where
+    PostgreSQL and Redis answer."""
+    return os.environ.get("GPUJOBS_TEST_EMBEDDED", "").lower() in ("1", "true", "yes")
 
 
 def reset_process_caches() -> None:
@@ -100,8 +109,13 @@ def services(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Services]:
     saved_environ = dict(os.environ)
     database = redis_db = s3 = None
     try:
-        database = provision_database(root / "db")
-        redis_db = provision_redis(root)
+        import migrations
+
+        # GPUJOBS_TEST_DATABASE_URL names a database to use instead of a fresh one.
+        given = os.environ.get("GPUJOBS_TEST_DATABASE_URL")
+        database = provision_database(root / "db", url=given, postgres=not embedded_only())
+        migrations.upgrade(database.url)
+        redis_db = provision_redis(root, machine=not embedded_only())
         s3 = start_s3(root / "s3")
         catalog = demo_models()
         env = {
@@ -260,10 +274,9 @@ def quiesce(timeout: float = 30.0) -> None:
             select(Job.id).where(Job.status.in_([JobStatus.QUEUED.value, JobStatus.RUNNING.value]))
         ).all()
         for job_id in unfinished:
-            try:
+            # One that finished between the read and the cancel has nothing left to stop.
+            with contextlib.suppress(transitions.TransitionError):
                 transitions.request_cancel(session, job_id)
-            except transitions.TransitionError:
-                pass  # it finished between the read and the cancel: nothing left to stop
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         with session_scope() as session:

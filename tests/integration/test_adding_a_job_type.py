@@ -19,8 +19,9 @@ import pytest
 import requests
 from PIL import Image
 
+from gpujobs.harness.processes import Stack
 from tests.integration.client import auth
-from tests.integration.processes import ROOT, Stack
+from tests.integration.conftest import ROOT
 
 TOY_REGISTRY = "tests.integration.toyjob.registry:JOB_TYPES"
 
@@ -78,7 +79,10 @@ def test_a_job_type_from_one_package_runs_end_to_end(toy_stack: str, keys: Any) 
         f"{base_url}/v1/jobs", headers=auth(key), json={"type": "invert", "input": {"strength": 2}}, timeout=10
     )
     assert bad.status_code == 422
-    assert {tuple(e["loc"]) for e in bad.json()["errors"]} == {("body", "input", "image"), ("body", "input", "strength")}
+    assert {tuple(e["loc"]) for e in bad.json()["errors"]} == {
+        ("body", "input", "image"),
+        ("body", "input", "strength"),
+    }
 
     # A real worker runs it: the model loads through the cache, the output is exact.
     rng = np.random.default_rng(7)

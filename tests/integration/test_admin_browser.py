@@ -16,8 +16,9 @@ from typing import Any
 import pytest
 import requests
 
+from gpujobs.harness.processes import Stack
 from tests.integration.client import auth, get_job, upload, wait_for
-from tests.integration.processes import ROOT, Stack
+from tests.integration.conftest import ROOT
 
 ARTIFACTS = ROOT / "test-artifacts" / "admin"
 CHROMIUM_FLAGS = [

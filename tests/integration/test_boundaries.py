@@ -8,7 +8,7 @@ import subprocess
 import sys
 import textwrap
 
-from tests.integration.processes import ROOT
+from tests.integration.conftest import ROOT
 
 HEAVY = ("torch", "transformers", "diffusers")
 

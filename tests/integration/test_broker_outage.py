@@ -14,17 +14,11 @@ from dataclasses import dataclass
 import pytest
 import requests
 
-from gpujobs.embedded import EmbeddedRedis, start_redis
+from gpujobs.harness.databases import provision_database
+from gpujobs.harness.processes import Stack
+from gpujobs.harness.servers import EmbeddedRedis, start_redis
 from tests.integration.client import events
-from tests.integration.conftest import make_key
-from tests.integration.processes import Stack
-from tests.integration.services import (
-    create_postgres_database,
-    drop_postgres_database,
-    embedded_only,
-    postgres_maintenance_conninfo,
-    sqlite_url,
-)
+from tests.integration.conftest import embedded_only, make_key
 
 
 @dataclass
@@ -57,8 +51,8 @@ class Deployment:
 def deployment(services, tmp_path) -> Iterator[Deployment]:
     import migrations
 
-    on_postgres = not embedded_only() and postgres_maintenance_conninfo() is not None
-    database_url = create_postgres_database() if on_postgres else sqlite_url(tmp_path / "db")
+    database = provision_database(tmp_path / "db", postgres=not embedded_only())
+    database_url = database.url
     redis = stack = deployment = None
     try:
         migrations.upgrade(database_url)
@@ -82,11 +76,7 @@ def deployment(services, tmp_path) -> Iterator[Deployment]:
             stack.stop_all()
         for server in {redis, deployment.redis if deployment else None} - {None}:
             server.stop()  # the one started here, and the one the test started again
-        from db.session import dispose_engines
-
-        dispose_engines()
-        if on_postgres:
-            drop_postgres_database(database_url)
+        database.drop()
 
 
 def _row(database_url: str, job_id: str) -> tuple[str, object]:

@@ -6,7 +6,7 @@ import os
 import subprocess
 import sys
 
-from tests.integration.processes import ROOT
+from tests.integration.conftest import ROOT
 
 
 def test_celery_inspect_through_worker_main_sees_the_running_workers(cluster, gpu_worker):

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+from gpujobs.harness.processes import Stack
 from tests.integration.client import assert_problem, auth, events, submit, wait_for
 from tests.integration.generation import (
     JOB_TIMEOUT,
@@ -33,7 +34,6 @@ from tests.integration.generation import (
     wait_models,
     worker_models,
 )
-from tests.integration.processes import Stack
 
 SMALL = {"width": 64, "height": 64, "num_inference_steps": 3}
 

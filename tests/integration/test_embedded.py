@@ -8,7 +8,8 @@ import pytest
 import redis
 from botocore.exceptions import ClientError
 
-from gpujobs.embedded import ServiceError, free_port, s3_client, start_redis, start_s3
+from gpujobs.harness.ports import free_port
+from gpujobs.harness.servers import ServiceError, s3_client, start_redis, start_s3
 
 
 def _listening(port: int) -> bool:

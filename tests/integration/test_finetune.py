@@ -22,9 +22,9 @@ import numpy as np
 import pytest
 import requests
 
+from gpujobs.harness.processes import Stack
 from tests.integration.client import assert_problem, auth, events, submit, wait_for
 from tests.integration.generation import download, picture, pixels_of, run_job, uploaded, worker_models
-from tests.integration.processes import Stack
 
 TRAIN_TIMEOUT = 180.0
 SMALL = {"width": 64, "height": 64, "num_inference_steps": 3, "seed": 21}

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 
-from gpujobs.embedded import free_port
+from gpujobs.harness.ports import free_port
 from tests.integration.client import assert_problem
 
 

@@ -10,9 +10,9 @@ from typing import Any
 
 import pytest
 
+from gpujobs.harness.processes import Stack
 from tests.integration.admin_client import logged_in, page
 from tests.integration.client import assert_problem, diagnostic, wait_for
-from tests.integration.processes import Stack
 
 WINDOW = 7 * 86400  # every job of this test session is inside it
 

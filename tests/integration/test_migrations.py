@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from sqlalchemy import create_engine, inspect
 
-from tests.integration.services import (
+from gpujobs.harness.databases import (
     create_postgres_database,
     drop_postgres_database,
     postgres_unavailable_reason,

@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 import requests
 
+from gpujobs.harness.processes import Stack
 from tests.integration.client import assert_problem, auth, submit, upload, wait_for
-from tests.integration.processes import Stack
 
 
 def picture(width: int, height: int, seed: int = 0) -> bytes:

@@ -15,7 +15,8 @@ from pathlib import Path
 
 import requests
 
-from tests.integration.processes import ROOT, gpujobs_command
+from gpujobs.harness.processes import gpujobs_command
+from tests.integration.conftest import ROOT
 
 ADMIN_KEY = "gpj_test-up-admin-key-0123456789"
 
@@ -36,7 +37,7 @@ def processes_mentioning(text: str) -> list[str]:
 
 
 def test_up_runs_a_job_and_ctrl_c_leaves_nothing_running(tmp_path, services):
-    from gpujobs.embedded import free_port
+    from gpujobs.harness.ports import free_port
 
     var = tmp_path / "var"
     port = free_port()

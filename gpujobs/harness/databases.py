@@ -1,12 +1,10 @@
-"""Real backing services for the tests: a fresh database, a Redis database of our own, S3.
+"""Databases of a stack of one's own: a fresh PostgreSQL database, else SQLite; a Redis database index.
 
-PostgreSQL is used when it answers on 127.0.0.1:5432 (a fresh ``gpujobs_test_<random>``
-database, dropped at the end); otherwise a SQLite file. Redis is the machine's server on
-127.0.0.1:6379 when it answers (an empty database index, claimed so that parallel test runs
-never share a queue), otherwise an embedded one. S3 is always an embedded SeaweedFS.
-
-``GPUJOBS_TEST_EMBEDDED=1`` makes a run behave as on a bare machine (SQLite and an embedded
-Redis) even where PostgreSQL and Redis answer; ``GPUJOBS_TEST_DATABASE_URL`` names a database.
+PostgreSQL is used when it answers on 127.0.0.1:5432 (user ``$PGUSER``, default ``postgres``):
+a fresh ``gpujobs_<purpose>_<pid>_<random>`` database, dropped at the end; databases of that
+form whose process is gone (a run that was killed) are dropped on the way. Redis is the
+machine's server on 127.0.0.1:6379 when it answers (an empty database index, claimed so that
+parallel runs never share a queue), otherwise an embedded one.
 """
 
 from __future__ import annotations
@@ -21,26 +19,28 @@ from pathlib import Path
 import psycopg
 import redis
 
+from gpujobs.harness.servers import EmbeddedRedis, redis_answers, start_redis
+
 PG_HOST = "127.0.0.1"
 PG_PORT = 5432
 REDIS_HOST = "127.0.0.1"
 REDIS_PORT = 6379
 REDIS_OWNER_KEY = "gpujobs:test:owner"
+# The names this module gives the databases it creates, and the only ones it ever drops.
+PROVISIONED = re.compile(r"gpujobs_[a-z]+_(\d+)_[0-9a-f]+")
 
 
-def _answers(host: str, port: int, timeout: float = 0.5) -> bool:
+def _pid_alive(pid: int) -> bool:
     try:
-        with socket.create_connection((host, port), timeout=timeout):
-            return True
-    except OSError:
+        os.kill(pid, 0)
+    except ProcessLookupError:
         return False
+    except PermissionError:
+        return True
+    return True
 
 
 # --- PostgreSQL ------------------------------------------------------------------------------------
-
-
-def embedded_only() -> bool:
-    return os.environ.get("GPUJOBS_TEST_EMBEDDED", "").lower() in ("1", "true", "yes")
 
 
 def _pg_user() -> str:
@@ -49,7 +49,9 @@ def _pg_user() -> str:
 
 def postgres_maintenance_conninfo() -> str | None:
     """A libpq conninfo for a database we can run CREATE DATABASE from, or None when PostgreSQL is not here."""
-    if not _answers(PG_HOST, PG_PORT):
+    try:
+        socket.create_connection((PG_HOST, PG_PORT), timeout=0.5).close()
+    except OSError:
         return None
     for dbname in ("postgres", "test"):
         conninfo = f"host={PG_HOST} port={PG_PORT} user={_pg_user()} dbname={dbname} connect_timeout=3"
@@ -64,38 +66,24 @@ def postgres_maintenance_conninfo() -> str | None:
 
 def postgres_unavailable_reason() -> str | None:
     if postgres_maintenance_conninfo() is None:
-        return (
-            f"PostgreSQL does not answer on {PG_HOST}:{PG_PORT} for user {_pg_user()!r} "
-            "(set PGUSER, or GPUJOBS_TEST_DATABASE_URL)"
-        )
+        return f"PostgreSQL does not answer on {PG_HOST}:{PG_PORT} for user {_pg_user()!r} (set PGUSER)"
     return None
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+def create_postgres_database(purpose: str = "test") -> str:
+    """Create an empty database ``gpujobs_<purpose>_<pid>_<random>``; returns its SQLAlchemy URL.
 
-
-def create_postgres_database() -> str:
-    """Create an empty database ``gpujobs_test_<pid>_<random>``; returns its SQLAlchemy URL.
-
-    Databases left by test runs that were killed (their pid is gone) are dropped on the way.
+    Databases left by runs that were killed (their pid is gone) are dropped on the way.
     """
     conninfo = postgres_maintenance_conninfo()
     if conninfo is None:
         raise RuntimeError(postgres_unavailable_reason())
-    name = f"gpujobs_test_{os.getpid()}_{secrets.token_hex(4)}"
+    name = f"gpujobs_{purpose}_{os.getpid()}_{secrets.token_hex(4)}"
+    assert PROVISIONED.fullmatch(name), name
     with psycopg.connect(conninfo, autocommit=True) as conn:
-        existing = [
-            row[0] for row in conn.execute("SELECT datname FROM pg_database WHERE datname LIKE 'gpujobs_test_%'")
-        ]
+        existing = [row[0] for row in conn.execute("SELECT datname FROM pg_database WHERE datname LIKE 'gpujobs_%'")]
         for stale in existing:
-            match = re.fullmatch(r"gpujobs_test_(\d+)_[0-9a-f]+", stale)
+            match = PROVISIONED.fullmatch(stale)
             if match and not _pid_alive(int(match.group(1))):
                 conn.execute(f'DROP DATABASE IF EXISTS "{stale}" WITH (FORCE)')
         conn.execute(f'CREATE DATABASE "{name}"')
@@ -107,7 +95,7 @@ def drop_postgres_database(url: str) -> None:
     if conninfo is None:
         return
     name = url.rsplit("/", 1)[1]
-    assert name.startswith("gpujobs_test_"), name  # never drop a database the tests did not create
+    assert PROVISIONED.fullmatch(name), name  # never drop a database this module did not create
     with psycopg.connect(conninfo, autocommit=True) as conn:
         conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
@@ -120,33 +108,31 @@ def sqlite_url(directory: Path) -> str:
 @dataclass
 class Database:
     url: str
-    owned_postgres: bool  # created by the tests, so dropped by them
+    owned_postgres: bool  # created here, so dropped by drop()
 
     @property
     def is_postgres(self) -> bool:
         return self.url.startswith("postgresql")
 
     def drop(self) -> None:
+        """Close this process's connections, then drop the database if it was created here."""
         from db.session import dispose_engines
 
+        dispose_engines()
         if self.owned_postgres:
-            dispose_engines()
             drop_postgres_database(self.url)
 
 
-def provision_database(tmp_dir: Path) -> Database:
-    """GPUJOBS_TEST_DATABASE_URL if set, else a fresh PostgreSQL database, else SQLite; migrated to head."""
-    import migrations
-
-    given = os.environ.get("GPUJOBS_TEST_DATABASE_URL")
-    if given:
-        database = Database(given, owned_postgres=False)
-    elif not embedded_only() and postgres_maintenance_conninfo() is not None:
-        database = Database(create_postgres_database(), owned_postgres=True)
-    else:
-        database = Database(sqlite_url(tmp_dir), owned_postgres=False)
-    migrations.upgrade(database.url)
-    return database
+def provision_database(
+    directory: Path, url: str | None = None, postgres: bool = True, purpose: str = "test"
+) -> Database:
+    """``url`` if given, else a fresh PostgreSQL database (when ``postgres`` and one answers), else SQLite
+    in ``directory``; not migrated."""
+    if url:
+        return Database(url, owned_postgres=False)
+    if postgres and postgres_maintenance_conninfo() is not None:
+        return Database(create_postgres_database(purpose), owned_postgres=True)
+    return Database(sqlite_url(directory), owned_postgres=False)
 
 
 # --- Redis -----------------------------------------------------------------------------------------
@@ -155,11 +141,12 @@ def provision_database(tmp_dir: Path) -> Database:
 @dataclass
 class RedisDatabase:
     url: str
-    embedded: object | None  # gpujobs.embedded.EmbeddedRedis when we started one
+    embedded: EmbeddedRedis | None  # when we started one
 
     def release(self) -> None:
+        """Stop the embedded server, or empty the claimed index (the claim included)."""
         if self.embedded is not None:
-            self.embedded.stop()  # type: ignore[attr-defined]
+            self.embedded.stop()
             return
         client = redis.Redis.from_url(self.url)
         try:
@@ -169,24 +156,16 @@ class RedisDatabase:
 
 
 def _owner_is_gone(owner: bytes | None) -> bool:
-    """True when ``owner`` names a test session of this host whose process no longer exists."""
+    """True when ``owner`` names a run of this host whose process no longer exists."""
     if owner is None:
         return False
     host, _, rest = owner.decode(errors="replace").partition(":")
     pid = rest.partition(":")[0]
-    if host != socket.gethostname() or not pid.isdigit():
-        return False
-    try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return True
-    except PermissionError:
-        return False
-    return False
+    return host == socket.gethostname() and pid.isdigit() and not _pid_alive(int(pid))
 
 
 def _claim_index(client: redis.Redis, me: str) -> bool:
-    """Claim this database index: empty and unowned, or owned by a test session that died."""
+    """Claim this database index: empty and unowned, or owned by a run that died."""
     if client.dbsize() == 0:
         return bool(client.set(REDIS_OWNER_KEY, me, nx=True))
     with client.pipeline() as pipe:
@@ -199,7 +178,7 @@ def _claim_index(client: redis.Redis, me: str) -> bool:
             pipe.set(REDIS_OWNER_KEY, me)
             pipe.execute()
         except redis.WatchError:
-            return False  # another session reclaimed it first
+            return False  # another run reclaimed it first
     # Drop what the dead run left, but never the claim (a FLUSHDB would let a third run in).
     for key in client.scan_iter(count=1000):
         if key != REDIS_OWNER_KEY.encode():
@@ -207,21 +186,20 @@ def _claim_index(client: redis.Redis, me: str) -> bool:
     return True
 
 
-def provision_redis(tmp_dir: Path) -> RedisDatabase:
-    """A database index of the machine's Redis of our own (claimed with a key), else an embedded Redis."""
-    if not embedded_only() and _answers(REDIS_HOST, REDIS_PORT):
+def provision_redis(directory: Path, machine: bool = True) -> RedisDatabase:
+    """A database index of the machine's Redis of our own (claimed with a key, when ``machine`` and it
+    answers), else an embedded Redis with its data in ``directory``."""
+    if machine and redis_answers(REDIS_PORT, REDIS_HOST):
         me = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
         for index in range(15, 0, -1):
             client = redis.Redis(host=REDIS_HOST, port=REDIS_PORT, db=index, socket_timeout=3)
             try:
-                # Parallel test runs (and their workers) never share a queue or a key.
+                # Parallel runs (and their workers) never share a queue or a key.
                 if _claim_index(client, me):
                     return RedisDatabase(f"redis://{REDIS_HOST}:{REDIS_PORT}/{index}", embedded=None)
             except redis.RedisError:
                 break
             finally:
                 client.close()
-    from gpujobs.embedded import start_redis
-
-    server = start_redis(tmp_dir / "redis")
+    server = start_redis(directory / "redis")
     return RedisDatabase(server.url, embedded=server)

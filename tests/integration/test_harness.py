@@ -1,0 +1,79 @@
+"""The harness behind `gpujobs up`, the tests and the benchmarks: stopping what was started, reporting what died."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from gpujobs.harness import supervisor
+from gpujobs.harness.processes import Stack, stop_together
+from gpujobs.harness.servers import start_redis
+from gpujobs.harness.supervisor import Fatal, Supervisor
+
+
+def _running_in_group(pgid: int) -> list[int]:
+    """Processes of the group that are not zombies (an orphan's zombie waits for init to reap it)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            found.append(int(stat.parent.name))
+    return found
+
+
+def test_stop_together_kills_what_ignores_sigterm_and_what_it_forked(tmp_path):
+    stack = Stack({**os.environ}, tmp_path)
+    stubborn = stack.start("stubborn", ["sh", "-c", "trap '' TERM; echo started; sleep 60 & wait"])
+    polite = stack.start("polite", ["sleep", "60"])
+    stubborn.wait_for_log("started")
+    killed = []
+    started = time.monotonic()
+    stop_together(stack.processes, timeout=1, on_kill=killed.append)
+    assert killed == [stubborn]
+    assert time.monotonic() - started < 10
+    assert polite.proc.returncode == -signal.SIGTERM and stubborn.proc.returncode == -signal.SIGKILL
+    assert _running_in_group(stubborn.pid) == [] and _running_in_group(polite.pid) == []  # its `sleep` went too
+
+
+def test_a_process_that_exits_while_awaited_is_reported_with_its_log(tmp_path):
+    process = Stack({**os.environ}, tmp_path).start("broken", ["sh", "-c", "echo cannot bind; exit 3"])
+    with pytest.raises(RuntimeError) as failure:
+        process.wait_for_log(" ready.")
+    assert "broken exited (exit code 3) before logging ' ready.'" in str(failure.value)
+    assert "cannot bind" in str(failure.value)
+
+
+def test_the_supervisor_restarts_a_crashing_child_then_gives_up(tmp_path, monkeypatch):
+    monkeypatch.setattr(supervisor, "MAX_QUICK_CRASHES", 1)
+    messages: list[str] = []
+    watch = Supervisor(Stack({**os.environ}, tmp_path), echo=messages.append)
+    watch.stack.start("crasher", ["sh", "-c", "echo crashing; exit 1"])
+    deadline = time.monotonic() + 20
+    with pytest.raises(Fatal) as fatal:
+        while time.monotonic() < deadline:
+            watch.check()
+            time.sleep(0.1)
+    assert "crasher crashed 2 times in a row" in str(fatal.value) and "crashing" in str(fatal.value)
+    assert messages[0].startswith("crasher exited (exit code 1)") and "restarting in 1 s" in messages[0]
+    assert messages[1] == "restarting crasher"
+    watch.stop()
+
+
+def test_the_supervisor_stops_everything_when_a_dependency_dies(tmp_path):
+    redis = start_redis(tmp_path / "redis")
+    watch = Supervisor(Stack({**os.environ}, tmp_path / "logs"), echo=lambda _: None, dependencies=[redis])
+    child = watch.stack.start("child", ["sleep", "60"])
+    watch.check()
+    redis.process.kill()
+    redis.process.wait(10)
+    with pytest.raises(Fatal, match=r"the embedded Redis .* exited"):
+        watch.check()
+    watch.stop()
+    assert not child.alive
