@@ -253,13 +253,14 @@ def measure(args: argparse.Namespace, deployment: Deployment) -> dict[str, Any]:
     runs = {BASELINE: baseline(folder, pictures, args.device, dtype)}
     log(f"baseline: {runs[BASELINE]}")
 
-    from worker.models import segmentation as seg
+    from worker.jobs.segmentation import model as seg
+    from worker.jobs.segmentation.spec import SEGMENTATION
     from worker.models.cache import ModelCache
     from worker.models.catalog import ModelEntry
 
     cache = ModelCache()
-    entry = ModelEntry(name="bench", kind="segmentation", source=str(folder))
-    segmenter = cache.get("segmentation:bench", entry, seg.load_segmenter)
+    entry = ModelEntry(name="bench", kind=SEGMENTATION.name, source=str(folder))
+    segmenter = cache.get(SEGMENTATION.cache_key(entry.name), entry, seg.load_segmenter)
     for batch in (int(b) for b in args.batches.split(",")):
         runs[f"gpujobs batch {batch}"] = batched(segmenter, cache, pictures, batch, canvas)
         log(f"batch {batch}: {runs[f'gpujobs batch {batch}']}")
