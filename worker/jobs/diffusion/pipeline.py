@@ -74,7 +74,7 @@ SCHEDULERS: dict[str, tuple[str, dict[str, Any]]] = {
     ),
     "unipc": ("UniPCMultistepScheduler", {}),
 }
-assert tuple(SCHEDULERS) == SCHEDULER_NAMES, "worker/jobs/generation.py and this table must name the same samplers"
+assert tuple(SCHEDULERS) == SCHEDULER_NAMES, "spec.py and this table must name the same samplers"
 
 T = TypeVar("T")
 StepHook = Callable[[int, int], bool]

@@ -17,7 +17,7 @@ generator's state, the step and the loss curve as metadata; no pickle) therefore
 run continue exactly where the stored one was: on the CPU its final weights equal an uninterrupted
 run's bit for bit (tested); on CUDA, cuDNN's non-deterministic kernels (not switched off here: that
 setting is process-wide and would slow generation too) can make two runs differ in the last bits.
-``worker.models.finetune`` runs it as a job.
+``run.py`` runs it as a job.
 """
 
 from __future__ import annotations
