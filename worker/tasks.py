@@ -53,6 +53,9 @@ def worker_app(settings: Settings | None = None) -> Celery:
         app.task(name=RECONCILE, ignore_result=True)(reconcile)
         app.task(name=SEND_WEBHOOKS, ignore_result=True)(send_webhooks)
         app.task(name=SWEEP_WEBHOOKS, ignore_result=True)(sweep_webhooks)
+    # Celery's worker internals still reach for ``current_app`` in places (as ``celery -A`` would set it).
+    app.set_current()
+    app.set_default()
     _lifecycle.connect()
     install_hooks(settings)
     return app
