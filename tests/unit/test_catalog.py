@@ -39,7 +39,7 @@ steps = 20
 
 [models.sd-parent]
 kind = "diffusion"
-source = "../shared/sd"
+source = "../common/sd"
 """
 
 
@@ -77,8 +77,8 @@ def test_relative_sources_are_resolved_against_the_catalog_file(
     assert local.source == str(tmp_path / "conf" / "weights" / "m2f")
     assert (local.scheme, local.describe()) == ("local", f"local folder {tmp_path / 'conf' / 'weights' / 'm2f'} (ok)")
     parent = catalog.get("sd-parent")
-    assert parent.source == str(tmp_path / "shared" / "sd")
-    assert parent.describe() == f"local folder {tmp_path / 'shared' / 'sd'} (MISSING)"
+    assert parent.source == str(tmp_path / "common" / "sd")
+    assert parent.describe() == f"local folder {tmp_path / 'common' / 'sd'} (MISSING)"
 
 
 def test_absolute_and_home_sources_are_kept_as_written(tmp_path: Path) -> None:
