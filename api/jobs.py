@@ -25,7 +25,7 @@ from db import transitions
 from db.models import File, Job, JobStatus, Model, utcnow
 from worker.celery_app import dispatch
 from worker.jobs import job_types
-from worker.jobs.spec import JobInput, catalog_fields, file_fields
+from worker.jobs.spec import JobInput, TenantModelRef, catalog_fields, file_fields
 from worker.models.catalog import Catalog, CatalogError
 from worker.webhooks import guard
 
@@ -127,8 +127,9 @@ def create_job() -> tuple[Response, int, dict[str, str]]:
     except ValidationError as exc:
         raise from_pydantic(exc, ["body", "input"]) from None
     _check_files(params)
-    catalog = _check_models(params)
-    _check_tenant_models(params, catalog)
+    refs = params.tenant_model_refs()
+    catalog = _check_models(params, needed=bool(refs))
+    _check_tenant_models(refs, catalog)
     if spec.webhook is not None:
         _check_webhook(spec.webhook)
     if len(json.dumps(spec.metadata)) > settings.max_json_field_bytes:
@@ -211,15 +212,16 @@ def _check_files(params: JobInput) -> None:
             )
 
 
-def _check_models(params: JobInput) -> Catalog | None:
+def _check_models(params: JobInput, needed: bool) -> Catalog | None:
     """Every catalog model the input names is in the service's catalog, of the kind the job runs (else 422).
 
     The API reads the same catalog file as the workers (``GPUJOBS_MODEL_CATALOG``); if it cannot, the
     names are left to the worker (which fails the job, saying why) rather than refusing every job.
-    Returns the catalog if it was read (or needs reading: the input names tenant models).
+    Returns the catalog if it was read: when the input names catalog models, or ``needed`` (the tenant
+    models it names are checked against the catalog's default base model).
     """
     named = {field: kind for field, kind in catalog_fields(type(params)).items() if getattr(params, field) is not None}
-    catalog = readable_catalog() if named or params.tenant_model_refs() else None
+    catalog = readable_catalog() if named or needed else None
     if catalog is None:
         return None
     for field, kind in named.items():
@@ -235,9 +237,8 @@ def _check_models(params: JobInput) -> Catalog | None:
     return catalog
 
 
-def _check_tenant_models(params: JobInput, catalog: Catalog | None) -> None:
+def _check_tenant_models(refs: list[TenantModelRef], catalog: Catalog | None) -> None:
     """Every fine-tuned model the input names is this tenant's, made for the base model the job runs (else 422)."""
-    refs = params.tenant_model_refs()
     if not refs:
         return
     rows = g.db.execute(

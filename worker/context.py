@@ -25,7 +25,7 @@ from db import transitions, webhooks
 from db.models import File, Model
 from db.session import session_scope
 from db.settings import Settings
-from db.storage import StorageError, get_storage
+from db.storage import StorageError, StoredObject, get_storage
 from worker import checkpoints
 from worker.checkpoints import Checkpoint
 from worker.jobs.spec import Artifact, JobError
@@ -151,9 +151,14 @@ class JobContext:
     # --- checkpoints: scratch objects under jobs/<id>/checkpoints/, kept until the job succeeds ------------
     def save_scratch(self, name: str, data: bytes) -> str:
         """Store ``data`` for later attempts of this job (``jobs/<id>/checkpoints/<name>``); returns its key."""
-        key = f"jobs/{self.job_id}/checkpoints/{name}"
-        get_storage(self.settings).put(key, data, "application/octet-stream")
-        return key
+        return self._put_scratch(name, data).key
+
+    def _put_scratch(self, name: str, data: bytes) -> StoredObject:
+        return get_storage(self.settings).put(f"{self._scratch_prefix}{name}", data, "application/octet-stream")
+
+    @property
+    def _scratch_prefix(self) -> str:
+        return f"jobs/{self.job_id}/checkpoints/"
 
     def load_scratch(self, key: str) -> bytes:
         """An object saved by ``save_scratch`` or ``checkpoint`` (this attempt's or an earlier one's)."""
@@ -162,7 +167,7 @@ class JobContext:
     def drop_scratch(self) -> None:
         """Delete every checkpoint and scratch object of the job (its result is stored: they are spent)."""
         try:
-            get_storage(self.settings).delete_prefix(f"jobs/{self.job_id}/checkpoints/")
+            get_storage(self.settings).delete_prefix(self._scratch_prefix)
         except StorageError as exc:
             log.warning("job %s: could not delete its checkpoints: %s", self.job_id, exc)
 
@@ -171,8 +176,8 @@ class JobContext:
 
         Raises ``LeaseLost`` (or ``Canceled``) if this attempt no longer owns the job.
         """
-        key = f"jobs/{self.job_id}/checkpoints/step-{step:06d}.safetensors"
-        stored = get_storage(self.settings).put(key, data, "application/octet-stream")
+        stored = self._put_scratch(f"step-{step:06d}.safetensors", data)
+        key = stored.key
         info = {"size": stored.size, "sha256": stored.sha256, **details}
         with self._sessions() as session:
             owned = checkpoints.record(session, self.job_id, self.attempt, self.settings.lease_seconds, step, key, info)

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
+import functools
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from datetime import timedelta
 
 import pytest
@@ -13,6 +12,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from db import transitions
 from db.models import EventKind, Job, JobEvent, Model, Tenant, utcnow
+from db.session import session_scope
 from db.settings import Settings
 from worker import checkpoints
 from worker.context import Canceled, DeadlineExceeded, JobContext, LeaseLost
@@ -24,16 +24,6 @@ class Clock:
 
     def __call__(self) -> float:
         return self.now
-
-
-def scope(factory: sessionmaker[Session]):  # the shape of db.session.session_scope
-    @contextmanager
-    def session_scope() -> Iterator[Session]:
-        with factory() as session:
-            yield session
-            session.commit()
-
-    return session_scope
 
 
 def running_job(factory: sessionmaker[Session], tenant: str = "ten_a") -> tuple[str, int]:
@@ -56,7 +46,7 @@ def expire_lease(session: Session, job_id: str) -> None:
     session.execute(update(Job).where(Job.id == job_id).values(lease_expires_at=utcnow() - timedelta(seconds=1)))
 
 
-def context(factory: sessionmaker[Session], job_id: str, attempt: int, clock: Clock, **settings: object) -> JobContext:
+def context(database_url: str, job_id: str, attempt: int, clock: Clock, **settings: object) -> JobContext:
     return JobContext(
         job_id=job_id,
         attempt=attempt,
@@ -65,14 +55,14 @@ def context(factory: sessionmaker[Session], job_id: str, attempt: int, clock: Cl
         deadline_seconds=60,
         settings=Settings(control_poll_seconds=0.01, lease_seconds=30, **settings),
         clock=clock,
-        sessions=scope(factory),
+        sessions=functools.partial(session_scope, database_url),
     )
 
 
-def test_the_deadline_follows_the_clock(sessions):
+def test_the_deadline_follows_the_clock(sessions, database_url):
     clock = Clock()
     job_id, attempt = running_job(sessions)
-    ctx = context(sessions, job_id, attempt, clock)
+    ctx = context(database_url, job_id, attempt, clock)
     clock.now += 59.9
     assert not ctx.should_stop()
     ctx.check()
@@ -82,9 +72,9 @@ def test_the_deadline_follows_the_clock(sessions):
         ctx.check()
 
 
-def test_a_new_progress_message_is_a_timeline_milestone_and_steps_are_not(sessions):
+def test_a_new_progress_message_is_a_timeline_milestone_and_steps_are_not(sessions, database_url):
     job_id, attempt = running_job(sessions)
-    ctx = context(sessions, job_id, attempt, Clock())
+    ctx = context(database_url, job_id, attempt, Clock())
     ctx.progress(1, 10, "denoising")
     for step in range(2, 8):
         ctx.progress(step, 10, "denoising")
@@ -104,11 +94,11 @@ def _until(predicate, seconds: float = 5.0) -> None:
         time.sleep(0.01)
 
 
-def test_the_control_thread_saves_progress_renews_the_lease_and_sees_a_cancel(sessions):
+def test_the_control_thread_saves_progress_renews_the_lease_and_sees_a_cancel(sessions, database_url):
     job_id, attempt = running_job(sessions)
     with sessions() as session:
         first_lease = session.get(Job, job_id).lease_expires_at
-    ctx = context(sessions, job_id, attempt, Clock())
+    ctx = context(database_url, job_id, attempt, Clock())
     ctx.start()
     try:
         ctx.progress(3, 10)
@@ -129,9 +119,9 @@ def test_the_control_thread_saves_progress_renews_the_lease_and_sees_a_cancel(se
         ctx.close()
 
 
-def test_a_requeued_job_is_lost_to_the_old_attempt(sessions):
+def test_a_requeued_job_is_lost_to_the_old_attempt(sessions, database_url):
     job_id, attempt = running_job(sessions)
-    ctx = context(sessions, job_id, attempt, Clock())
+    ctx = context(database_url, job_id, attempt, Clock())
     with sessions() as session:
         expire_lease(session, job_id)
         assert transitions.requeue(session, job_id, attempt, "lease expired")
@@ -145,7 +135,7 @@ def test_a_requeued_job_is_lost_to_the_old_attempt(sessions):
         ctx.close()
 
 
-def test_checkpoints_are_recorded_by_the_owner_only_and_found_by_the_next_attempt(sessions):
+def test_checkpoints_are_recorded_by_the_owner_only_and_found_by_the_next_attempt(sessions, database_url):
     job_id, attempt = running_job(sessions)
     with sessions() as session:
         assert checkpoints.record(session, job_id, attempt, 30, 100, "jobs/x/step-100", {"latents_key": "k"})
@@ -156,7 +146,7 @@ def test_checkpoints_are_recorded_by_the_owner_only_and_found_by_the_next_attemp
         claim = transitions.claim(session, job_id, "worker-2", lease_seconds=30)
         session.commit()
     assert claim is not None and claim.attempt == attempt + 1
-    ctx = context(sessions, job_id, claim.attempt, Clock())
+    ctx = context(database_url, job_id, claim.attempt, Clock())
     found = ctx.latest_checkpoint()
     assert found == checkpoints.Checkpoint(
         step=100, key="jobs/x/step-100", attempt=attempt, details={"latents_key": "k"}
@@ -169,7 +159,7 @@ def test_checkpoints_are_recorded_by_the_owner_only_and_found_by_the_next_attemp
     assert resumed.attempt == claim.attempt and resumed.data["from_attempt"] == attempt
 
 
-def test_tenant_models_are_the_tenants_own(sessions):
+def test_tenant_models_are_the_tenants_own(sessions, database_url):
     job_id, attempt = running_job(sessions)
     running_job(sessions, tenant="ten_b")
     with sessions() as session:
@@ -187,7 +177,7 @@ def test_tenant_models_are_the_tenants_own(sessions):
                 )
             )
         session.commit()
-    ctx = context(sessions, job_id, attempt, Clock())
+    ctx = context(database_url, job_id, attempt, Clock())
     found = ctx.tenant_models(["mdl_mine", "mdl_theirs", "mdl_gone"])
     assert list(found) == ["mdl_mine"]
     assert found["mdl_mine"].base_model == "demo-sd" and found["mdl_mine"].storage_key == "models/mdl_mine"

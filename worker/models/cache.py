@@ -149,29 +149,28 @@ class ModelCache:
         *,
         variant: str | None = None,
         loader: Callable[[ModelEntry, Path, str, Any], Any] | None = None,
+        on_miss: Callable[[], None] | None = None,
     ) -> Any:
         """The catalog's model ``name`` (default: the kind's default) of ``kind``, loaded once and kept warm.
 
-        ``variant`` keeps a separate copy per variant (an adapter loaded onto one family's UNet), and
-        ``loader`` replaces the kind's own (for a kind whose models load only onto another model).
+        ``variant`` keeps a separate copy per variant (an adapter loaded onto one family's UNet),
+        ``loader`` replaces the kind's own (for a kind whose models load only onto another model), and
+        ``on_miss`` is called when the model is not in memory, before it is loaded.
         """
         entry = self.entry(name, kind.name)
         if loader is None:
             if kind.loader is None:
                 raise ModelUnavailable(f"model {entry.name!r}: {kind.name} models load only as part of another model")
             loader = resolve(kind.loader)
-        return self.get(kind.cache_key(entry.name, variant), entry, loader)
+        return self.get(kind.cache_key(entry.name, variant), entry, loader, on_miss)
 
-    def is_loaded(self, kind: ModelKind, name: str | None) -> bool:
-        """Whether the model is in memory now (a job says ``loading model`` when it is not)."""
-        try:
-            key = kind.cache_key(self.entry(name, kind.name).name)
-        except ModelUnavailable:
-            return False
-        with self._lock:
-            return key in self._slots
-
-    def get(self, key: str, entry: ModelEntry, loader: Callable[[ModelEntry, Path, str, Any], Any]) -> Any:
+    def get(
+        self,
+        key: str,
+        entry: ModelEntry,
+        loader: Callable[[ModelEntry, Path, str, Any], Any],
+        on_miss: Callable[[], None] | None = None,
+    ) -> Any:
         """The loaded model for ``key``, loading it (once, even under concurrency) on a miss."""
         with self._lock:
             slot = self._slots.get(key)
@@ -180,6 +179,8 @@ class ModelCache:
                 self.stats.setdefault(key, ModelStats()).hits += 1
                 return slot.value
             load_lock = self._loading.setdefault(key, threading.Lock())
+        if on_miss is not None:
+            on_miss()
         with load_lock:
             with self._lock:
                 if key in self._slots:  # loaded by the thread we waited for

@@ -165,11 +165,10 @@ class Family:
     def ip_adapter(self, cache: ModelCache) -> tuple[str, IPAdapter]:
         """The family's IP-Adapter and its cache key, loaded on first use. Under ``lock``: loading rewires the UNet."""
         # One per family: loading rewires this family's UNet, and its processors' scale is set per run.
-        entry = cache.entry(self.ip_adapter_model, IP_ADAPTER.name)
-        key = IP_ADAPTER.cache_key(entry.name, variant=self.model)
+        key = IP_ADAPTER.cache_key(self.ip_adapter_model, variant=self.model)  # the catalog's name: the entry's
         return key, cache.load(
             IP_ADAPTER,
-            entry.name,
+            self.ip_adapter_model,
             variant=self.model,
             loader=functools.partial(load_ip_adapter, self.image_to_image, self.model),
         )

@@ -147,10 +147,7 @@ def style_transfer(ctx: JobContext, params: StyleTransferInput) -> Output:
 
 
 def _family(ctx: JobContext, model: str | None) -> Family:
-    cache = get_cache()
-    if not cache.is_loaded(DIFFUSION, model):
-        ctx.progress(0, None, "loading model")
-    family: Family = cache.load(DIFFUSION, model)
+    family: Family = get_cache().load(DIFFUSION, model, on_miss=lambda: ctx.progress(0, None, "loading model"))
     return family
 
 
