@@ -6,7 +6,7 @@ Run from the repository root (nothing to configure on this machine)::
 
 Three systems, all in one run on the same Redis, database and S3 server:
 
-- **gpujobs**: the real API (``gpujobs api``: gunicorn, gthread) and a real worker
+- **gpujobs**: the real API (``gpujobs api``: gunicorn, gevent) and a real worker
   (``gpujobs worker --queues gpu,maintenance``), running the ``diagnostic`` job at zero sleep
   (``steps=1``): auth, validation, job row + event, commit, broker send, claim with lease,
   artifact to S3 (put + size check), success + events, finish notification.
@@ -117,7 +117,9 @@ def forget_broker_keys(broker_url: str, redis_was_empty: bool) -> None:
 
 
 def api_settings() -> tuple[int, int]:
-    """The API servers' processes and threads: `gpujobs api`'s defaults, for both APIs."""
+    """The API servers' processes, and the hand-written API's threads: `gpujobs api`'s defaults (its
+    gthread threads); gpujobs serves with its default gevent workers, the hand-written app with gthread,
+    as a Flask route glued to Celery usually is."""
     try:
         from gpujobs import cli
 
@@ -295,7 +297,10 @@ def measure(args: argparse.Namespace, command: str, deployment: Deployment) -> d
     bl_api.wait_for_http(f"{bl_base}/healthz", READY_TIMEOUT)
     meter.add(gj_api.pid, "gpujobs api")
     meter.add(bl_api.pid, "baseline api")
-    log(f"APIs up: gpujobs {gj_base}, hand-written {bl_base} (gunicorn gthread, {workers} x {threads})")
+    log(
+        f"APIs up: gpujobs {gj_base} (gunicorn gevent, {workers} workers), "
+        f"hand-written {bl_base} (gunicorn gthread, {workers} x {threads})"
+    )
 
     profiler = Profiler(args.py_spy, args.profile_dir if args.py_spy else None)
     profiler.targets |= {"gpujobs api": gj_api.pid, "hand-written api": bl_api.pid}
@@ -414,7 +419,7 @@ def measure(args: argparse.Namespace, command: str, deployment: Deployment) -> d
             "submissions": args.submissions,
             "latency_samples": args.latency_samples,
             "load_samples": args.load_samples,
-            "api": f"gunicorn gthread {workers} workers x {threads} threads",
+            "api": f"gpujobs: gunicorn gevent, {workers} workers; hand-written: gthread {workers} x {threads} threads",
             "worker": f"Celery thread pool, concurrency {concurrency}",
             "gpujobs_api_command": args.gpujobs_api_command or DEFAULT_API_COMMAND,
             "gpujobs_worker_command": args.gpujobs_worker_command or DEFAULT_WORKER_COMMAND,

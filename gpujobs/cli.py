@@ -18,10 +18,14 @@ from worker.jobs.spec import Queue
 
 KNOWN_QUEUES = tuple(queue.value for queue in Queue)  # what a worker may serve
 DEFAULT_WORKER_QUEUES = f"{Queue.GPU.value},{Queue.MAINTENANCE.value}"
-# Two gthread processes of eight threads each: on a 2-core machine a request spends most
-# of its time waiting on the database, the broker or S3, and two processes sidestep the GIL.
+# Two gevent processes: a request spends most of its time waiting on the database, the broker
+# or S3, and two processes sidestep the GIL. A request is a greenlet, not a thread, so a
+# `Prefer: wait` (or a request stuck on a hung dependency) costs a few kilobytes, and the
+# other requests go on; `--connections` bounds the requests one process holds at once.
 DEFAULT_API_WORKERS = 2
-DEFAULT_API_THREADS = 8
+DEFAULT_API_CONNECTIONS = 1000
+DEFAULT_API_THREADS = 8  # gthread only
+API_WORKER_CLASSES = ("gevent", "gthread")
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -126,15 +130,35 @@ def keys_create(name: str, role: str, tenant_id: str | None) -> None:
     "--workers", default=DEFAULT_API_WORKERS, show_default=True, type=click.IntRange(1, 256), help="Server processes."
 )
 @click.option(
+    "--worker-class",
+    type=click.Choice(API_WORKER_CLASSES),
+    default="gevent",
+    show_default=True,
+    help="gunicorn worker class: gevent (a request is a greenlet) or gthread (a request holds a thread).",
+)
+@click.option(
+    "--connections",
+    default=DEFAULT_API_CONNECTIONS,
+    show_default=True,
+    type=click.IntRange(1, 100_000),
+    help="Requests one gevent process serves at once.",
+)
+@click.option(
     "--threads",
     default=DEFAULT_API_THREADS,
     show_default=True,
     type=click.IntRange(1, 256),
-    help="Threads per process.",
+    help="Threads per process (gthread only).",
 )
 @click.option("--access-log/--no-access-log", default=False, show_default=True, help="Log every request to stderr.")
-def api(host: str, port: int, workers: int, threads: int, access_log: bool) -> None:
-    """Serve the HTTP API with gunicorn (gthread workers).
+def api(
+    host: str, port: int, workers: int, worker_class: str, connections: int, threads: int, access_log: bool
+) -> None:
+    """Serve the HTTP API with gunicorn (gevent workers by default).
+
+    With gevent, gunicorn patches the standard library before the app is imported, so the
+    database driver (psycopg), Redis, S3 and the finish listener all yield while they wait:
+    long waits (`Prefer: wait`) and hung dependencies hold no thread.
 
     Creates the S3 bucket if it is missing and, when GPUJOBS_ADMIN_KEY is set,
     makes that key a working admin key. The schema must exist (`gpujobs migrate`).
@@ -150,11 +174,9 @@ def api(host: str, port: int, workers: int, threads: int, access_log: bool) -> N
         "-m",
         "gunicorn",
         "--worker-class",
-        "gthread",
+        worker_class,
         "--workers",
         str(workers),
-        "--threads",
-        str(threads),
         "--bind",
         _bind_address(host, port),
         "--graceful-timeout",
@@ -162,6 +184,10 @@ def api(host: str, port: int, workers: int, threads: int, access_log: bool) -> N
         "--keep-alive",
         "5",
     ]
+    if worker_class == "gevent":
+        args += ["--worker-connections", str(connections)]
+    else:
+        args += ["--threads", str(threads)]
     if Path("/dev/shm").is_dir():  # worker heartbeats in memory, not on a possibly slow disk
         args += ["--worker-tmp-dir", "/dev/shm"]
     if access_log:

@@ -22,7 +22,7 @@ import threading
 import time
 import urllib.request
 import weakref
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -291,7 +291,7 @@ class Stack:
         beat.wait_for_log("beat: Starting", self.timeout)
         return beat
 
-    def start_api(self, workers: int = 1, threads: int = 4) -> tuple[ManagedProcess, str]:
+    def start_api(self, workers: int = 1, extra_args: Sequence[str] = ()) -> tuple[ManagedProcess, str]:
         """``gpujobs api`` on a free loopback port, once its ``/healthz`` answers; the process and its base URL."""
         port = free_port()
         args = [
@@ -303,8 +303,7 @@ class Stack:
             str(port),
             "--workers",
             str(workers),
-            "--threads",
-            str(threads),
+            *extra_args,
         ]
         api = self.start(f"api-{self.label}", args)
         base_url = f"http://127.0.0.1:{port}"

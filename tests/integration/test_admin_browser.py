@@ -49,7 +49,7 @@ def chromium_path() -> str:
 def api_server(services: Any, cluster: Any) -> Iterator[str]:
     stack = Stack(dict(os.environ), services.root / "logs", label="admin-browser")
     try:
-        _, base_url = stack.start_api(workers=2, threads=4)
+        _, base_url = stack.start_api(workers=2)
         yield base_url
     finally:
         stack.stop_all()

@@ -66,7 +66,7 @@ def deployment(services, tmp_path) -> Iterator[Deployment]:
         stack = Stack(env, tmp_path / "logs", label="outage")
         worker = stack.start_worker("gpu,maintenance", concurrency=2, wait=False)
         stack.start_beat()
-        _, base_url = stack.start_api(workers=1, threads=4)
+        _, base_url = stack.start_api(workers=1)
         stack.wait_worker_ready(worker)
         admin = make_key("outage admin", "admin", database_url=database_url)
         deployment = Deployment(base_url, admin.secret, database_url, redis, stack)
