@@ -18,6 +18,46 @@ class Settings(BaseSettings):
     # --- where things live -------------------------------------------------
     var_dir: Path = Field(Path("var"), description="Local state of `gpujobs up` (SQLite, embedded Redis and S3).")
     database_url: str = Field("sqlite:///var/gpujobs.db", description="SQLAlchemy URL; PostgreSQL in production.")
+
+    # --- PostgreSQL bounds and readiness (README "Operate") ------------------------
+    database_connect_timeout_seconds: int = Field(
+        3,
+        ge=2,
+        le=300,
+        description="Longest wait for a new PostgreSQL connection (libpq `connect_timeout`, at least 2); also "
+        "bounds the ping of a pooled connection before use.",
+    )
+    database_statement_timeout_seconds: float = Field(
+        30.0,
+        gt=0,
+        le=86400,
+        description="PostgreSQL `statement_timeout` of every connection (migrations excepted). The client also "
+        "gives up on a server that sends no answer for this plus 2 s (a frozen server), closing the connection.",
+    )
+    database_pool_timeout_seconds: float = Field(
+        5.0, gt=0, le=300, description="Longest wait for a free pooled database connection when all are in use."
+    )
+    broker_timeout_seconds: float = Field(
+        3.0,
+        gt=0,
+        le=300,
+        description="Longest wait for a broker connection and for the broker's answer to one command (Redis "
+        "socket timeout); a submit whose send fails or times out is still accepted (the reconciler sends it).",
+    )
+    readiness_timeout_seconds: float = Field(
+        1.5,
+        gt=0,
+        le=30,
+        description="`GET /readyz` checks its dependencies concurrently; one that has not answered within this "
+        "is reported down.",
+    )
+    readiness_cache_seconds: float = Field(
+        1.0,
+        ge=0,
+        le=60,
+        description="How long `GET /readyz` reuses its last checks, so that a flood of probes does not multiply "
+        "calls to the dependencies.",
+    )
     broker_url: str = Field("redis://127.0.0.1:6379/0", description="Celery broker (Redis or RabbitMQ).")
     redis_url: str | None = Field(
         None,
