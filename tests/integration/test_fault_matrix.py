@@ -51,6 +51,7 @@ from tests.integration.private_services import PrivatePostgres, postgres_bin
 NAMES = {"postgres": "PostgreSQL", "redis": "Redis (broker)", "s3": "S3"}
 FINISHED = ("succeeded", "failed", "canceled")
 JOBS_TIMEOUT = 90.0
+FAULT_SECONDS = 5.0  # at least; the jobs submitted before it run 2 s
 
 
 @dataclass(frozen=True)
@@ -236,6 +237,7 @@ def test_a_dependency_down_or_hung(
     during = [f"{prefix}during-{i}" for i in range(2)]
     routes = d.routes()
 
+    faulted = time.monotonic()
     d.fault(dependency, sig)
     try:
         calls: dict[str, Callable[[], Answer]] = {
@@ -247,7 +249,8 @@ def test_a_dependency_down_or_hung(
         with HealthzProbe(d) as healthz:
             time.sleep(0.3)  # the affected requests are under way (hanging, for a frozen server)
             answers = concurrently(calls)
-            time.sleep(0.3)
+            # Long enough that the jobs running when it began reach their end (and their writes) meanwhile.
+            time.sleep(max(0.3, FAULT_SECONDS - (time.monotonic() - faulted)))
     finally:
         d.restore(dependency, sig)
     recovered = _recovery_times({plan.recovery: routes[plan.recovery], "readyz": routes["readyz"]}, 30)
