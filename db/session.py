@@ -133,8 +133,8 @@ def _postgres_engine(url: URL, settings: Settings, bounded: bool) -> Engine:
     def _ping(dbapi_connection, _record, _proxy):  # type: ignore[no-untyped-def]
         # Like pool_pre_ping, with a ping bounded by the connect timeout instead of the statement bound.
         try:
-            with dbapi_connection.bounded_by(ping_timeout):
-                dbapi_connection.cursor().execute(";")
+            with dbapi_connection.bounded_by(ping_timeout), dbapi_connection.cursor() as cursor:
+                cursor.execute(";")
         except psycopg.Error as error:
             # The pool invalidates this connection and hands out a fresh one (whose connect is bounded).
             raise exc.DisconnectionError(f"pooled connection failed its ping: {error}") from error
