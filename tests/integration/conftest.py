@@ -386,7 +386,13 @@ def start_worker(cluster: Cluster) -> Iterator[Any]:
 
 def pytest_terminal_summary(terminalreporter: Any) -> None:
     if USED:
-        mode = "strict (CI=true)" if strict_services() else "fallback allowed"
+        mode = (
+            "embedded on purpose (GPUJOBS_TEST_EMBEDDED=1)"
+            if embedded_only()
+            else "strict (CI=true)"
+            if strict_services()
+            else "fallback to SQLite/embedded Redis allowed (no CI=true)"
+        )
         terminalreporter.write_line(
             f"gpujobs integration services: database {USED['database']}; broker {USED['broker']}; {mode}"
         )
