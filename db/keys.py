@@ -68,6 +68,27 @@ def ensure_admin_key(session: Session, plaintext: str, name: str = "bootstrap ad
     return key
 
 
+def revocation_refusal(session: Session, key: ApiKey, acting_key_id: str | None) -> str | None:
+    """Why revoking ``key`` needs forcing, or None: it is the key making the request, or the last active
+    admin key (nobody could manage keys or log in to the dashboard after it).
+
+    On PostgreSQL the active admin keys are locked (``FOR UPDATE``) until the transaction ends, so two
+    admins revoking each other at once cannot both pass; call :func:`revoke` in the same transaction.
+    """
+    if key.revoked_at is not None:
+        return None  # revoking again changes nothing
+    if key.id == acting_key_id:
+        return "This is the key making the request: revoking it ends your own access."
+    if key.role != Role.ADMIN.value:
+        return None
+    admins = session.scalars(
+        select(ApiKey.id).where(ApiKey.role == Role.ADMIN.value, ApiKey.revoked_at.is_(None)).with_for_update()
+    ).all()
+    if set(admins) <= {key.id}:
+        return "This is the last active admin key: without it nobody can manage keys or use the dashboard."
+    return None
+
+
 def revoke(session: Session, key: ApiKey) -> None:
     if key.revoked_at is None:
         key.revoked_at = utcnow()
