@@ -77,16 +77,18 @@ def revocation_refusal(session: Session, key: ApiKey, acting_key_id: str | None)
     """
     if key.revoked_at is not None:
         return None  # revoking again changes nothing
+    reasons = []
     if key.id == acting_key_id:
-        return "This is the key making the request: revoking it ends your own access."
-    if key.role != Role.ADMIN.value:
+        reasons.append("it is the key making the request (you would lose your access)")
+    if key.role == Role.ADMIN.value:
+        admins = session.scalars(
+            select(ApiKey.id).where(ApiKey.role == Role.ADMIN.value, ApiKey.revoked_at.is_(None)).with_for_update()
+        ).all()
+        if set(admins) <= {key.id}:
+            reasons.append("it is the last active admin key (nobody could manage keys or use the dashboard)")
+    if not reasons:
         return None
-    admins = session.scalars(
-        select(ApiKey.id).where(ApiKey.role == Role.ADMIN.value, ApiKey.revoked_at.is_(None)).with_for_update()
-    ).all()
-    if set(admins) <= {key.id}:
-        return "This is the last active admin key: without it nobody can manage keys or use the dashboard."
-    return None
+    return f"Revoking {key.id} needs force: {' and '.join(reasons)}."
 
 
 def revoke(session: Session, key: ApiKey) -> None:

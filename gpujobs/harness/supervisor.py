@@ -103,7 +103,7 @@ class Supervisor:
         if crashes.quick > MAX_QUICK_CRASHES:
             raise Fatal(
                 f"{name} crashed {crashes.quick} times in a row within "
-                f"{STABLE_AFTER_SECONDS:g} s of starting; giving up.\n"
+                f"{STABLE_AFTER_SECONDS:g} s of starting (last: {how}); giving up.\n"
                 f"Last lines of {log_path}:\n{tail(log_path)}"
             )
         delay = min(2.0 ** (crashes.quick - 1), MAX_BACKOFF_SECONDS)
