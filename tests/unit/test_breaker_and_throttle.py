@@ -103,3 +103,36 @@ def test_the_local_counters_stay_bounded_under_a_flood_of_addresses() -> None:
         throttle.failed(f"10.{n // 65536}.{n // 256 % 256}.{n % 256}", "gpj_x")
     assert len(throttle._local) <= module.LOCAL_MAX_ENTRIES
     assert len(throttle._blocked) <= module.LOCAL_MAX_ENTRIES
+
+
+def test_the_redis_client_is_bounded_by_the_settings_and_never_retries() -> None:
+    from db import notify
+
+    settings = Settings(
+        redis_url="redis://127.0.0.1:1/0", redis_connect_timeout_seconds=0.3, redis_socket_timeout_seconds=0.7
+    )
+    notify.reset_clients()
+    try:
+        client = notify.redis_client(settings)
+        assert client is not None
+        options = client.connection_pool.connection_kwargs
+        assert (options["socket_connect_timeout"], options["socket_timeout"]) == (0.3, 0.7)
+        assert options["retry"].get_retries() == 0  # a retry would multiply the bound
+        assert notify.breaker(settings).open_seconds == settings.redis_breaker_seconds
+    finally:
+        notify.reset_clients()
+
+
+def test_no_redis_client_is_made_outside_the_bounded_factory() -> None:
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    making = re.compile(r"\b(redis\.Redis\(|Redis\.from_url\(|StrictRedis\(|redis\.from_url\()")
+    offenders = [
+        str(path.relative_to(root))
+        for folder in ("api", "db", "worker")
+        for path in (root / folder).rglob("*.py")
+        if making.search(path.read_text()) and path != root / "db" / "notify.py"
+    ]
+    assert offenders == [], "make Redis clients with db.notify.redis_client (bounded, breaker)"
