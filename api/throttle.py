@@ -26,6 +26,7 @@ keys. Prefixes are hashed before they are used in Redis key names.
 from __future__ import annotations
 
 import hashlib
+import logging
 import math
 import threading
 import time
@@ -36,6 +37,8 @@ from flask import Flask, current_app, request
 
 from db import notify
 from db.settings import Settings
+
+log = logging.getLogger(__name__)
 
 PREFIX_CHARS = 12
 LOCAL_MAX_ENTRIES = 10_000
@@ -145,7 +148,10 @@ class AuthThrottle:
                 self._blocked = {key: t for key, t in self._blocked.items() if t > now}
                 if len(self._blocked) >= LOCAL_MAX_ENTRIES:
                     self._blocked.clear()
-            self._blocked[ident] = max(until, self._blocked.get(ident, 0.0))
+            known = self._blocked.get(ident, 0.0)
+            self._blocked[ident] = max(until, known)
+        if known <= now:  # once per block and process, not once per refused request
+            log.warning("too many failed authentications (%s): refused for %.0f s", ident, until - now)
 
 
 def client_address(settings: Settings) -> str:

@@ -45,7 +45,7 @@ from werkzeug.wrappers import Response as BaseResponse
 from api import config
 from api.admin.blueprint import bp
 from api.errors import ApiError, problem
-from api.throttle import client_address, throttle
+from api.throttle import Refusal, client_address, throttle
 from db.keys import find_active_key
 from db.models import ApiKey, Role
 from db.settings import Settings
@@ -240,6 +240,21 @@ def _safe_next(target: str | None) -> str:
     return target
 
 
+def _login_key(plaintext: str) -> ApiKey | Refusal | None:
+    """The active key ``plaintext`` names, None for an unknown or revoked one, or a refusal past the
+    failed-authentication limits (failed logins count with the API's, per address and per key prefix)."""
+    guard = throttle()
+    address = client_address(config.settings())
+    refusal = guard.check(address, plaintext)
+    if refusal is not None:
+        return refusal
+    identity = find_active_key(g.db, plaintext)
+    key: ApiKey | None = g.db.get(ApiKey, identity.id) if identity is not None else None
+    if key is not None:
+        return key
+    return guard.failed(address, plaintext)
+
+
 @bp.route("/login", methods=["GET", "POST"])
 def login() -> BaseResponse | tuple[str, int] | tuple[str, int, dict[str, str]]:
     next_target = request.values.get("next")
@@ -249,24 +264,15 @@ def login() -> BaseResponse | tuple[str, int] | tuple[str, int, dict[str, str]]:
     plaintext = request.form.get("key", "").strip()
     if not plaintext:
         return render_template("admin/login.html", next=next_target, error="Enter an admin API key."), 422
-    # Failed logins count with the API's failed authentications (per address and per key prefix).
-    guard = throttle()
-    address = client_address(config.settings())
-    refusal = guard.check(address, plaintext)
-    if refusal is None:
-        identity = find_active_key(g.db, plaintext)
-        key = g.db.get(ApiKey, identity.id) if identity is not None else None
-        if key is None:
-            refusal = guard.failed(address, plaintext)
-            if refusal is None:
-                message = "This key is unknown or has been revoked."
-                return render_template("admin/login.html", next=next_target, error=message), 401
-    if refusal is not None:
-        log.warning("admin login refused for %s: too many failed authentications", address)
-        message = f"Too many failed logins: try again in {refusal.retry_after} s."
+    found = _login_key(plaintext)
+    if isinstance(found, Refusal):
+        message = f"Too many failed logins: try again in {found.retry_after} s."
         page = render_template("admin/login.html", next=next_target, error=message)
-        return page, 429, {"Retry-After": str(refusal.retry_after)}
-    assert key is not None
+        return page, 429, {"Retry-After": str(found.retry_after)}
+    if found is None:
+        message = "This key is unknown or has been revoked."
+        return render_template("admin/login.html", next=next_target, error=message), 401
+    key = found
     if key.role != Role.ADMIN.value:
         message = (
             f"“{key.name}” is a user key: it works with the API, but the dashboard needs an admin key "
