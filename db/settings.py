@@ -63,6 +63,23 @@ class Settings(BaseSettings):
         None,
         description="Redis for rate limits and finish notifications; defaults to the broker when it is Redis.",
     )
+    redis_connect_timeout_seconds: float = Field(
+        1.0, gt=0, le=60, description="Longest wait to open a connection to Redis (rate limits, notifications)."
+    )
+    redis_socket_timeout_seconds: float = Field(
+        2.0,
+        gt=0,
+        le=60,
+        description="Longest wait for one Redis command's answer; a hung Redis costs at most this, then the "
+        "breaker skips it.",
+    )
+    redis_breaker_seconds: float = Field(
+        5.0,
+        gt=0,
+        le=600,
+        description="After a Redis error, how long a process skips Redis (rate limits and failed-login counters "
+        "let requests through, waits read the database) before one request tries it again.",
+    )
     s3_endpoint_url: str | None = Field(None, description="S3-compatible endpoint; unset means AWS S3.")
     s3_public_url: str | None = Field(
         None, description="Endpoint used in presigned URLs handed to clients, if it differs from s3_endpoint_url."
@@ -85,6 +102,29 @@ class Settings(BaseSettings):
         6000, ge=0, description="Requests per minute per API key (0 disables the limit)."
     )
     max_wait_seconds: int = Field(60, ge=0, le=600, description="Upper bound of `Prefer: wait=N`.")
+    auth_failure_limit: int = Field(
+        20,
+        ge=0,
+        description="Failed authentications (unknown or revoked key, on `/v1` or the admin login) from one client "
+        "address per window; past it, every request from that address presenting a key is a 429 until the window "
+        "ends (0 disables).",
+    )
+    auth_failure_prefix_limit: int = Field(
+        10,
+        ge=0,
+        description="Failed authentications with one key prefix (its first 12 characters) per window, from any "
+        "address; past it, keys with that prefix are a 429 until the window ends (0 disables).",
+    )
+    auth_failure_window_seconds: int = Field(
+        60, ge=1, le=86400, description="Window of the failed-authentication limits (fixed, aligned on the clock)."
+    )
+    trusted_proxy_hops: int = Field(
+        0,
+        ge=0,
+        le=10,
+        description="Reverse proxies in front of the API that append the client to `X-Forwarded-For`: the address "
+        "that failed-authentication limits count is taken this many entries from its right (0: the TCP peer).",
+    )
 
     # --- admin dashboard and metrics -------------------------------------------
     session_secret: str | None = Field(
