@@ -26,6 +26,7 @@ from sqlalchemy import text
 from api import config
 from api.errors import problem
 from api.openapi import document
+from db import notify
 from db.session import get_engine
 from db.settings import Settings
 from db.storage import Storage
@@ -114,12 +115,12 @@ def readiness_checks(settings: Settings, storage: Storage) -> dict[str, Callable
     checks: dict[str, Callable[[], None]] = {"database": database, "broker": broker}
     redis_url = settings.effective_redis_url
     if redis_url is not None and redis_url != settings.broker_url:
-        import redis
-
-        client = redis.Redis.from_url(redis_url, socket_connect_timeout=timeout, socket_timeout=timeout)
+        # The process's bounded client, past the breaker: readiness wants Redis's state, not the breaker's.
+        client = notify.redis_client(settings)
 
         def redis_check() -> None:
-            client.ping()
+            if client is not None:
+                client.ping()
 
         checks["redis"] = redis_check
     checks["storage"] = storage.ping
