@@ -37,7 +37,7 @@ def api_on(private_redis, tmp_path, services):
     env = {**os.environ, "GPUJOBS_REDIS_URL": private_redis.url, "GPUJOBS_RATE_LIMIT_PER_MINUTE": str(RATE_LIMIT)}
     stack = Stack(env, tmp_path / "logs", label="redis-outage")
     try:
-        _process, base_url = stack.start_api(workers=1, threads=8)
+        _process, base_url = stack.start_api(workers=1)
         yield base_url
     finally:
         stack.stop_all()
