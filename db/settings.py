@@ -89,6 +89,30 @@ class Settings(BaseSettings):
     s3_secret_key: str | None = Field(None, description="S3 secret access key.")
     s3_region: str = Field("us-east-1", description="S3 region.")
     presign_expiry_seconds: int = Field(3600, ge=60, le=7 * 24 * 3600, description="Lifetime of download URLs.")
+    s3_connect_timeout_seconds: float = Field(
+        2.0, gt=0, le=60, description="Longest wait to connect to S3 (each try of each call)."
+    )
+    s3_read_timeout_seconds: float = Field(
+        10.0,
+        gt=0,
+        le=600,
+        description="Longest wait for S3 to send or accept bytes within one try of a call (a hung S3 is given up "
+        "on after this).",
+    )
+    s3_max_attempts: int = Field(
+        3,
+        ge=1,
+        le=10,
+        description="Tries of one S3 call (botocore's standard retry mode with backoff; the only retry layer, so "
+        "a call takes at most about this many times the timeouts). Readiness probes try once.",
+    )
+    storage_retry_window_seconds: float = Field(
+        600.0,
+        ge=0,
+        le=86400,
+        description="How long a running job keeps trying to store an output (kept meanwhile under "
+        "`<var_dir>/spool/`, the lease renewed) when S3 fails, before it ends `failed` with `storage_error`.",
+    )
 
     # --- API ----------------------------------------------------------------
     admin_key: str | None = Field(None, description="Bootstrap admin key, created at start if missing.")
@@ -166,7 +190,6 @@ class Settings(BaseSettings):
     )
     reconcile_interval_seconds: float = Field(5.0, gt=0, description="Period of the reconciler on beat.")
     worker_concurrency: int = Field(2, ge=1, le=64, description="Jobs one worker process runs at once (threads).")
-    upload_attempts: int = Field(4, ge=1, le=20, description="Tries to store one artifact before the job fails.")
 
     heartbeat_seconds: float = Field(5.0, gt=0, description="How often each worker process records its heartbeat.")
     worker_lost_seconds: float = Field(30.0, gt=0, description="A worker silent this long is shown as lost.")

@@ -2,18 +2,19 @@
 
 Lives in ``db/`` because, like the database, it holds state that both the API
 (uploaded inputs, presigned downloads) and the workers (job outputs) use.
-Keys: ``inputs/<file id>``, ``jobs/<job id>/<name>``, ``models/<model id>/...``.
+Keys: ``inputs/<file id>``, ``jobs/<job id>/<attempt>/<name>`` (each attempt of a job writes under its
+own number, so a stale attempt cannot overwrite the winner's outputs), ``jobs/<job id>/checkpoints/<attempt>/...``
+and ``models/<model id>/...``.
 """
 
 from __future__ import annotations
 
 import base64
 import hashlib
-import logging
 import threading
-import time
 from dataclasses import dataclass
 from functools import cached_property
+from typing import Any
 
 import boto3
 from botocore.config import Config
@@ -21,11 +22,31 @@ from botocore.exceptions import BotoCoreError, ClientError
 
 from db.settings import Settings, get_settings
 
-log = logging.getLogger(__name__)
-
 
 class StorageError(Exception):
-    """An object could not be stored or read after every retry."""
+    """An object could not be stored, read or deleted (after the client's bounded retries)."""
+
+
+class StorageUnavailable(StorageError):
+    """The storage service did not answer in time, refused the connection or answered 5xx: a transient
+    outage (the API answers 503; a job keeps its outputs and tries again)."""
+
+
+# Error codes S3 answers when it is overloaded or briefly unwell: an outage, not a bad request.
+_TRANSIENT_CODES = frozenset(
+    {"SlowDown", "ServiceUnavailable", "InternalError", "RequestTimeout", "Throttling", "ThrottlingException"}
+)
+
+
+def _storage_error(what: str, exc: Exception) -> StorageError:
+    """The StorageError for a botocore failure: ``StorageUnavailable`` when the service is down or hung."""
+    if isinstance(exc, ClientError):
+        error = exc.response.get("Error", {})
+        status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0)
+        if status >= 500 or error.get("Code") in _TRANSIENT_CODES:
+            return StorageUnavailable(f"{what}: storage answered {status} {error.get('Code')}")
+        return StorageError(f"{what}: {exc}")
+    return StorageUnavailable(f"{what}: {exc}")  # connection refused or reset, a timeout, a bad endpoint
 
 
 @dataclass(frozen=True)
@@ -37,12 +58,21 @@ class StoredObject:
 
 
 class Storage:
+    """One bucket. Every call is bounded: ``s3_connect_timeout_seconds`` to connect,
+    ``s3_read_timeout_seconds`` per socket read, and at most ``s3_max_attempts`` tries in botocore's
+    standard retry mode, the only retry layer here (longer waits, such as a job riding out an outage,
+    belong to the caller). Every failure is raised as ``StorageError`` (``StorageUnavailable`` for an
+    outage), never as a botocore exception."""
+
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.bucket = settings.s3_bucket
+        self._clients: dict[tuple[str | None, int, float | None], Any] = {}
+        self._clients_lock = threading.Lock()
 
-    def _client(self, endpoint: str | None):  # type: ignore[no-untyped-def]
+    def _client(self, endpoint: str | None, attempts: int, timeout: float | None = None):  # type: ignore[no-untyped-def]
         s = self.settings
+        connect = min(s.s3_connect_timeout_seconds, timeout) if timeout else s.s3_connect_timeout_seconds
         return boto3.session.Session().client(
             "s3",
             endpoint_url=endpoint,
@@ -52,70 +82,83 @@ class Storage:
             config=Config(
                 s3={"addressing_style": "path"},
                 signature_version="s3v4",
-                retries={"max_attempts": 3, "mode": "standard"},
-                connect_timeout=5,
-                read_timeout=60,
+                retries={"total_max_attempts": attempts, "mode": "standard"},
+                connect_timeout=connect,
+                read_timeout=timeout or s.s3_read_timeout_seconds,
                 max_pool_connections=32,
             ),
         )
 
-    @cached_property
+    def client_for(self, attempts: int | None = None, timeout: float | None = None):  # type: ignore[no-untyped-def]
+        """The boto3 client making at most ``attempts`` tries per call (default ``s3_max_attempts``), each
+        bounded by ``timeout`` seconds to connect and per read if given (else the settings' timeouts)."""
+        attempts = attempts or self.settings.s3_max_attempts
+        endpoint = self.settings.s3_endpoint_url
+        with self._clients_lock:
+            if (endpoint, attempts, timeout) not in self._clients:
+                self._clients[(endpoint, attempts, timeout)] = self._client(endpoint, attempts, timeout)
+            return self._clients[(endpoint, attempts, timeout)]
+
+    @property
     def client(self):  # type: ignore[no-untyped-def]
-        return self._client(self.settings.s3_endpoint_url)
+        return self.client_for()
 
     @cached_property
     def presign_client(self):  # type: ignore[no-untyped-def]
         public = self.settings.s3_public_url
-        return self.client if not public or public == self.settings.s3_endpoint_url else self._client(public)
+        return self.client if not public or public == self.settings.s3_endpoint_url else self._client(public, 1)
 
     def ensure_bucket(self) -> None:
         try:
-            self.client.head_bucket(Bucket=self.bucket)
-        except ClientError:
-            self.client.create_bucket(Bucket=self.bucket)
+            try:
+                self.client.head_bucket(Bucket=self.bucket)
+            except ClientError as exc:
+                if int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0) >= 500:
+                    raise
+                self.client.create_bucket(Bucket=self.bucket)
+        except (BotoCoreError, ClientError) as exc:
+            raise _storage_error(f"could not find or create the bucket {self.bucket}", exc) from exc
 
-    def ping(self) -> None:
-        self.client.head_bucket(Bucket=self.bucket)
+    def ping(self, timeout: float | None = None) -> None:
+        """One try, no retry, within ``timeout`` seconds to connect and to answer (default: the settings'
+        timeouts): for readiness probes, which must answer quickly whatever the storage does."""
+        try:
+            self.client_for(attempts=1, timeout=timeout).head_bucket(Bucket=self.bucket)
+        except (BotoCoreError, ClientError) as exc:
+            raise _storage_error(f"the bucket {self.bucket} does not answer", exc) from exc
 
     def put(self, key: str, data: bytes, content_type: str, attempts: int | None = None) -> StoredObject:
-        """Store ``data`` and check that what the server holds has its size; retried with backoff."""
-        attempts = attempts or self.settings.upload_attempts
+        """Store ``data`` (at most ``attempts`` tries, default ``s3_max_attempts``); the server checks its
+        Content-MD5, so success means these exact bytes are stored."""
         digest = hashlib.sha256(data).hexdigest()
         content_md5 = base64.b64encode(hashlib.md5(data, usedforsecurity=False).digest()).decode()
-        last: Exception | None = None
-        for attempt in range(1, attempts + 1):
-            try:
-                # The server checks Content-MD5 and refuses a body that does not match it, so a
-                # successful PUT means these exact bytes are stored (no HEAD round trip needed).
-                self.client.put_object(
-                    Bucket=self.bucket,
-                    Key=key,
-                    Body=data,
-                    ContentType=content_type,
-                    ContentMD5=content_md5,
-                    Metadata={"sha256": digest},
-                )
-                return StoredObject(key=key, size=len(data), sha256=digest, content_type=content_type)
-            except (BotoCoreError, ClientError) as exc:
-                last = exc
-                log.warning("upload of %s failed (attempt %d of %d): %s", key, attempt, attempts, exc)
-                if attempt < attempts:
-                    time.sleep(min(0.2 * 2 ** (attempt - 1), 5.0))
-        raise StorageError(f"could not store {key} after {attempts} attempts: {last}")
+        try:
+            # The server refuses a body that does not match its Content-MD5 (no HEAD round trip needed).
+            self.client_for(attempts).put_object(
+                Bucket=self.bucket,
+                Key=key,
+                Body=data,
+                ContentType=content_type,
+                ContentMD5=content_md5,
+                Metadata={"sha256": digest},
+            )
+        except (BotoCoreError, ClientError) as exc:
+            raise _storage_error(f"could not store {key}", exc) from exc
+        return StoredObject(key=key, size=len(data), sha256=digest, content_type=content_type)
 
     def get(self, key: str) -> bytes:
         try:
             data: bytes = self.client.get_object(Bucket=self.bucket, Key=key)["Body"].read()
             return data
         except (BotoCoreError, ClientError) as exc:
-            raise StorageError(f"could not read {key}: {exc}") from exc
+            raise _storage_error(f"could not read {key}", exc) from exc
 
     def delete(self, key: str) -> None:
         """Remove an object (S3 answers success for a key that is already gone)."""
         try:
             self.client.delete_object(Bucket=self.bucket, Key=key)
         except (BotoCoreError, ClientError) as exc:
-            raise StorageError(f"could not delete {key}: {exc}") from exc
+            raise _storage_error(f"could not delete {key}", exc) from exc
 
     def delete_prefix(self, prefix: str) -> int:
         """Remove every object whose key starts with ``prefix``; how many there were."""
@@ -127,16 +170,20 @@ class Storage:
                     self.client.delete_objects(Bucket=self.bucket, Delete={"Objects": keys, "Quiet": True})
                     removed += len(keys)
         except (BotoCoreError, ClientError) as exc:
-            raise StorageError(f"could not delete {prefix}*: {exc}") from exc
+            raise _storage_error(f"could not delete {prefix}*", exc) from exc
         return removed
 
     def presigned_url(self, key: str, filename: str | None = None) -> str:
+        """A download URL, signed locally (no request to the storage service)."""
         params = {"Bucket": self.bucket, "Key": key}
         if filename:
             params["ResponseContentDisposition"] = f'attachment; filename="{filename}"'
-        url: str = self.presign_client.generate_presigned_url(
-            "get_object", Params=params, ExpiresIn=self.settings.presign_expiry_seconds
-        )
+        try:
+            url: str = self.presign_client.generate_presigned_url(
+                "get_object", Params=params, ExpiresIn=self.settings.presign_expiry_seconds
+            )
+        except (BotoCoreError, ClientError) as exc:
+            raise _storage_error(f"could not sign a URL for {key}", exc) from exc
         return url
 
 

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, cast
 
-from sqlalchemy import ColumnElement, CursorResult, Table, and_, delete, func, insert, select, update
+from sqlalchemy import ColumnElement, CursorResult, Table, and_, delete, func, insert, literal, select, update
 from sqlalchemy.orm import Session
 
 from db import clock, notify, webhooks
@@ -163,9 +163,39 @@ def renew_lease(
     return LeaseState(owned=True, cancel_requested=row[0] is not None)
 
 
-def progress_milestone(session: Session, job_id: str, attempt: int, message: str, data: dict[str, Any]) -> None:
-    """Record a progress milestone (a new stage) in the job's timeline."""
-    record_event(session, job_id, EventKind.PROGRESS, attempt, message, data)
+def owns(session: Session, job_id: str, attempt: int) -> bool:
+    """Whether ``attempt`` still runs the job (the fence, read without a write): a worker asks before and
+    after it stores an output, so a stale attempt stops instead of working on."""
+    found = session.execute(select(Job.id).where(Job.id == job_id, *_running(attempt))).first()
+    return found is not None
+
+
+def record_attempt_event(
+    session: Session,
+    job_id: str,
+    kind: EventKind,
+    attempt: int,
+    message: str | None = None,
+    data: dict[str, Any] | None = None,
+) -> bool:
+    """Add an event to the timeline only while ``attempt`` runs the job (one INSERT … SELECT … WHERE EXISTS);
+    False, and nothing written, for a stale attempt."""
+    fence = select(Job.id).where(Job.id == job_id, *_running(attempt)).exists()
+    row = select(
+        literal(job_id, EVENTS.c.job_id.type),
+        literal(kind.value, EVENTS.c.kind.type),
+        literal(attempt, EVENTS.c.attempt.type),
+        literal(message, EVENTS.c.message.type),
+        literal(data, EVENTS.c.data.type),
+        clock.now(session),
+    ).where(fence)
+    columns = ["job_id", "kind", "attempt", "message", "data", "at"]
+    return session.execute(insert(EVENTS).from_select(columns, row).returning(EVENTS.c.id)).first() is not None
+
+
+def progress_milestone(session: Session, job_id: str, attempt: int, message: str, data: dict[str, Any]) -> bool:
+    """Record a progress milestone (a new stage) in the job's timeline, if ``attempt`` still runs the job."""
+    return record_attempt_event(session, job_id, EventKind.PROGRESS, attempt, message, data)
 
 
 def succeed(
@@ -177,7 +207,11 @@ def succeed(
     artifacts: Sequence[dict[str, Any]] = (),
     models: Sequence[dict[str, Any]] = (),
 ) -> bool:
-    """running → succeeded, with the rows of the artifacts (and models) this run stored (objects in S3 already)."""
+    """running → succeeded, with the rows of the artifacts (and models) this run stored (objects in S3 already).
+
+    Fenced by the attempt like every worker transition: the artifact rows are replaced only together with the
+    status change, so a stale attempt can never change what a finished job's artifacts point to (and each
+    attempt stores under its own keys, ``jobs/<id>/<attempt>/…``, so neither can it change the objects)."""
     now = clock.db_now(session)
     done = _update(
         session,

@@ -52,8 +52,8 @@ def latest(session: Session, job_id: str) -> Checkpoint | None:
     return Checkpoint(step=int(row.data["step"]), key=str(row.data["key"]), attempt=row.attempt, details=details)
 
 
-def resumed(session: Session, job_id: str, attempt: int, checkpoint: Checkpoint, load_seconds: float) -> None:
-    """A timeline milestone: this attempt continues from ``checkpoint``."""
+def resumed(session: Session, job_id: str, attempt: int, checkpoint: Checkpoint, load_seconds: float) -> bool:
+    """A timeline milestone: this attempt continues from ``checkpoint`` (False, nothing written: it is stale)."""
     data = {
         "step": checkpoint.step,
         "key": checkpoint.key,
@@ -61,4 +61,4 @@ def resumed(session: Session, job_id: str, attempt: int, checkpoint: Checkpoint,
         "load_seconds": load_seconds,
     }
     message = f"resumed from the checkpoint at step {checkpoint.step}"
-    transitions.record_event(session, job_id, EventKind.RESUMED, attempt, message, data)
+    return transitions.record_attempt_event(session, job_id, EventKind.RESUMED, attempt, message, data)

@@ -6,17 +6,29 @@ thread renews the job's lease every ``control_poll_seconds``, saves the latest p
 same UPDATE and reads the cancel flag back, so ``check()`` and ``progress()`` cost no database round
 trip however fast the steps are. When the job's webhook wants ``progress`` events, the same
 transaction records one, at most every ``webhook_progress_seconds``.
+
+Storage is fenced by the attempt: every object an attempt stores is under its own number
+(``jobs/<id>/<attempt>/<name>``, ``jobs/<id>/checkpoints/<attempt>/<name>``), and the attempt checks
+that it still runs the job before and after storing, so a stale attempt (a worker that was frozen
+past its lease) can neither overwrite the winner's objects nor change the timeline of a newer run.
+A storage outage fails no job at once: an object that cannot be stored is spooled under
+``<var_dir>/spool/`` and tried again with backoff while the lease is renewed, for up to
+``storage_retry_window_seconds``; only then does the job fail with ``storage_error``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import random
+import shutil
 import threading
 import time
 from collections.abc import Callable, Iterable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
+from typing import Any, TypeVar
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -25,14 +37,31 @@ from db import transitions, webhooks
 from db.models import File, Model
 from db.session import session_scope
 from db.settings import Settings
-from db.storage import StorageError, StoredObject, get_storage
+from db.storage import StorageError, StorageUnavailable, StoredObject, get_storage
 from worker import checkpoints
 from worker.checkpoints import Checkpoint
 from worker.jobs.spec import Artifact, JobError
 
-__all__ = ["Canceled", "Checkpoint", "DeadlineExceeded", "JobContext", "JobError", "LeaseLost", "Stop", "TenantModel"]
+__all__ = [
+    "Canceled",
+    "Checkpoint",
+    "DeadlineExceeded",
+    "JobContext",
+    "JobError",
+    "LeaseLost",
+    "Stop",
+    "StorageGaveUp",
+    "TenantModel",
+]
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+# Waits between two tries of a storage call during an outage: doubling from the first, capped (with
+# jitter, so that the workers of a fleet do not all knock at once when S3 comes back).
+STORAGE_RETRY_FIRST_DELAY = 0.5
+STORAGE_RETRY_MAX_DELAY = 5.0
 
 
 class Stop(BaseException):
@@ -49,6 +78,14 @@ class LeaseLost(Stop):
 
 class DeadlineExceeded(Stop):
     pass
+
+
+class StorageGaveUp(StorageError):
+    """Storage failed for the whole ``storage_retry_window_seconds`` while the job held its lease."""
+
+    def __init__(self, what: str, seconds: float, last: StorageError) -> None:
+        super().__init__(f"could not {what} for {seconds:g} s; last error: {last}")
+        self.seconds = seconds
 
 
 @dataclass(frozen=True)
@@ -101,6 +138,7 @@ class JobContext:
         self._checkpoint_key: str | None = None
         self._lock = threading.Lock()
         self._stop = threading.Event()
+        self._wake = threading.Event()  # set when the lease is lost or a cancel is asked: ends a storage wait
         self._thread: threading.Thread | None = None
 
     # --- what jobs call -----------------------------------------------------
@@ -115,7 +153,9 @@ class JobContext:
             self._milestone = message if message is not None else self._milestone
         if new_stage and message is not None:
             with self._sessions() as session:
-                transitions.progress_milestone(session, self.job_id, self.attempt, message, {"step": step})
+                recorded = transitions.progress_milestone(session, self.job_id, self.attempt, message, {"step": step})
+            if not recorded:  # a stale attempt adds nothing to a newer run's timeline; it stops at its next check
+                self._lost()
 
     def should_stop(self) -> bool:
         """Whether the run must stop now (canceled, lease lost, past its deadline), for code that must stop
@@ -138,7 +178,7 @@ class JobContext:
             key = file.storage_key if file is not None else None
         if key is None:
             raise JobError(f"the input file {file_id!r} no longer exists", "input_missing")
-        return get_storage(self.settings).get(key)
+        return self._riding_out_outages(f"read the input {key}", lambda: get_storage(self.settings).get(key))
 
     def tenant_models(self, model_ids: Iterable[str]) -> dict[str, TenantModel]:
         """The job's tenant's models among ``model_ids`` (another tenant's, or a deleted one, is absent)."""
@@ -148,13 +188,13 @@ class JobContext:
             ).all()
             return {row.id: TenantModel(row.id, row.name, row.base_model, row.storage_key, row.sha256) for row in rows}
 
-    # --- checkpoints: scratch objects under jobs/<id>/checkpoints/, kept until the job succeeds ------------
+    # --- checkpoints: scratch objects under jobs/<id>/checkpoints/<attempt>/, kept until the job succeeds ------
     def save_scratch(self, name: str, data: bytes) -> str:
-        """Store ``data`` for later attempts of this job (``jobs/<id>/checkpoints/<name>``); returns its key."""
+        """Store ``data`` for later attempts of this job (``jobs/<id>/checkpoints/<attempt>/<name>``); its key."""
         return self._put_scratch(name, data).key
 
     def _put_scratch(self, name: str, data: bytes) -> StoredObject:
-        return get_storage(self.settings).put(f"{self._scratch_prefix}{name}", data, "application/octet-stream")
+        return self._store_object(f"{self._scratch_prefix}{self.attempt}/{name}", data, "application/octet-stream")
 
     @property
     def _scratch_prefix(self) -> str:
@@ -162,10 +202,15 @@ class JobContext:
 
     def load_scratch(self, key: str) -> bytes:
         """An object saved by ``save_scratch`` or ``checkpoint`` (this attempt's or an earlier one's)."""
-        return get_storage(self.settings).get(key)
+        return self._riding_out_outages(f"read {key}", lambda: get_storage(self.settings).get(key))
 
     def drop_scratch(self) -> None:
-        """Delete every checkpoint and scratch object of the job (its result is stored: they are spent)."""
+        """Delete every checkpoint and scratch object of the job (its result is stored: they are spent).
+
+        Only while this attempt runs the job: a stale attempt must not delete what the current one resumes from.
+        """
+        if not self._still_owner():
+            return
         try:
             get_storage(self.settings).delete_prefix(self._scratch_prefix)
         except StorageError as exc:
@@ -182,7 +227,7 @@ class JobContext:
         with self._sessions() as session:
             owned = checkpoints.record(session, self.job_id, self.attempt, self.settings.lease_seconds, step, key, info)
         if not owned:
-            self._lease_lost = True
+            self._lost()
             self.check()
         previous, self._checkpoint_key = self._checkpoint_key, key
         if previous and previous != key:
@@ -200,13 +245,26 @@ class JobContext:
             return checkpoints.latest(session, self.job_id)
 
     def resumed(self, checkpoint: Checkpoint, load_seconds: float) -> None:
-        """Record on the timeline that this attempt continues from ``checkpoint``."""
+        """Record on the timeline that this attempt continues from ``checkpoint`` (nothing if it is stale)."""
         with self._sessions() as session:
-            checkpoints.resumed(session, self.job_id, self.attempt, checkpoint, load_seconds)
+            recorded = checkpoints.resumed(session, self.job_id, self.attempt, checkpoint, load_seconds)
+        if not recorded:
+            self._lost()
+
+    # --- outputs ------------------------------------------------------------------------------------------
+    @property
+    def output_prefix(self) -> str:
+        """Where this attempt's outputs go: ``jobs/<job id>/<attempt>/``."""
+        return f"jobs/{self.job_id}/{self.attempt}/"
 
     def store(self, name: str, data: bytes, content_type: str, key: str | None = None) -> Artifact:
-        """Upload an output to ``jobs/<job id>/<name>`` (or ``key``); its row is written when the job succeeds."""
-        obj = get_storage(self.settings).put(key or f"jobs/{self.job_id}/{name}", data, content_type)
+        """Upload an output to ``jobs/<job id>/<attempt>/<name>``; its row is written when the job succeeds.
+
+        ``key`` replaces that key; it must be this attempt's alone (a fresh id, as a fine-tune's
+        ``models/<new model id>/…``), never one another attempt could write. Raises ``LeaseLost`` if this
+        attempt no longer runs the job, ``StorageGaveUp`` if storage failed for the whole retry window.
+        """
+        obj = self._store_object(key or f"{self.output_prefix}{name}", data, content_type)
         self.stored[name] = {
             "name": name,
             "content_type": content_type,
@@ -215,6 +273,96 @@ class JobContext:
             "storage_key": obj.key,
         }
         return Artifact(name=name, content_type=content_type, size=obj.size, sha256=obj.sha256)
+
+    def _store_object(self, key: str, data: bytes, content_type: str) -> StoredObject:
+        """Store an object for this attempt: the lease checked before and after, an outage ridden out."""
+        self._ensure_owner()
+        storage = get_storage(self.settings)
+        try:
+            obj = storage.put(key, data, content_type)
+        except StorageUnavailable as exc:
+            spooled = self._spool(key, data)
+            try:
+                obj = self._riding_out_outages(
+                    f"store {key}", lambda: storage.put(key, spooled.read_bytes(), content_type), first_error=exc
+                )
+            finally:
+                spooled.unlink(missing_ok=True)
+        self._ensure_owner()
+        return obj
+
+    # --- fencing and outages ------------------------------------------------------------------------------
+    def _still_owner(self) -> bool:
+        """Whether this attempt still runs the job (a fenced read). A database error counts as yes: every
+        write that matters is fenced again by its own transition."""
+        if self._lease_lost:
+            return False
+        try:
+            with self._sessions() as session:
+                owned = transitions.owns(session, self.job_id, self.attempt)
+        except Exception:
+            log.exception("job %s: could not check the lease of attempt %d", self.job_id, self.attempt)
+            return True
+        if not owned:
+            self._lost()
+        return owned
+
+    def _ensure_owner(self) -> None:
+        if not self._still_owner():
+            raise LeaseLost()
+
+    def _lost(self) -> None:
+        if not self._lease_lost:
+            log.warning("job %s attempt %d no longer owns the job", self.job_id, self.attempt)
+        self._lease_lost = True
+        self._wake.set()
+
+    @property
+    def spool_dir(self) -> Path:
+        """Where this attempt keeps outputs that storage did not take yet: ``<var_dir>/spool/<job>/<attempt>``."""
+        return Path(self.settings.var_dir) / "spool" / self.job_id / str(self.attempt)
+
+    def _spool(self, key: str, data: bytes) -> Path:
+        path = self.spool_dir / key.replace("/", "__")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+        return path
+
+    def _riding_out_outages(self, what: str, call: Callable[[], T], first_error: StorageUnavailable | None = None) -> T:
+        """``call()``, tried again with backoff while storage is unavailable, this attempt runs the job and
+        ``storage_retry_window_seconds`` have not passed since the first failure. The control thread keeps
+        renewing the lease meanwhile; a lost lease or a cancel ends the wait at once. Time spent waiting is
+        added to the job's deadline (an outage is not run time). Other storage errors are raised at once."""
+        window = self.settings.storage_retry_window_seconds
+        started = self._clock()
+        last = first_error
+        if last is None:
+            try:
+                return call()
+            except StorageUnavailable as exc:
+                last = exc
+        log.warning("job %s: could not %s (%s); trying again for up to %g s", self.job_id, what, last, window)
+        delay, tries = STORAGE_RETRY_FIRST_DELAY, 1
+        while True:
+            left = started + window - self._clock()
+            if left <= 0:
+                raise StorageGaveUp(what, window, last)
+            self._wake.wait(min(delay * random.uniform(0.75, 1.0), left))
+            if self._lease_lost:
+                raise LeaseLost()
+            if self._cancel_requested:
+                raise Canceled()
+            tries += 1
+            try:
+                result = call()
+            except StorageUnavailable as exc:
+                last, delay = exc, min(delay * 2, STORAGE_RETRY_MAX_DELAY)
+                log.info("job %s: could not %s (try %d): %s", self.job_id, what, tries, exc)
+                continue
+            waited = self._clock() - started
+            self.deadline += waited
+            log.warning("job %s: %s done after %d tries in %.1f s", self.job_id, what, tries, waited)
+            return result
 
     def add_model(self, model: dict[str, Any]) -> None:
         """A model this run made (its weights already stored): its row is written when the job succeeds."""
@@ -231,8 +379,13 @@ class JobContext:
 
     def close(self) -> None:
         self._stop.set()
+        self._wake.set()
         if self._thread is not None:
             self._thread.join(timeout=10)
+        if self.spool_dir.exists():  # what a run left there (it ended before storage took it) is spent
+            shutil.rmtree(self.spool_dir, ignore_errors=True)
+            with contextlib.suppress(OSError):
+                self.spool_dir.parent.rmdir()  # the job's folder, if no other attempt of it spools here
 
     def _control_loop(self) -> None:
         while not self._stop.wait(self.settings.control_poll_seconds):
@@ -257,10 +410,11 @@ class JobContext:
                 self._last_progress_webhook = self._clock()
             if not state.owned:
                 log.warning("job %s attempt %d lost its lease", self.job_id, self.attempt)
-                self._lease_lost = True
+                self._lost()
                 return
             if state.cancel_requested:
                 self._cancel_requested = True
+                self._wake.set()
 
     def _progress_webhook_due(self) -> bool:
         """Under the lock: whether this round records a progress webhook (throttled per job)."""

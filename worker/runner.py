@@ -17,7 +17,7 @@ from db.session import session_scope
 from db.settings import get_settings
 from db.storage import StorageError
 from worker import heartbeat
-from worker.context import Canceled, DeadlineExceeded, JobContext, JobError, LeaseLost
+from worker.context import Canceled, DeadlineExceeded, JobContext, JobError, LeaseLost, StorageGaveUp
 from worker.jobs import get_job_type
 
 log = logging.getLogger(__name__)
@@ -87,7 +87,7 @@ def execute(job_id: str) -> str:
         return _finish(job_id, "failed", lambda s: transitions.fail(s, job_id, attempt, code, message, tb))
     except StorageError as exc:
         log.exception("job %s: storage failed", job_id)
-        message = "The job's outputs could not be stored; it can be retried."
+        message = _storage_message(exc)
         tb = f"{traceback.format_exc()}\n{exc}"
         return _finish(job_id, "failed", lambda s: transitions.fail(s, job_id, attempt, "storage_error", message, tb))
     except Exception:
@@ -107,6 +107,20 @@ def execute(job_id: str) -> str:
         return transitions.succeed(session, job_id, attempt, result, progress, list(ctx.stored.values()), ctx.models)
 
     return _finish(job_id, "succeeded", succeed)
+
+
+def _storage_message(exc: StorageError) -> str:
+    """What a user reads when storage failed the job (operators read the traceback)."""
+    if isinstance(exc, StorageGaveUp):
+        return (
+            f"The job ran, but its outputs could not be stored: the object storage was unavailable for "
+            f"{exc.seconds:g} seconds (storage_retry_window_seconds). Submit the job again once storage is back; "
+            "operators can see the storage error."
+        )
+    return (
+        "The job could not read or store an object in the object storage (a missing object, or storage "
+        "refusing the request). Submit it again; if it fails the same way, operators can see the details."
+    )
 
 
 def _finish(job_id: str, outcome: str, transition: Callable[[Session], bool]) -> str:

@@ -68,7 +68,7 @@ def test_artifact_row_matches_the_object_in_s3(client, keys, gpu_worker, service
     job = wait_for(client, keys.admin.secret, job["id"], "succeeded")
     with session_scope() as session:
         rows = session.scalars(select(Artifact).where(Artifact.job_id == job["id"])).all()
-        assert [(r.name, r.storage_key) for r in rows] == [("diagnostic.json", f"jobs/{job['id']}/diagnostic.json")]
+        assert [(r.name, r.storage_key) for r in rows] == [("diagnostic.json", f"jobs/{job['id']}/1/diagnostic.json")]
         row = rows[0]
     obj = services.s3.client().get_object(Bucket=services.env["GPUJOBS_S3_BUCKET"], Key=row.storage_key)
     data = obj["Body"].read()
