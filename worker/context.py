@@ -382,10 +382,19 @@ class JobContext:
         self._wake.set()
         if self._thread is not None:
             self._thread.join(timeout=10)
-        if self.spool_dir.exists():  # what a run left there (it ended before storage took it) is spent
-            shutil.rmtree(self.spool_dir, ignore_errors=True)
-            with contextlib.suppress(OSError):
-                self.spool_dir.parent.rmdir()  # the job's folder, if no other attempt of it spools here
+        self._clear_spool()
+
+    def _clear_spool(self) -> None:
+        """Remove what this attempt left in the spool (it ended before storage took it: spent), and what an
+        earlier attempt of the job left here if its worker process died."""
+        job_spool = self.spool_dir.parent
+        if not job_spool.exists():
+            return
+        for folder in job_spool.iterdir():
+            if folder.name.isdigit() and int(folder.name) <= self.attempt:
+                shutil.rmtree(folder, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            job_spool.rmdir()  # unless another attempt of the job spools here
 
     def _control_loop(self) -> None:
         while not self._stop.wait(self.settings.control_poll_seconds):

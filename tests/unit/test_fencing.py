@@ -290,10 +290,15 @@ def test_errors_are_classified_as_outages_or_not():
         assert type(error) is StorageError, code
 
 
-def test_the_spool_of_an_attempt_is_removed_when_it_ends(sessions, database_url, tmp_path: Path):
+def test_the_spool_of_an_attempt_and_of_earlier_dead_ones_is_removed_when_it_ends(
+    sessions, database_url, tmp_path: Path
+):
     job_id, attempt = running_job(sessions)
-    ctx = context(database_url, job_id, attempt, Clock(), var_dir=tmp_path)
-    spooled = ctx._spool(f"jobs/{job_id}/{attempt}/out.png", b"png")
-    assert spooled.read_bytes() == b"png" and spooled.is_relative_to(tmp_path / "spool" / job_id / str(attempt))
+    crashed = context(database_url, job_id, attempt, Clock(), var_dir=tmp_path)
+    left = crashed._spool(f"jobs/{job_id}/{attempt}/out.png", b"old")  # its process died: never closed
+    ctx = context(database_url, job_id, attempt + 1, Clock(), var_dir=tmp_path)
+    spooled = ctx._spool(f"jobs/{job_id}/{attempt + 1}/out.png", b"png")
+    assert spooled.read_bytes() == b"png" and spooled.is_relative_to(tmp_path / "spool" / job_id / str(attempt + 1))
+    assert left.exists()
     ctx.close()
-    assert not (tmp_path / "spool" / job_id).exists()
+    assert not (tmp_path / "spool" / job_id).exists(), "this attempt's spool and the dead one's are removed"
