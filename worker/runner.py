@@ -5,11 +5,13 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import time
 import traceback
 import uuid
 from collections.abc import Callable
 
 from pydantic import ValidationError
+from sqlalchemy import exc as sa_exc
 from sqlalchemy.orm import Session
 
 from db import transitions
@@ -124,8 +126,21 @@ def _storage_message(exc: StorageError) -> str:
 
 
 def _finish(job_id: str, outcome: str, transition: Callable[[Session], bool]) -> str:
-    with session_scope() as session:
-        done = transition(session)
+    # The database may be away at the moment the job ends: try again while this attempt's lease could
+    # still hold (the transition is fenced by attempt, so a late success after a requeue changes nothing).
+    deadline = time.monotonic() + get_settings().lease_seconds
+    delay = 0.25
+    while True:
+        try:
+            with session_scope() as session:
+                done = transition(session)
+            break
+        except (sa_exc.OperationalError, sa_exc.InterfaceError, sa_exc.TimeoutError) as exc:
+            if time.monotonic() + delay > deadline:
+                raise
+            log.warning("job %s: could not record %s yet (%s); retrying", job_id, outcome, type(exc).__name__)
+            time.sleep(delay)
+            delay = min(delay * 2, 2.0)
     if not done:
         log.warning("job %s: could not record %s (the job moved on without this worker)", job_id, outcome)
         return "lease_lost"
