@@ -9,6 +9,7 @@ from typing import Any, TypeVar
 from flask import Blueprint, Flask, Response, current_app, jsonify, render_template
 from pydantic import BaseModel
 
+from db.models import Role
 from worker.jobs import job_types
 from worker.jobs.spec import Artifact, JobType
 
@@ -24,7 +25,16 @@ QUERY_PARAMS: dict[str, dict[str, Any]] = {
     "kind": {"schema": {"type": "string", "enum": ["base", "lora"]}, "description": "Only models of this kind."},
 }
 
-STATUS_TEXT = {200: "OK", 201: "Created", 202: "Accepted", 204: "No content", 302: "Redirect", 409: "Conflict"}
+STATUS_TEXT = {
+    200: "OK",
+    201: "Created",
+    202: "Accepted",
+    204: "No content",
+    302: "Redirect",
+    409: "Conflict",
+    429: "Too many waiting requests of this key or tenant (`Prefer: wait`); see `Retry-After`",
+}
+WAITING_ROUTES = {("/v1/jobs", "POST"), ("/v1/jobs/<job_id>", "GET")}  # the routes that take `Prefer: wait`
 
 
 def document(
@@ -96,7 +106,10 @@ def _components(types: dict[str, JobType]) -> dict[str, Any]:
                 "input": {"type": "object"},
                 "metadata": {"type": "object"},
                 "output": {
-                    "oneOf": [{"$ref": f"#/components/schemas/{n}Output"} for n in sorted(types)] + [{"type": "null"}]
+                    # anyOf, not oneOf: types may share an output shape (the three generation types do), so a
+                    # generation output matches several branches; the `allOf` below binds it to the job's type.
+                    "anyOf": [{"$ref": f"#/components/schemas/{n}Output"} for n in sorted(types)] + [{"type": "null"}],
+                    "description": "The type's output (`<type>Output`) once `succeeded`, else null.",
                 },
                 "error": {
                     "oneOf": [
@@ -120,6 +133,7 @@ def _components(types: dict[str, JobType]) -> dict[str, Any]:
                 "webhook_events_filter": {"type": "array", "items": {"type": "string"}},
                 "urls": {"type": "object", "additionalProperties": {"type": "string"}},
             },
+            "allOf": [_output_of(name) for name in sorted(types)],
         },
         "File": {
             "type": "object",
@@ -162,8 +176,15 @@ def _components(types: dict[str, JobType]) -> dict[str, Any]:
         },
         "Key": {
             "type": "object",
+            "required": ["id", "name", "role", "tenant", "created_at", "revoked_at"],
             "properties": {
-                name: {"type": "string"} for name in ["id", "name", "role", "tenant", "key", "created_at", "revoked_at"]
+                "id": {"type": "string"},
+                "name": {"type": "string"},
+                "role": {"type": "string", "enum": [role.value for role in Role]},
+                "tenant": {"type": "string"},
+                "key": {"type": "string", "description": "The key itself: in the answer to its creation only."},
+                "created_at": {"type": "string", "format": "date-time"},
+                "revoked_at": {"type": ["string", "null"], "format": "date-time"},
             },
         },
     }
@@ -187,6 +208,16 @@ def _components(types: dict[str, JobType]) -> dict[str, Any]:
                 schema["description"] = job_type.summary + (" Admin keys only." if job_type.admin_only else "")
             schemas[f"{name}{suffix}"] = schema
     return schemas
+
+
+def _output_of(name: str) -> dict[str, Any]:
+    """A job of type ``name`` has that type's output, or none."""
+    return {
+        "if": {"properties": {"type": {"const": name}}, "required": ["type"]},
+        "then": {
+            "properties": {"output": {"anyOf": [{"$ref": f"#/components/schemas/{name}Output"}, {"type": "null"}]}}
+        },
+    }
 
 
 def _webhook_schemas() -> dict[str, Any]:
@@ -256,6 +287,7 @@ def _job_create_schema(model: type[BaseModel], types: dict[str, JobType]) -> dic
 
 def build(app: Flask) -> dict[str, Any]:
     types = job_types(app.config["GPUJOBS_SETTINGS"])
+    max_wait = app.config["GPUJOBS_SETTINGS"].max_wait_seconds
     schemas = _components(types)
     paths: dict[str, Any] = {}
     for rule in sorted(app.url_map.iter_rules(), key=lambda r: r.rule):
@@ -270,14 +302,16 @@ def build(app: Flask) -> dict[str, Any]:
                 {"name": arg, "in": "path", "required": True, "schema": {"type": "string"}} for arg in rule.arguments
             ]
             params += [{"name": q, "in": "query", "required": False, **QUERY_PARAMS[q]} for q in meta["query"]]
-            if rule.rule.startswith("/v1/jobs") and method in {"GET", "POST"}:
+            if (rule.rule, method) in WAITING_ROUTES:
                 params.append(
                     {
                         "name": "Prefer",
                         "in": "header",
                         "required": False,
                         "schema": {"type": "string"},
-                        "description": "`wait=N` (N ≤ 60): hold the answer until the job finishes or N seconds pass.",
+                        "description": f"`wait=N` (N ≤ {max_wait}; more is taken as {max_wait}): hold the answer "
+                        "until the job finishes or N seconds pass. Concurrent waits are capped per key and per "
+                        "tenant (429 with `Retry-After`).",
                     }
                 )
             if rule.rule == "/v1/jobs" and method == "POST":
