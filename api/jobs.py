@@ -326,12 +326,12 @@ def list_jobs() -> Response:
     limit, cursor = page_params()
     query = _visible(select(Job)).options(selectinload(Job.artifacts))
     status = request.args.get("status")
-    if status:
+    if status is not None:  # `?status=` is not "any status"
         if status not in {s.value for s in JobStatus}:
             raise validation_error(["query", "status"], f"must be one of {', '.join(s.value for s in JobStatus)}")
         query = query.where(Job.status == status)
     job_type = request.args.get("type")
-    if job_type:
+    if job_type is not None:
         if job_type not in job_types(config.settings()):
             raise validation_error(["query", "type"], f"unknown job type {job_type!r}")
         query = query.where(Job.type == job_type)

@@ -46,7 +46,10 @@ def document(
     responses: dict[int, str] | None = None,
     public: bool = False,
 ) -> Callable[[F], F]:
-    """Attach what the OpenAPI document says about a view; the path and method come from the route."""
+    """Attach what the OpenAPI document says about a view; the path and method come from the route.
+
+    ``responses`` maps a status to a component schema's name, ``object``, or a media type such as
+    ``text/html`` (a text body of that type)."""
 
     def attach(view: F) -> F:
         view._openapi = {  # type: ignore[attr-defined]
@@ -281,6 +284,9 @@ def _job_create_schema(model: type[BaseModel], types: dict[str, JobType]) -> dic
                 "input": {"$ref": f"#/components/schemas/{name}Input"},
             },
         }
+        if any(field.is_required() for field in types[name].Input.model_fields.values()):
+            # `input` defaults to {}, which an input with required fields refuses: then it is required.
+            variant["required"] = [*base.get("required", []), "input"]
         variants.append(variant)
     return {"oneOf": variants, "discriminator": {"propertyName": "type"}}
 
@@ -337,10 +343,14 @@ def build(app: Flask) -> dict[str, Any]:
                 op["requestBody"] = {"required": True, "content": {"multipart/form-data": {"schema": meta["form"]}}}
             responses: dict[str, Any] = {}
             for status, name in meta["responses"].items():
-                media = "application/problem+json" if name == "Problem" else "application/json"
+                if "/" in name:  # a media type (`text/html`): a text body of that type
+                    content = {name: {"schema": {"type": "string"}}}
+                else:
+                    media = "application/problem+json" if name == "Problem" else "application/json"
+                    content = {media: {"schema": _schema_ref(name)}}
                 responses[str(status)] = {
                     "description": STATUS_TEXT.get(status, str(status)),
-                    **({"content": {media: {"schema": _schema_ref(name)}}} if status not in (204, 302) else {}),
+                    **({"content": content} if status not in (204, 302) else {}),
                 }
             responses["default"] = {
                 "description": "An error (RFC 9457)",
@@ -368,7 +378,7 @@ def openapi_json() -> Response:
 
 
 @bp.get("/docs")
-@document("Human-readable API reference", public=True, responses={200: "object"})
+@document("Human-readable API reference", public=True, responses={200: "text/html"})
 def docs() -> str:
     spec = build(current_app)
     types = job_types(current_app.config["GPUJOBS_SETTINGS"])

@@ -283,3 +283,20 @@ def test_a_waiting_request_holds_no_database_connection_and_wakes_on_the_re_read
     elapsed = time.monotonic() - started
     assert answer and answer[0].status_code == 200 and answer[0].get_json()["status"] == "canceled"
     assert elapsed < 5, f"the re-read (every 0.2 s) took {elapsed:.1f}s to end the wait"
+
+
+def test_smaller_contract_fixes_schemathesis_found(app: Any, doc: dict[str, Any], sessions: Any) -> None:
+    """`input` is required for types whose input has required fields; `/docs` and `/metrics` are text;
+    `?status=` and `?type=` (empty) are refused like any value outside their enum."""
+    variants = {
+        v["properties"]["type"]["const"]: v
+        for v in doc["paths"]["/v1/jobs"]["post"]["requestBody"]["content"]["application/json"]["schema"]["oneOf"]
+    }
+    assert "input" in variants["inpainting"]["required"] and "input" not in variants["diagnostic"]["required"]
+    assert list(doc["paths"]["/docs"]["get"]["responses"]["200"]["content"]) == ["text/html"]
+    assert list(doc["paths"]["/metrics"]["get"]["responses"]["200"]["content"]) == ["text/plain"]
+    client = app.test_client()
+    admin = _keys(sessions)["admin"][2]
+    _problem(client.get("/v1/jobs?status=", headers=_auth(admin)), 422)
+    _problem(client.get("/v1/jobs?type=", headers=_auth(admin)), 422)
+    assert client.get("/v1/jobs?status=queued", headers=_auth(admin)).status_code == 200
