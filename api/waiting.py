@@ -136,14 +136,12 @@ class FinishListener:
     # --- the fast path: Redis ---------------------------------------------------------------------
 
     def _listen(self) -> None:
-        url = self.settings.effective_redis_url
-        if url is None:
-            return  # no Redis: waits end by the re-read alone
         prefix = notify.channel("")
         backoff = 0.5
         while True:
-            # A client of its own, without a socket timeout: the subscription is idle between finishes.
-            client = redis.Redis.from_url(url, socket_connect_timeout=2)
+            client = notify.redis_client(self.settings)  # the process's bounded client; its own connection
+            if client is None:
+                return  # no Redis: waits end by the re-read alone
             pubsub = client.pubsub(ignore_subscribe_messages=True)
             try:
                 pubsub.psubscribe(notify.channel("*"))
@@ -158,7 +156,6 @@ class FinishListener:
             finally:
                 self.subscribed.clear()
                 pubsub.close()
-                client.close()
             time.sleep(backoff)
             backoff = min(backoff * 2, 10.0)
 

@@ -74,7 +74,7 @@ def test_schemathesis_finds_no_server_error_and_no_schema_violation(tmp_path: An
             "true",
         ]
         run = subprocess.run(
-            command, env=env, cwd=ROOT, capture_output=True, text=True, timeout=SECONDS + 240, check=False
+            command, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=SECONDS + 240, check=False
         )
         output = run.stdout + run.stderr
         print(output[-6000:])
