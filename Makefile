@@ -16,13 +16,13 @@ TORCH  ?= torch==2.13.0
 
 CHROMIUM ?= /usr/bin/chromium
 
-.PHONY: up test unit check install clean chromium
+.PHONY: up test unit check install clean chromium faketime
 
 up: $(STAMP)
 	$(BIN)/gpujobs up --demo --port $(PORT)
 
 # The checks, then the unit layer (no services, seconds), then the integration suite (real services and processes).
-test: $(STAMP) chromium check
+test: $(STAMP) chromium faketime check
 	$(BIN)/pytest tests/unit tests/integration $(PYTEST_ARGS)
 
 # Lint and format (ruff), types (mypy, on the modules pyproject.toml names), import boundaries (import-linter).
@@ -62,6 +62,17 @@ chromium:
 		$$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq chromium \
 			|| echo "could not install chromium: the admin browser tests will fail"; \
 	else echo "no chromium and no apt-get: the admin browser tests will fail (set GPUJOBS_TEST_CHROMIUM)"; fi
+
+# The lease-clock tests run a worker under Debian's faketime (libfaketime) with its wall clock shifted.
+# A system package, installed like chromium above; without it those tests fail and say how to get it.
+faketime:
+	@if command -v faketime >/dev/null 2>&1; then :; \
+	elif command -v apt-get >/dev/null 2>&1; then \
+		SUDO=; [ "$$(id -u)" = 0 ] || SUDO=sudo; \
+		echo "installing Debian's faketime for the lease-clock tests"; \
+		$$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq faketime \
+			|| echo "could not install faketime: the lease-clock tests will fail"; \
+	else echo "no faketime and no apt-get: the lease-clock tests will fail"; fi
 
 clean:
 	rm -rf $(VENV) var test-artifacts .pytest_cache

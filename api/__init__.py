@@ -27,10 +27,12 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.json.sort_keys = False  # type: ignore[attr-defined]
     # Pillow raises DecompressionBombError past twice this; our upload check refuses anything past it.
     Image.MAX_IMAGE_PIXELS = settings.max_image_pixels
-    sessions = session_factory(settings.database_url)
+    sessions = session_factory(settings.database_url, settings)
 
     @app.before_request
     def _open_session() -> None:
+        if request.endpoint in health.NO_DEPENDENCIES:
+            return  # liveness and readiness touch no dependency here (readiness checks its own, bounded)
         g.db = sessions()
         if request.path.startswith("/v1/"):
             auth.authenticate()
@@ -42,7 +44,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     def _close_session(_exc: BaseException | None) -> None:
         session = g.pop("db", None)
         if session is not None:
-            session.close()
+            errors.close_quietly(session)
 
     errors.register(app)
     limits.register(app)  # 414 / 431 first, before authentication

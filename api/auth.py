@@ -1,4 +1,4 @@
-"""Bearer-key authentication, tenant scoping and per-key rate limits."""
+"""Bearer-key authentication, tenant scoping, per-key rate limits and failed-authentication throttling."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from flask import g, request
 
 from api import config
 from api.errors import ApiError
+from api.throttle import Refusal, client_address, throttle
 from db import notify
 from db.keys import Identity, find_active_key
 from db.models import Role
@@ -31,17 +32,35 @@ def is_admin() -> bool:
 
 
 def authenticate() -> None:
-    """Before every /v1 request: resolve the key, or answer 401."""
+    """Before every /v1 request: resolve the key, or answer 401 (429 past the failed-authentication limits)."""
     header = request.headers.get("Authorization", "")
     scheme, _, token = header.partition(" ")
     unauthorized = {"WWW-Authenticate": 'Bearer realm="gpujobs"'}
-    if scheme.lower() != "bearer" or not token.strip():
+    token = token.strip()
+    if scheme.lower() != "bearer" or not token:
         raise ApiError(401, "Send an API key as `Authorization: Bearer <key>`.", headers=unauthorized)
-    key = find_active_key(g.db, token.strip())
-    if key is None:
-        raise ApiError(401, "The API key is unknown or has been revoked.", headers=unauthorized)
-    g.api_key = key
-    _rate_limit(key)
+    guard = throttle()
+    address = client_address(config.settings())
+    refusal = guard.check(address, token)
+    if refusal is None:
+        key = find_active_key(g.db, token)
+        if key is not None:
+            g.api_key = key
+            _rate_limit(key)
+            return
+        refusal = guard.failed(address, token)
+        if refusal is None:
+            raise ApiError(401, "The API key is unknown or has been revoked.", headers=unauthorized)
+    raise too_many_failures(refusal)
+
+
+def too_many_failures(refusal: Refusal) -> ApiError:
+    return ApiError(
+        429,
+        refusal.detail,
+        title="Too many failed authentications",
+        headers={"Retry-After": str(refusal.retry_after)},
+    )
 
 
 def require_admin(view: F) -> F:
@@ -55,11 +74,13 @@ def require_admin(view: F) -> F:
 
 
 def _rate_limit(key: Identity) -> None:
+    """Fail open: with Redis unset, down or hung (its breaker open), the request goes through."""
     settings = config.settings()
     limit = settings.rate_limit_per_minute
-    client = notify.redis_client(settings) if limit else None
-    if client is None:
+    found = notify.available_client(settings) if limit else None
+    if found is None:
         return
+    client, breaker = found
     window = int(time.time() // 60)
     counter = f"gpujobs:rate:{key.id}:{window}"
     try:
@@ -67,9 +88,10 @@ def _rate_limit(key: Identity) -> None:
         pipe.incr(counter)
         pipe.expire(counter, 120)
         count = pipe.execute()[0]
-    except redis.RedisError as exc:  # fail open: a Redis blip must not take the API down
-        log.warning("rate limit unavailable: %s", exc)
+    except redis.RedisError as exc:  # a Redis outage must not take the API down
+        breaker.failed("rate limit", exc)
         return
+    breaker.succeeded()
     if count > limit:
         retry_after = max(1, 60 - int(time.time()) % 60)
         raise ApiError(

@@ -1,4 +1,9 @@
-"""RFC 9457 problem+json for every error the API can answer, 404/405/413 included."""
+"""RFC 9457 problem+json for every error the API can answer, 404/405/413 included.
+
+A dependency that is down or does not answer in time (the database, storage, the broker or
+Redis) is a 503 with ``Retry-After``, never a 500: :func:`unavailable` is the one place that
+recognises those errors, whatever route or request hook they come from.
+"""
 
 from __future__ import annotations
 
@@ -7,13 +12,24 @@ from collections.abc import Sequence
 from http import HTTPStatus
 from typing import Any
 
-from flask import Flask, Response, json
+import kombu.exceptions
+import psycopg
+import redis
+from botocore.exceptions import BotoCoreError
+from flask import Flask, Response, current_app, json
+from flask.typing import ResponseReturnValue
 from pydantic import ValidationError
+from sqlalchemy import exc as sa
+from sqlalchemy.orm import Session
 from werkzeug.exceptions import HTTPException
+
+from db.storage import StorageError
 
 log = logging.getLogger(__name__)
 
 PROBLEM = "application/problem+json"
+# What a 503 for a dependency outage suggests to the client (readiness probes run every few seconds).
+UNAVAILABLE_RETRY_AFTER_SECONDS = 5
 
 
 class ApiError(Exception):
@@ -75,10 +91,74 @@ def problem(
     return response
 
 
+_DETAILS = {
+    "database": "The database is unavailable or did not answer in time; try again shortly.",
+    "storage": "Storage is unavailable or did not answer in time; try again shortly.",
+    "broker": "The message broker is unavailable or did not answer in time; try again shortly.",
+    "redis": "Redis is unavailable or did not answer in time; try again shortly.",
+    "dependency": "A service this request needs is unavailable or did not answer in time; try again shortly.",
+}
+
+
+def unavailable(exc: BaseException) -> ApiError | None:
+    """The 503 for an error that means a dependency is down or hung (None for anything else).
+
+    Looks at ``exc`` and what it was raised ``from``: SQLAlchemy's operational and interface
+    errors (lost or refused connections, statement timeouts, SQLite's locks) and pool checkout
+    timeouts, psycopg's own, storage errors, botocore's connection errors, Redis connection errors,
+    the broker's, and bare connection errors and timeouts.
+    """
+    seen: BaseException | None = exc
+    while seen is not None:
+        dependency = _dependency(seen)
+        if dependency is not None:
+            return ApiError(
+                503,
+                _DETAILS[dependency],
+                headers={"Retry-After": str(UNAVAILABLE_RETRY_AFTER_SECONDS)},
+                extra={"dependency": dependency},
+            )
+        seen = seen.__cause__
+    return None
+
+
+def _dependency(exc: BaseException) -> str | None:
+    if isinstance(exc, sa.TimeoutError | sa.OperationalError | sa.InterfaceError | sa.DisconnectionError):
+        return "database"
+    if isinstance(exc, sa.DBAPIError) and exc.connection_invalidated:
+        return "database"
+    if isinstance(exc, psycopg.OperationalError | psycopg.InterfaceError):
+        return "database"
+    if isinstance(exc, StorageError | BotoCoreError):
+        return "storage"
+    if isinstance(exc, redis.ConnectionError | redis.TimeoutError):
+        return "redis"
+    if isinstance(exc, kombu.exceptions.OperationalError):
+        return "broker"
+    if isinstance(exc, ConnectionError | TimeoutError):
+        return "dependency"
+    return None
+
+
+def close_quietly(session: Session) -> None:
+    """Close a request's session; a connection lost meanwhile must not turn a sent answer into an error."""
+    try:
+        session.close()
+    except (sa.SQLAlchemyError, psycopg.Error) as exc:
+        log.warning("closing the request's database session failed: %s", exc)
+
+
 def register(app: Flask) -> None:
     @app.errorhandler(ApiError)
     def _api_error(exc: ApiError) -> Response:
         return problem(exc.status, exc.detail, exc.title, exc.errors, exc.headers, exc.extra)
+
+    @app.after_request
+    def _retry_after(response: Response) -> Response:
+        # Every 503 tells the client when to try again, whichever view or handler made it.
+        if response.status_code == 503 and "Retry-After" not in response.headers:
+            response.headers["Retry-After"] = str(UNAVAILABLE_RETRY_AFTER_SECONDS)
+        return response
 
     @app.errorhandler(HTTPException)
     def _http_error(exc: HTTPException) -> Response:
@@ -94,6 +174,12 @@ def register(app: Flask) -> None:
         return problem(status, detail, headers=headers)
 
     @app.errorhandler(Exception)
-    def _unexpected(exc: Exception) -> Response:
+    def _unexpected(exc: Exception) -> ResponseReturnValue:
+        outage = unavailable(exc)
+        if outage is not None:
+            first_line = next(iter(str(exc).splitlines()), "")
+            log.warning("answering 503 (%s): %s: %s", outage.extra["dependency"], type(exc).__name__, first_line)
+            # Through Flask's handlers for ApiError, so that a blueprint's own (the dashboard's HTML page) answers.
+            return current_app.handle_user_exception(outage)
         log.exception("unhandled error")
         return problem(500, "An internal error occurred; it has been logged.")

@@ -1,48 +1,160 @@
-"""Liveness and readiness."""
+"""Liveness (``/healthz``) and readiness (``/readyz``).
+
+- ``/healthz`` answers from memory: no database session, no key lookup, no rate limit, no Redis,
+  broker or S3 call (``create_app`` skips its request hooks for it). It says the process serves
+  requests, nothing more, so a liveness probe never restarts an API because a dependency is down.
+- ``/readyz`` names the state of each dependency: the database, the broker, Redis when it is not
+  the broker, and storage. The checks run concurrently, each in a thread of its own (a greenlet
+  under gevent), and the answer comes within ``readiness_timeout_seconds`` whatever they do: a
+  check that has not finished by then is reported down. The result is reused for
+  ``readiness_cache_seconds``, and a check still running from an earlier probe is waited for
+  again rather than started twice, so a flood of probes costs each dependency at most one call
+  in flight per API process.
+"""
 
 from __future__ import annotations
 
-from flask import Blueprint, Response, g, jsonify
+import math
+import threading
+import time
+from collections.abc import Callable
+
+from flask import Blueprint, Flask, Response, current_app, jsonify
 from kombu.connection import Connection
 from sqlalchemy import text
 
 from api import config
 from api.errors import problem
 from api.openapi import document
+from db import notify
+from db.session import get_engine
+from db.settings import Settings
+from db.storage import Storage
 
 bp = Blueprint("health", __name__)
 
+# Endpoints that must not touch a dependency in the app's request hooks (session, auth, limits).
+NO_DEPENDENCIES = frozenset({"health.healthz", "health.readyz"})
+OK = "ok"
+
 
 @bp.get("/healthz")
-@document("Liveness: 200 while the process lives", public=True)
+@document("Liveness: 200 while the process serves requests (touches no dependency)", public=True)
 def healthz() -> Response:
     return jsonify({"status": "ok"})
 
 
-def _check_database() -> None:
-    g.db.execute(text("SELECT 1"))
+class _Run:
+    """One run of a check, in a thread of its own; ``state`` is set when it ends."""
+
+    def __init__(self, name: str, check: Callable[[], None]) -> None:
+        self.check = check
+        self.state: str | None = None
+        self.thread = threading.Thread(target=self._run, name=f"readiness-{name}", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        try:
+            self.check()
+            self.state = OK
+        except Exception as exc:
+            self.state = f"down: {type(exc).__name__}: {str(exc)[:200]}"
 
 
-def _check_broker() -> None:
-    with Connection(config.settings().broker_url, connect_timeout=2) as connection:
-        connection.ensure_connection(max_retries=1, timeout=2)
+class Readiness:
+    """Concurrent dependency checks with a deadline, a short cache and one run per check at a time."""
+
+    def __init__(self, checks: dict[str, Callable[[], None]], timeout: float, cache_seconds: float) -> None:
+        self.checks = checks
+        self.timeout = timeout
+        self.cache_seconds = cache_seconds
+        self._lock = threading.Lock()
+        self._runs: dict[str, _Run] = {}
+        self._cached: dict[str, str] | None = None
+        self._cached_at = -math.inf
+
+    def states(self) -> dict[str, str]:
+        """``{dependency: "ok" | "down: …"}``, within ``timeout`` seconds."""
+        started = time.monotonic()
+        with self._lock:
+            if self._cached is not None and started - self._cached_at < self.cache_seconds:
+                return self._cached
+            runs = {}
+            for name, check in self.checks.items():
+                run = self._runs.get(name)
+                if run is None or not run.thread.is_alive():
+                    run = self._runs[name] = _Run(name, check)
+                runs[name] = run
+        deadline = started + self.timeout
+        for run in runs.values():
+            run.thread.join(max(0.0, deadline - time.monotonic()))
+        states = {
+            name: run.state if run.state is not None else f"down: no answer within {self.timeout:g} s"
+            for name, run in runs.items()
+        }
+        with self._lock:
+            self._cached, self._cached_at = states, time.monotonic()
+        return states
 
 
-def _check_storage() -> None:
-    config.storage().ping()
+def readiness_checks(settings: Settings, storage: Storage) -> dict[str, Callable[[], None]]:
+    """The dependencies of the API and how to ask each one whether it answers (bounded calls)."""
+    timeout = settings.readiness_timeout_seconds
+    engine = get_engine(settings.database_url, settings)
+
+    def database() -> None:
+        with engine.connect() as connection:
+            connection.execute(text("SELECT 1"))
+
+    def broker() -> None:
+        options = {"socket_connect_timeout": timeout, "socket_timeout": timeout}
+        with Connection(settings.broker_url, connect_timeout=timeout, transport_options=options) as connection:
+            connection.ensure_connection(max_retries=1, timeout=timeout)
+            connection.default_channel  # noqa: B018  (opening a Redis channel PINGs the server)
+
+    checks: dict[str, Callable[[], None]] = {"database": database, "broker": broker}
+    redis_url = settings.effective_redis_url
+    if redis_url is not None and redis_url != settings.broker_url:
+        # The process's bounded client, past the breaker: readiness wants Redis's state, not the breaker's.
+        client = notify.redis_client(settings)
+
+        def redis_check() -> None:
+            if client is not None:
+                client.ping()
+
+        checks["redis"] = redis_check
+    checks["storage"] = storage.ping
+    return checks
+
+
+def _readiness(app: Flask) -> Readiness:
+    readiness: Readiness | None = app.extensions.get("gpujobs_readiness")
+    if readiness is None:
+        settings = config.settings()
+        readiness = Readiness(
+            readiness_checks(settings, config.storage()),
+            settings.readiness_timeout_seconds,
+            settings.readiness_cache_seconds,
+        )
+        app.extensions["gpujobs_readiness"] = readiness
+    return readiness
 
 
 @bp.get("/readyz")
-@document("Readiness: 200 when the database, broker and storage answer, else 503", public=True)
+@document(
+    "Readiness: 200 when the database, broker, Redis and storage answer, else 503; names each one's state",
+    public=True,
+)
 def readyz() -> Response:
-    checks: dict[str, str] = {}
-    for name, check in [("database", _check_database), ("broker", _check_broker), ("storage", _check_storage)]:
-        try:
-            check()
-            checks[name] = "ok"
-        except Exception as exc:
-            checks[name] = f"down: {type(exc).__name__}: {str(exc)[:200]}"
-    down = [name for name, state in checks.items() if state != "ok"]
+    readiness = _readiness(current_app._get_current_object())  # type: ignore[attr-defined]
+    checks = readiness.states()
+    down = [name for name, state in checks.items() if state != OK]
     if down:
-        return problem(503, f"Not ready: {', '.join(down)} down.", extra={"checks": checks})
+        retry_after = max(1, math.ceil(readiness.cache_seconds))
+        return problem(
+            503,
+            f"Not ready: {', '.join(down)} down.",
+            headers={"Retry-After": str(retry_after)},
+            extra={"checks": checks},
+        )
     return jsonify({"status": "ready", "checks": checks})

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from flask import Blueprint, Response, g, jsonify
+from flask import Blueprint, Response, g, jsonify, request
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from sqlalchemy import select
 
-from api.auth import require_admin
+from api.auth import current_key, require_admin
 from api.body import json_object
 from api.errors import ApiError, from_pydantic, validation_error
 from api.openapi import document
@@ -31,6 +31,16 @@ class KeyCreate(BaseModel):
 
 
 bp = Blueprint("keys", __name__, url_prefix="/v1/keys")
+
+
+def force_param() -> bool:
+    """``?force=true`` (or 1, yes; false, 0, no or absent: not forced); anything else is a 422."""
+    raw = request.args.get("force", "false").strip().lower()
+    if raw in ("true", "1", "yes"):
+        return True
+    if raw in ("false", "0", "no", ""):
+        return False
+    raise validation_error(["query", "force"], "must be true or false")
 
 
 @bp.post("")
@@ -60,11 +70,21 @@ def list_keys() -> Response:
 
 @bp.delete("/<key_id>")
 @require_admin
-@document("Revoke an API key (admin); it is refused at once", responses={200: "Key"})
+@document(
+    "Revoke an API key (admin); it is refused at once. The key making the request, or the last active "
+    "admin key, only with `force=true` (else 409)",
+    query=["force"],
+    responses={200: "Key", 409: "Problem"},
+)
 def revoke_key(key_id: str) -> Response:
     key = g.db.get(ApiKey, key_id)
     if key is None:
         raise ApiError(404, f"No key {key_id!r}.")
+    force = force_param()
+    refusal = None if force else keys.revocation_refusal(g.db, key, current_key().id)
+    if refusal is not None:
+        g.db.rollback()
+        raise ApiError(409, f"{refusal} Add `?force=true` to revoke it anyway.", title="Revocation needs force")
     keys.revoke(g.db, key)
     g.db.commit()
     return jsonify(key_json(key))

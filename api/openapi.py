@@ -23,6 +23,10 @@ QUERY_PARAMS: dict[str, dict[str, Any]] = {
     "status": {"schema": {"type": "string", "enum": ["queued", "running", "succeeded", "failed", "canceled"]}},
     "type": {"schema": {"type": "string"}, "description": "A job type."},
     "kind": {"schema": {"type": "string", "enum": ["base", "lora"]}, "description": "Only models of this kind."},
+    "force": {
+        "schema": {"type": "boolean", "default": False},
+        "description": "Revoke even the key making the request or the last active admin key.",
+    },
 }
 
 STATUS_TEXT = {

@@ -27,6 +27,7 @@ from sqlalchemy import Float, Integer, case, cast, extract, func, select
 from sqlalchemy.orm import Session
 from sqlalchemy.sql.elements import ColumnElement
 
+from db.clock import db_now
 from db.models import (
     ApiKey,
     DeliveryStatus,
@@ -238,8 +239,9 @@ def worker_state(row: WorkerProcess, now: datetime, lost_after: float) -> Litera
 
 
 def workers(session: Session, lost_after: float, seen_since: datetime, limit: int = 500) -> list[WorkerView]:
-    """Workers heard from since ``seen_since``: alive first, then lost (silent > ``lost_after`` s), then stopped."""
-    now = utcnow()
+    """Workers heard from since ``seen_since``: alive first, then lost (silent > ``lost_after`` s), then stopped.
+    Silence is measured on the database's clock, the one the heartbeats are written with."""
+    now = db_now(session)
     rows = session.scalars(
         select(WorkerProcess)
         .where(WorkerProcess.last_seen_at >= seen_since)

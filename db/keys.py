@@ -68,6 +68,29 @@ def ensure_admin_key(session: Session, plaintext: str, name: str = "bootstrap ad
     return key
 
 
+def revocation_refusal(session: Session, key: ApiKey, acting_key_id: str | None) -> str | None:
+    """Why revoking ``key`` needs forcing, or None: it is the key making the request, or the last active
+    admin key (nobody could manage keys or log in to the dashboard after it).
+
+    On PostgreSQL the active admin keys are locked (``FOR UPDATE``) until the transaction ends, so two
+    admins revoking each other at once cannot both pass; call :func:`revoke` in the same transaction.
+    """
+    if key.revoked_at is not None:
+        return None  # revoking again changes nothing
+    reasons = []
+    if key.id == acting_key_id:
+        reasons.append("it is the key making the request (you would lose your access)")
+    if key.role == Role.ADMIN.value:
+        admins = session.scalars(
+            select(ApiKey.id).where(ApiKey.role == Role.ADMIN.value, ApiKey.revoked_at.is_(None)).with_for_update()
+        ).all()
+        if set(admins) <= {key.id}:
+            reasons.append("it is the last active admin key (nobody could manage keys or use the dashboard)")
+    if not reasons:
+        return None
+    return f"Revoking {key.id} needs force: {' and '.join(reasons)}."
+
+
 def revoke(session: Session, key: ApiKey) -> None:
     if key.revoked_at is None:
         key.revoked_at = utcnow()

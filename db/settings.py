@@ -18,10 +18,67 @@ class Settings(BaseSettings):
     # --- where things live -------------------------------------------------
     var_dir: Path = Field(Path("var"), description="Local state of `gpujobs up` (SQLite, embedded Redis and S3).")
     database_url: str = Field("sqlite:///var/gpujobs.db", description="SQLAlchemy URL; PostgreSQL in production.")
+
+    # --- PostgreSQL bounds and readiness (README "Operate") ------------------------
+    database_connect_timeout_seconds: int = Field(
+        3,
+        ge=2,
+        le=300,
+        description="Longest wait for a new PostgreSQL connection (libpq `connect_timeout`, at least 2); also "
+        "bounds the ping of a pooled connection before use.",
+    )
+    database_statement_timeout_seconds: float = Field(
+        30.0,
+        gt=0,
+        le=86400,
+        description="PostgreSQL `statement_timeout` of every connection (migrations excepted). The client also "
+        "gives up on a server that sends no answer for this plus 2 s (a frozen server), closing the connection.",
+    )
+    database_pool_timeout_seconds: float = Field(
+        5.0, gt=0, le=300, description="Longest wait for a free pooled database connection when all are in use."
+    )
+    broker_timeout_seconds: float = Field(
+        3.0,
+        gt=0,
+        le=300,
+        description="Longest wait for a broker connection and for the broker's answer to one command (Redis "
+        "socket timeout); a submit whose send fails or times out is still accepted (the reconciler sends it).",
+    )
+    readiness_timeout_seconds: float = Field(
+        1.5,
+        gt=0,
+        le=30,
+        description="`GET /readyz` checks its dependencies concurrently; one that has not answered within this "
+        "is reported down.",
+    )
+    readiness_cache_seconds: float = Field(
+        1.0,
+        ge=0,
+        le=60,
+        description="How long `GET /readyz` reuses its last checks, so that a flood of probes does not multiply "
+        "calls to the dependencies.",
+    )
     broker_url: str = Field("redis://127.0.0.1:6379/0", description="Celery broker (Redis or RabbitMQ).")
     redis_url: str | None = Field(
         None,
         description="Redis for rate limits and finish notifications; defaults to the broker when it is Redis.",
+    )
+    redis_connect_timeout_seconds: float = Field(
+        1.0, gt=0, le=60, description="Longest wait to open a connection to Redis (rate limits, notifications)."
+    )
+    redis_socket_timeout_seconds: float = Field(
+        2.0,
+        gt=0,
+        le=60,
+        description="Longest wait for one Redis command's answer; a hung Redis costs at most this, then the "
+        "breaker skips it.",
+    )
+    redis_breaker_seconds: float = Field(
+        5.0,
+        gt=0,
+        le=600,
+        description="After a Redis error, how long a process skips Redis (rate limits and failed-login counters "
+        "let requests through, waits read the database) before one request tries it again.",
     )
     s3_endpoint_url: str | None = Field(None, description="S3-compatible endpoint; unset means AWS S3.")
     s3_public_url: str | None = Field(
@@ -57,6 +114,29 @@ class Settings(BaseSettings):
     )
     max_waits_per_tenant: int = Field(
         200, ge=1, description="Concurrent `Prefer: wait` requests one tenant may hold per API process; more: 429."
+    )
+    auth_failure_limit: int = Field(
+        20,
+        ge=0,
+        description="Failed authentications (unknown or revoked key, on `/v1` or the admin login) from one client "
+        "address per window; past it, every request from that address presenting a key is a 429 until the window "
+        "ends (0 disables).",
+    )
+    auth_failure_prefix_limit: int = Field(
+        10,
+        ge=0,
+        description="Failed authentications with one key prefix (its first 12 characters) per window, from any "
+        "address; past it, keys with that prefix are a 429 until the window ends (0 disables).",
+    )
+    auth_failure_window_seconds: int = Field(
+        60, ge=1, le=86400, description="Window of the failed-authentication limits (fixed, aligned on the clock)."
+    )
+    trusted_proxy_hops: int = Field(
+        0,
+        ge=0,
+        le=10,
+        description="Reverse proxies in front of the API that append the client to `X-Forwarded-For`: the address "
+        "that failed-authentication limits count is taken this many entries from its right (0: the TCP peer).",
     )
 
     # --- admin dashboard and metrics -------------------------------------------

@@ -13,20 +13,24 @@ Webhook deliveries are written here too, in the transition's transaction: ``star
 first claim, ``completed`` with whichever terminal transition wins. However often a job is
 redelivered it gets one of each (one more ``completed`` after each operator ``retry``), and
 none is lost if a process dies after the commit.
+
+Every time these functions write or compare (leases, dispatch ages, event and finish times) is the
+database's (``db.clock``), computed in the statement itself: hosts whose clocks disagree still agree on
+when a lease runs out.
 """
 
 from __future__ import annotations
 
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import Any, cast
 
-from sqlalchemy import CursorResult, Table, and_, delete, func, insert, select, update
+from sqlalchemy import ColumnElement, CursorResult, Table, and_, delete, func, insert, select, update
 from sqlalchemy.orm import Session
 
-from db import notify, webhooks
-from db.models import Artifact, EventKind, Job, JobEvent, JobStatus, Model, WebhookEvent, new_id, utcnow
+from db import clock, notify, webhooks
+from db.models import Artifact, EventKind, Job, JobEvent, JobStatus, Model, WebhookEvent, new_id
 from db.settings import Settings
 
 # The tables behind the models, for Core statements (the hot paths skip the ORM's unit of work).
@@ -59,12 +63,12 @@ def record_event(
     attempt: int,
     message: str | None = None,
     data: dict[str, Any] | None = None,
-    at: datetime | None = None,
+    at: datetime | ColumnElement[datetime] | None = None,
 ) -> None:
+    """Append an event to the job's timeline, at ``at`` (default: now on the database's clock)."""
+    when = clock.now(session) if at is None else at
     session.execute(
-        insert(EVENTS).values(
-            job_id=job_id, kind=kind.value, attempt=attempt, message=message, data=data, at=at or utcnow()
-        )
+        insert(EVENTS).values(job_id=job_id, kind=kind.value, attempt=attempt, message=message, data=data, at=when)
     )
 
 
@@ -87,11 +91,14 @@ def _running(attempt: int) -> tuple[Any, ...]:
 
 
 def create(session: Session, job: Job) -> Job:
-    """Insert a new queued job and its first event (the caller commits, then dispatches)."""
+    """Insert a new queued job and its first event (the caller commits, then dispatches).
+
+    ``created_at`` (unless given) is the database's time; a job given a ``dispatched_at`` (the API marks it
+    sent up front) is marked sent at that same time, so the reconciler measures its age on one clock.
+    """
     # A Core INSERT, not the ORM unit of work: submission is the API's hot path.
     job.id = job.id or new_id("job")
     job.status = JobStatus.QUEUED.value
-    job.created_at = job.created_at or utcnow()
     job.meta = job.meta if job.meta is not None else {}
     job.progress = job.progress or {}
     job.attempts = job.attempts or 0
@@ -101,14 +108,18 @@ def create(session: Session, job: Job) -> Job:
         for attr in Job.__mapper__.column_attrs
         if getattr(job, attr.key) is not None
     }
-    session.execute(insert(JOBS).values(**columns))
+    when = clock.now(session)
+    columns.setdefault("created_at", when)
+    if "dispatched_at" in columns:
+        columns["dispatched_at"] = when
+    inserted = session.execute(insert(JOBS).values(**columns).returning(JOBS.c.created_at, JOBS.c.dispatched_at))
+    job.created_at, job.dispatched_at = inserted.one()
     record_event(session, job.id, EventKind.QUEUED, 0, at=job.created_at)
     return job
 
 
 def claim(session: Session, job_id: str, worker_id: str, lease_seconds: float) -> Claim | None:
     """queued → running, with a lease. ``None`` if another worker has it or it is no longer queued."""
-    now = utcnow()
     job = session.scalars(
         update(Job)
         .where(Job.id == job_id, Job.status == JobStatus.QUEUED.value)
@@ -116,8 +127,8 @@ def claim(session: Session, job_id: str, worker_id: str, lease_seconds: float) -
             status=JobStatus.RUNNING.value,
             attempts=Job.attempts + 1,
             worker_id=worker_id,
-            lease_expires_at=now + timedelta(seconds=lease_seconds),
-            started_at=now,
+            lease_expires_at=clock.now(session, lease_seconds),
+            started_at=clock.now(session),
             progress={},
         )
         .returning(Job),  # the whole row: the runner needs no second read
@@ -126,7 +137,7 @@ def claim(session: Session, job_id: str, worker_id: str, lease_seconds: float) -
     if job is None:
         return None
     attempt = job.attempts
-    record_event(session, job_id, EventKind.CLAIMED, attempt, f"claimed by {worker_id}", at=now)
+    record_event(session, job_id, EventKind.CLAIMED, attempt, f"claimed by {worker_id}", at=job.started_at)
     # A job starts once, however often it is run; the claimed row tells whether it wants to hear it.
     if attempt == 1 and job.webhook and WebhookEvent.START.value in (job.webhook_events_filter or []):
         webhooks.job_event(session, job_id, WebhookEvent.START)
@@ -137,7 +148,7 @@ def renew_lease(
     session: Session, job_id: str, attempt: int, lease_seconds: float, progress: dict[str, Any] | None = None
 ) -> LeaseState:
     """Extend a running job's lease (and save its progress); tells whether a cancel was asked."""
-    values: dict[str, Any] = {"lease_expires_at": utcnow() + timedelta(seconds=lease_seconds)}
+    values: dict[str, Any] = {"lease_expires_at": clock.now(session, lease_seconds)}
     if progress is not None:
         values["progress"] = progress
     row = session.execute(
@@ -167,7 +178,7 @@ def succeed(
     models: Sequence[dict[str, Any]] = (),
 ) -> bool:
     """running → succeeded, with the rows of the artifacts (and models) this run stored (objects in S3 already)."""
-    now = utcnow()
+    now = clock.db_now(session)
     done = _update(
         session,
         job_id,
@@ -196,7 +207,7 @@ def succeed(
 
 def fail(session: Session, job_id: str, attempt: int, code: str, message: str, traceback: str | None = None) -> bool:
     """running → failed, by the worker that runs it."""
-    now = utcnow()
+    now = clock.now(session)
     done = _update(
         session,
         job_id,
@@ -218,7 +229,7 @@ def request_cancel(session: Session, job_id: str) -> JobStatus:
 
     Returns the status the job has afterwards; raises ``TransitionError`` if it had already finished.
     """
-    now = utcnow()
+    now = clock.now(session)
     if _update(session, job_id, Job.status == JobStatus.QUEUED.value, status=JobStatus.CANCELED.value, finished_at=now):
         record_event(session, job_id, EventKind.CANCELED, _attempts(session, job_id), "canceled before it ran", at=now)
         _finished(session, job_id)
@@ -247,7 +258,7 @@ def cancel(
 ) -> bool:
     """running → canceled, by the worker that saw the cancel flag (with the progress it stopped at), or the
     reconciler for a dead one."""
-    now = utcnow()
+    now = clock.now(session)
     values: dict[str, Any] = {"status": JobStatus.CANCELED.value, "finished_at": now, "lease_expires_at": None}
     if progress is not None:
         values["progress"] = progress
@@ -264,7 +275,7 @@ def requeue(session: Session, job_id: str, attempt: int, reason: str) -> bool:
         session,
         job_id,
         *_running(attempt),
-        Job.lease_expires_at < utcnow(),
+        Job.lease_expires_at < clock.now(session),
         status=JobStatus.QUEUED.value,
         worker_id=None,
         lease_expires_at=None,
@@ -314,7 +325,7 @@ def retry(session: Session, job_id: str, attempts: int, by: str) -> bool:
 
 def give_up(session: Session, job_id: str, attempt: int, message: str) -> bool:
     """running (lease expired, attempts used up) → failed."""
-    now = utcnow()
+    now = clock.now(session)
     done = _update(
         session,
         job_id,
@@ -332,53 +343,54 @@ def give_up(session: Session, job_id: str, attempt: int, message: str) -> bool:
 
 
 def expired_leases(session: Session, limit: int = 500) -> list[Job]:
-    return list(
-        session.scalars(
-            select(Job).where(and_(Job.status == JobStatus.RUNNING.value, Job.lease_expires_at < utcnow())).limit(limit)
-        )
-    )
+    """Running jobs whose lease ran out (on the database's clock)."""
+    expired = and_(Job.status == JobStatus.RUNNING.value, Job.lease_expires_at < clock.now(session))
+    return list(session.scalars(select(Job).where(expired).limit(limit)))
 
 
-def next_lease_expiry(session: Session, within_seconds: float) -> datetime | None:
-    """The earliest expiry of a running job's lease in the next ``within_seconds`` (None: no lease expires then)."""
-    now = utcnow()
-    return session.scalar(
-        select(func.min(Job.lease_expires_at)).where(
+@dataclass(frozen=True)
+class Expiry:
+    at: datetime  # when the earliest lease runs out
+    now: datetime  # the database's time when it was read
+
+
+def next_lease_expiry(session: Session, within_seconds: float) -> Expiry | None:
+    """The earliest expiry of a running job's lease in the next ``within_seconds``, with the database's time
+    it was read at (so a caller measures the wait on the database's clock); None: no lease expires then."""
+    now = clock.now(session)
+    found = session.execute(
+        select(func.min(Job.lease_expires_at), now).where(
             and_(
                 Job.status == JobStatus.RUNNING.value,
                 Job.lease_expires_at >= now,
-                Job.lease_expires_at < now + timedelta(seconds=within_seconds),
+                Job.lease_expires_at < clock.now(session, within_seconds),
             )
         )
-    )
+    ).one()
+    return None if found[0] is None else Expiry(at=found[0], now=found[1])
 
 
-def _needs_dispatch(
-    grace_seconds: float, redispatch_seconds: float, lost_seconds: float, idle_queues: Collection[str]
-) -> Any:
-    """Queued and never sent (after a grace period), or sent but its message is presumed lost:
-    long ago, or a while ago while its queue in the broker is empty (so no message waits for it)."""
-    now = utcnow()
-    never_sent = and_(Job.dispatched_at.is_(None), Job.created_at < now - timedelta(seconds=grace_seconds))
-    lost = Job.dispatched_at < now - timedelta(seconds=redispatch_seconds)
-    vanished = and_(Job.dispatched_at < now - timedelta(seconds=lost_seconds), Job.queue.in_(list(idle_queues)))
+def _needs_dispatch(session: Session, settings: Settings, idle_queues: Collection[str]) -> Any:
+    """Queued and never sent (after ``dispatch_grace_seconds``), or sent but its message is presumed lost:
+    long ago (``redispatch_seconds``), or a while ago (``lost_message_seconds``) while its queue in the broker
+    is empty (so no message waits for it). Ages on the database's clock."""
+    grace, lost_message = settings.dispatch_grace_seconds, settings.lost_message_seconds
+    never_sent = and_(Job.dispatched_at.is_(None), Job.created_at < clock.now(session, -grace))
+    lost = Job.dispatched_at < clock.now(session, -settings.redispatch_seconds)
+    vanished = and_(Job.dispatched_at < clock.now(session, -lost_message), Job.queue.in_(list(idle_queues)))
     return and_(Job.status == JobStatus.QUEUED.value, never_sent | lost | vanished)
 
 
 def undispatched(session: Session, settings: Settings, idle_queues: Collection[str], limit: int = 500) -> list[Job]:
     """Queued jobs whose message was never sent or was lost (see ``_needs_dispatch``)."""
-    condition = _needs_dispatch(
-        settings.dispatch_grace_seconds, settings.redispatch_seconds, settings.lost_message_seconds, idle_queues
-    )
+    condition = _needs_dispatch(session, settings, idle_queues)
     return list(session.scalars(select(Job).where(condition).order_by(Job.created_at).limit(limit)))
 
 
 def claim_dispatch(session: Session, job_id: str, settings: Settings, idle_queues: Collection[str]) -> bool:
     """Take the right to send the job's message, so two reconcilers never both send it."""
-    condition = _needs_dispatch(
-        settings.dispatch_grace_seconds, settings.redispatch_seconds, settings.lost_message_seconds, idle_queues
-    )
-    return _update(session, job_id, condition, dispatched_at=utcnow())
+    condition = _needs_dispatch(session, settings, idle_queues)
+    return _update(session, job_id, condition, dispatched_at=clock.now(session))
 
 
 def undo_dispatch(session: Session, job_id: str) -> None:

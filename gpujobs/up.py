@@ -3,7 +3,9 @@
 Order of a start: embedded Redis and S3 (unless their URLs are configured),
 migrations, bucket, bootstrap admin key, demo models (``--demo``), then the API,
 a worker and beat as supervised children; "ready" once ``GET /readyz`` answers
-200 and a worker answers a ping. Ctrl-C or SIGTERM stops the children, then the
+200 and a worker answers a ping. Every process it starts is supervised: a child or
+an embedded server that dies is restarted (with backoff, on the same ports and data
+directory) while the others carry on. Ctrl-C or SIGTERM stops the children, then the
 embedded servers.
 """
 

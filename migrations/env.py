@@ -5,7 +5,7 @@ import logging
 from alembic import context
 
 from db.models import Base
-from db.session import get_engine
+from db.session import migration_engine
 
 config = context.config
 if config.config_file_name and not logging.getLogger().handlers:
@@ -17,7 +17,7 @@ url = config.attributes.get("database_url") or config.get_main_option("sqlalchem
 
 
 def run_migrations_online() -> None:
-    engine = get_engine(url)
+    engine = migration_engine(url)
     with engine.connect() as connection:
         context.configure(
             connection=connection,

@@ -31,10 +31,10 @@ def make_celery(settings: Settings) -> Celery:
         # Leases (seconds) do the real recovery; the broker must never redeliver a running job on its own.
         broker_transport_options={
             "visibility_timeout": 12 * 3600,
-            "socket_connect_timeout": 3,
-            "socket_timeout": 10,
+            "socket_connect_timeout": settings.broker_timeout_seconds,
+            "socket_timeout": settings.broker_timeout_seconds,
         },
-        broker_connection_timeout=3,
+        broker_connection_timeout=settings.broker_timeout_seconds,
         broker_connection_retry_on_startup=True,
         task_ignore_result=True,  # state lives in the database, not in a result backend
         result_backend=None,

@@ -2,7 +2,8 @@
 
 Host, pid, queues, device (GPU name and memory), loaded models (with load and batch
 counters), current jobs. The dashboard and ``/metrics`` read it; a worker silent for
-longer than ``worker_lost_seconds`` shows as lost.
+longer than ``worker_lost_seconds`` shows as lost. The times are the database's (``db.clock``), as is the
+time they are compared with, so a worker whose host clock is off is neither lost nor alive by mistake.
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ import sys
 import threading
 from typing import Any
 
-from db.models import WorkerProcess, utcnow
+from db.clock import db_now
+from db.models import WorkerProcess
 from db.session import session_scope
 from db.settings import get_settings
 
@@ -72,10 +74,10 @@ class Heartbeat:
         self._thread.start()
 
     def beat(self, stopped: bool = False) -> None:
-        now = utcnow()
         with _running_lock:
             current = sorted(_running)
         with session_scope() as session:
+            now = db_now(session)
             row = session.get(WorkerProcess, self.worker_id)
             if row is None:
                 row = WorkerProcess(id=self.worker_id, hostname=socket.gethostname(), pid=os.getpid(), started_at=now)

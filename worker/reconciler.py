@@ -9,23 +9,26 @@ Beat runs it every ``reconcile_interval_seconds``; when a lease that has missed 
 will expire before the next beat, the run also schedules one reconcile for that moment
 (``follow_up``), so a dead worker's job is requeued one lease after its last renewal, not up to
 a beat period later.
+
+Every age it compares (leases, dispatch ages) is measured on the database's clock (``db.clock``), in the
+queries themselves: the hosts of workers and beat may disagree about the time.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass, field
 from datetime import datetime
 
 from db import transitions
-from db.models import utcnow
 from db.session import session_scope
 from db.settings import Settings, get_settings
 from worker.celery_app import dispatch, queue_depths, schedule_reconcile
 
 log = logging.getLogger(__name__)
 
-FOLLOW_UP_DELAY = 0.05  # seconds after the lease's expiry: past it on a clock a little behind the claimer's
+FOLLOW_UP_DELAY = 0.05  # seconds after the lease's expiry (on the database's clock), so that it has passed
 
 
 @dataclass
@@ -36,6 +39,8 @@ class Report:
     dispatched: list[str] = field(default_factory=list)
     undeliverable: list[str] = field(default_factory=list)
     next_expiry: datetime | None = None  # the earliest lease due before beat's next run, of a job that looks dead
+    checked_at: datetime | None = None  # the database's time when next_expiry was read
+    checked_monotonic: float = 0.0  # this process's monotonic clock then
 
     def counts(self) -> dict[str, int]:
         return {name: len(value) for name, value in vars(self).items() if isinstance(value, list)}
@@ -76,7 +81,9 @@ def reconcile() -> Report:
             ):
                 report.requeued.append(job_id)
     with session_scope() as session:
-        report.next_expiry = transitions.next_lease_expiry(session, follow_up_horizon(settings))
+        expiry = transitions.next_lease_expiry(session, follow_up_horizon(settings))
+    if expiry is not None:
+        report.next_expiry, report.checked_at, report.checked_monotonic = expiry.at, expiry.now, time.monotonic()
     idle = idle_queues()
     with session_scope() as session:
         pending = [(job.id, job.queue) for job in transitions.undispatched(session, settings, idle)]
@@ -114,10 +121,12 @@ def follow_up(report: Report) -> float | None:
     At most one per run, and only for a future expiry, so a lease this run could not settle waits for
     beat instead of looping.
     """
-    if report.next_expiry is None:
+    if report.next_expiry is None or report.checked_at is None:
         return None
     interval = get_settings().reconcile_interval_seconds
-    delay = max((report.next_expiry - utcnow()).total_seconds() + FOLLOW_UP_DELAY, FOLLOW_UP_DELAY)
+    # The wait as the database saw it, less the time spent since (on this host's monotonic clock).
+    left = (report.next_expiry - report.checked_at).total_seconds() - (time.monotonic() - report.checked_monotonic)
+    delay = max(left + FOLLOW_UP_DELAY, FOLLOW_UP_DELAY)
     try:
         schedule_reconcile(delay, expires=delay + interval)
     except Exception as exc:  # the broker is down: beat's next run still finds the lease

@@ -120,10 +120,16 @@ def create_key() -> str | tuple[str, int]:
 
 
 @bp.post("/keys/<key_id>/revoke")
-def revoke_key(key_id: str) -> BaseResponse:
+def revoke_key(key_id: str) -> BaseResponse | tuple[str, int]:
     key = g.db.get(ApiKey, key_id) if ID.fullmatch(key_id) else None
     if key is None:
         raise ApiError(404, f"No key {key_id!r}.")
+    # The API's rule: this session's key, or the last active admin key, only when forced.
+    forced = request.form.get("force", "") in ("true", "1", "yes")
+    refusal = None if forced else key_store.revocation_refusal(g.db, key, current_admin().id)
+    if refusal is not None:
+        g.db.rollback()
+        return keys_page(errors=[f"{refusal} Not revoked."], confirm_revoke=key), 409
     key_store.revoke(g.db, key)
     g.db.commit()
     log.info("%s revoked key %s (%s)", _operator(), key.id, key.name)

@@ -334,7 +334,12 @@ def tenants() -> str:
     )
 
 
-def keys_page(created: tuple[ApiKey, str] | None = None, errors: list[str] | None = None, form: Any = None) -> str:
+def keys_page(
+    created: tuple[ApiKey, str] | None = None,
+    errors: list[str] | None = None,
+    form: Any = None,
+    confirm_revoke: ApiKey | None = None,
+) -> str:
     limit, cursor = page_params()
     query = select(ApiKey).options(selectinload(ApiKey.tenant))
     tenant = request.args.get("tenant", "").strip()
@@ -352,6 +357,7 @@ def keys_page(created: tuple[ApiKey, str] | None = None, errors: list[str] | Non
         errors=errors or [],
         form=form or {},
         limit=limit,
+        confirm_revoke=confirm_revoke,
     )
 
 

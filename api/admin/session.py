@@ -45,6 +45,7 @@ from werkzeug.wrappers import Response as BaseResponse
 from api import config
 from api.admin.blueprint import bp
 from api.errors import ApiError, problem
+from api.throttle import Refusal, client_address, throttle
 from db.keys import find_active_key
 from db.models import ApiKey, Role
 from db.settings import Settings
@@ -239,8 +240,23 @@ def _safe_next(target: str | None) -> str:
     return target
 
 
+def _login_key(plaintext: str) -> ApiKey | Refusal | None:
+    """The active key ``plaintext`` names, None for an unknown or revoked one, or a refusal past the
+    failed-authentication limits (failed logins count with the API's, per address and per key prefix)."""
+    guard = throttle()
+    address = client_address(config.settings())
+    refusal = guard.check(address, plaintext)
+    if refusal is not None:
+        return refusal
+    identity = find_active_key(g.db, plaintext)
+    key: ApiKey | None = g.db.get(ApiKey, identity.id) if identity is not None else None
+    if key is not None:
+        return key
+    return guard.failed(address, plaintext)
+
+
 @bp.route("/login", methods=["GET", "POST"])
-def login() -> BaseResponse | tuple[str, int]:
+def login() -> BaseResponse | tuple[str, int] | tuple[str, int, dict[str, str]]:
     next_target = request.values.get("next")
     if request.method == "GET":
         return render_template("admin/login.html", next=next_target, error=None), 200
@@ -248,11 +264,15 @@ def login() -> BaseResponse | tuple[str, int]:
     plaintext = request.form.get("key", "").strip()
     if not plaintext:
         return render_template("admin/login.html", next=next_target, error="Enter an admin API key."), 422
-    identity = find_active_key(g.db, plaintext)
-    key = g.db.get(ApiKey, identity.id) if identity is not None else None
-    if key is None:
+    found = _login_key(plaintext)
+    if isinstance(found, Refusal):
+        message = f"Too many failed logins: try again in {found.retry_after} s."
+        page = render_template("admin/login.html", next=next_target, error=message)
+        return page, 429, {"Retry-After": str(found.retry_after)}
+    if found is None:
         message = "This key is unknown or has been revoked."
         return render_template("admin/login.html", next=next_target, error=message), 401
+    key = found
     if key.role != Role.ADMIN.value:
         message = (
             f"“{key.name}” is a user key: it works with the API, but the dashboard needs an admin key "

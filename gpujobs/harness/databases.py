@@ -148,7 +148,7 @@ class RedisDatabase:
         if self.embedded is not None:
             self.embedded.stop()
             return
-        client = redis.Redis.from_url(self.url)
+        client = redis.Redis.from_url(self.url, socket_connect_timeout=2, socket_timeout=5)
         try:
             client.flushdb()
         finally:
@@ -192,7 +192,7 @@ def provision_redis(directory: Path, machine: bool = True) -> RedisDatabase:
     if machine and redis_answers(REDIS_PORT, REDIS_HOST):
         me = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
         for index in range(15, 0, -1):
-            client = redis.Redis(host=REDIS_HOST, port=REDIS_PORT, db=index, socket_timeout=3)
+            client = redis.Redis(host=REDIS_HOST, port=REDIS_PORT, db=index, socket_connect_timeout=2, socket_timeout=3)
             try:
                 # Parallel runs (and their workers) never share a queue or a key.
                 if _claim_index(client, me):

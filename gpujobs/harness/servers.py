@@ -37,14 +37,21 @@ class ServiceError(RuntimeError):
 
 
 class EmbeddedServer:
-    """A server process started here, with its log: stopped by ``stop()`` or at the end of a ``with`` block."""
+    """A server process started here, with its log: stopped by ``stop()`` or at the end of a ``with`` block,
+    started again on the same ports and data directory by ``restart()`` (what ``gpujobs up`` does when it dies)."""
 
     name: str  # what an error message calls it
     process: subprocess.Popen
     log_path: Path
+    data_dir: Path
+    started_at: float
 
     def stop(self, timeout: float = STOP_TIMEOUT) -> None:
         stop_process(self.process, timeout)
+
+    def restart(self) -> None:
+        """Stop what is left of it, then start it again where it was; raises ServiceError if it does not answer."""
+        raise NotImplementedError
 
     def __enter__(self) -> Self:
         return self
@@ -68,6 +75,12 @@ class EmbeddedRedis(EmbeddedServer):
         self.data_dir = data_dir
         self.log_path = log_path
         self.url = f"redis://127.0.0.1:{port}/0"
+        self.started_at = time.monotonic()
+
+    def restart(self) -> None:
+        self.stop(timeout=5)
+        self.process = start_redis(self.data_dir, port=self.port).process
+        self.started_at = time.monotonic()
 
     def __repr__(self) -> str:
         return f"<EmbeddedRedis {self.url} pid={self.process.pid}>"
@@ -163,6 +176,12 @@ class EmbeddedS3(EmbeddedServer):
         self.access_key = access_key
         self.secret_key = secret_key
         self.endpoint_url = f"http://127.0.0.1:{self.port}"
+        self.started_at = time.monotonic()
+
+    def restart(self) -> None:
+        self.stop(timeout=5)
+        self.process = _launch_s3(self.data_dir, self.ports, self.access_key, self.secret_key).process
+        self.started_at = time.monotonic()
 
     def client(self):  # type: ignore[no-untyped-def]
         """A boto3 S3 client for this server."""
@@ -238,11 +257,8 @@ def start_s3(
     ``port`` fixes the S3 port (the others are always picked free). Only ``access_key`` /
     ``secret_key`` are accepted. Data (volumes, filer metadata) persists in ``data_dir``.
     """
-    from botocore.exceptions import BotoCoreError, ClientError
-
     data_dir = Path(data_dir)
     data_dir.mkdir(parents=True, exist_ok=True)
-    log_path = data_dir / "weed.log"
     taken: set[int] = set()
     if port is not None:
         taken.add(port)
@@ -255,7 +271,14 @@ def start_s3(
         ports["s3.port"] = port
         ports["s3.port.grpc"] = _free_ports_with_offset(1, 0, taken)[0]
     ports["webdav.port"] = _free_ports_with_offset(1, 0, taken)[0]
+    return _launch_s3(data_dir, ports, access_key, secret_key)
 
+
+def _launch_s3(data_dir: Path, ports: dict[str, int], access_key: str, secret_key: str) -> EmbeddedS3:
+    """``weed mini`` on exactly ``ports``, once S3 answers ``list_buckets``."""
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    log_path = data_dir / "weed.log"
     args = [
         weed_executable(),
         "mini",

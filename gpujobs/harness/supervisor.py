@@ -1,9 +1,12 @@
-"""Supervision for `gpujobs up`: its stack's processes restarted with backoff, dependencies watched.
+"""Supervision for `gpujobs up`: its stack's processes and embedded servers restarted with backoff.
 
 A child (the API, the worker, beat) that crashes is restarted after 1, 2, 4 … s, and
-given up on after crashing again and again right after its start. A dependency (an
-embedded Redis or S3 server) that dies is fatal: nothing works without it. ``stop``
-terminates every child's process group, waits, then kills what is left.
+given up on after crashing again and again right after its start. An embedded dependency
+(the Redis or S3 server) that dies is restarted the same way, on its ports and data
+directory, while the children carry on: they fail open or retry meanwhile (the API answers
+from the database, submits are kept for the reconciler, uploads retry), and jobs whose
+broker message died with Redis are sent again by the reconciler. ``stop`` terminates every
+child's process group, waits, then kills what is left, then stops the embedded servers.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from pathlib import Path
 import click
 
 from gpujobs.harness.processes import ManagedProcess, Stack, describe_exit, log_tail, stop_together
-from gpujobs.harness.servers import EmbeddedServer
+from gpujobs.harness.servers import EmbeddedServer, ServiceError
 
 # A child that dies sooner than this after starting counts as crashing in a loop.
 STABLE_AFTER_SECONDS = 30.0
@@ -34,10 +37,11 @@ class Fatal(Exception):
 
 @dataclass
 class Crashes:
-    """A child's recent crashes: how many in a row right after a start, and when it starts again."""
+    """A process's recent crashes: how many in a row right after a start, and when it starts again."""
 
     quick: int = 0
     restart_at: float | None = None
+    total: int = 0
 
 
 @dataclass
@@ -49,15 +53,9 @@ class Supervisor:
     crashes: dict[str, Crashes] = field(default_factory=dict)
 
     def check(self) -> None:
-        """Raise if a dependency died; restart children that exited (with backoff)."""
+        """Restart embedded servers and children that exited (with backoff); raise when one keeps crashing."""
         for dependency in self.dependencies:
-            code = dependency.process.poll()
-            if code is not None:
-                raise Fatal(
-                    f"the embedded {dependency.name} (pid {dependency.process.pid}) exited with code {code}; "
-                    f"nothing works without it, so everything is stopping.\n"
-                    f"Last lines of {dependency.log_path}:\n{tail(dependency.log_path)}"
-                )
+            self._check_dependency(dependency)
         now = time.monotonic()
         for child in self.stack.processes:
             crashes = self.crashes.setdefault(child.name, Crashes())
@@ -71,20 +69,47 @@ class Supervisor:
             if code is None:
                 continue
             child.stop(timeout=5)  # whatever it left in its process group
-            ran = now - child.started_at
-            crashes.quick = crashes.quick + 1 if ran < STABLE_AFTER_SECONDS else 1
-            if crashes.quick > MAX_QUICK_CRASHES:
-                raise Fatal(
-                    f"{child.name} crashed {crashes.quick} times in a row within "
-                    f"{STABLE_AFTER_SECONDS:g} s of starting; giving up.\n"
-                    f"Last lines of {child.log_path}:\n{tail(child.log_path)}"
-                )
-            delay = min(2.0 ** (crashes.quick - 1), MAX_BACKOFF_SECONDS)
-            self.echo(
-                f"{child.name} exited ({describe_exit(code)}) after {ran:.0f} s; "
-                f"restarting in {delay:g} s (log: {child.log_path})"
+            self._crashed(child.name, crashes, describe_exit(code), now - child.started_at, child.log_path)
+
+    def _check_dependency(self, dependency: EmbeddedServer) -> None:
+        name = f"the embedded {dependency.name}"
+        crashes = self.crashes.setdefault(name, Crashes())
+        now = time.monotonic()
+        if crashes.restart_at is not None:
+            if now < crashes.restart_at:
+                return
+            crashes.restart_at = None
+            self.echo(f"restarting {name} on {dependency.data_dir}")
+            try:
+                dependency.restart()
+            except ServiceError as exc:
+                first_line = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+                self._crashed(name, crashes, f"restart failed: {first_line}", 0.0, dependency.log_path)
+                return
+            self.echo(f"{name} is back (pid {dependency.process.pid})")
+            return
+        code = dependency.process.poll()
+        if code is None:
+            return
+        ran = now - dependency.started_at
+        self._crashed(name, crashes, describe_exit(code), ran, dependency.log_path, dependent=True)
+
+    def _crashed(
+        self, name: str, crashes: Crashes, how: str, ran: float, log_path: Path, dependent: bool = False
+    ) -> None:
+        """Schedule a restart with backoff, or raise Fatal after too many quick crashes in a row."""
+        crashes.quick = crashes.quick + 1 if ran < STABLE_AFTER_SECONDS else 1
+        crashes.total += 1
+        if crashes.quick > MAX_QUICK_CRASHES:
+            raise Fatal(
+                f"{name} crashed {crashes.quick} times in a row within "
+                f"{STABLE_AFTER_SECONDS:g} s of starting (last: {how}); giving up.\n"
+                f"Last lines of {log_path}:\n{tail(log_path)}"
             )
-            crashes.restart_at = now + delay
+        delay = min(2.0 ** (crashes.quick - 1), MAX_BACKOFF_SECONDS)
+        meanwhile = "; the other processes carry on without it meanwhile" if dependent else ""
+        self.echo(f"{name} exited ({how}) after {ran:.0f} s; restarting in {delay:g} s (log: {log_path}){meanwhile}")
+        crashes.restart_at = time.monotonic() + delay
 
     def stop(self, timeout: float = STOP_TIMEOUT) -> None:
         """Stop every child (SIGTERM to each process group, wait, SIGKILL), then the dependencies."""

@@ -10,6 +10,10 @@ the default one back.
 Every process reads its settings when it first needs them (and this one again after
 ``reset_process_caches``), and builds its Celery app from them then: importing ``api`` or
 ``worker`` connects to nothing.
+
+The run says which database and broker it used (a line at the end of pytest's summary). Under
+``CI=true`` a PostgreSQL or Redis that does not answer fails the run instead of the quiet fallback to
+SQLite and an embedded Redis; ``GPUJOBS_TEST_EMBEDDED=1`` still asks for that embedded mode on purpose.
 """
 
 from __future__ import annotations
@@ -59,6 +63,27 @@ def embedded_only() -> bool:
     """``GPUJOBS_TEST_EMBEDDED=1``: run as on a bare machine (SQLite and an embedded Redis) even where
     PostgreSQL and Redis answer."""
     return os.environ.get("GPUJOBS_TEST_EMBEDDED", "").lower() in ("1", "true", "yes")
+
+
+def strict_services() -> bool:
+    """``CI=true`` (and not the deliberate embedded mode): PostgreSQL and Redis must answer, no fallback."""
+    return os.environ.get("CI", "").lower() in ("1", "true", "yes") and not embedded_only()
+
+
+def public_url(url: str) -> str:
+    """``url`` without its password, for logs and the run's summary."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    host = parts.hostname or ""
+    netloc = f"{parts.username or ''}:***@{host}" + (f":{parts.port}" if parts.port else "")
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+# What the session's deployment runs on, for the line at the end of the run.
+USED: dict[str, str] = {}
 
 
 def reset_process_caches() -> None:
@@ -114,8 +139,26 @@ def services(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Services]:
         # GPUJOBS_TEST_DATABASE_URL names a database to use instead of a fresh one.
         given = os.environ.get("GPUJOBS_TEST_DATABASE_URL")
         database = provision_database(root / "db", url=given, postgres=not embedded_only())
+        if strict_services() and not given and not database.is_postgres:
+            from gpujobs.harness.databases import postgres_unavailable_reason
+
+            pytest.fail(
+                f"CI=true: {postgres_unavailable_reason() or 'PostgreSQL is not in use'}; CI tests on PostgreSQL, "
+                "not on a SQLite fallback. Start it (see .ci/run), or set GPUJOBS_TEST_EMBEDDED=1 to test the "
+                "embedded mode on purpose.",
+                pytrace=False,
+            )
         migrations.upgrade(database.url)
         redis_db = provision_redis(root, machine=not embedded_only())
+        if strict_services() and redis_db.embedded is not None:
+            pytest.fail(
+                "CI=true: the machine's Redis on 127.0.0.1:6379 does not answer (or has no free database index); "
+                "CI tests on it, not on an embedded fallback. Start it (see .ci/run), or set "
+                "GPUJOBS_TEST_EMBEDDED=1 to test the embedded mode on purpose.",
+                pytrace=False,
+            )
+        USED["database"] = f"{'PostgreSQL' if database.is_postgres else 'SQLite'} {public_url(database.url)}"
+        USED["broker"] = f"Redis {public_url(redis_db.url)} ({'embedded' if redis_db.embedded else 'machine'})"
         s3 = start_s3(root / "s3")
         catalog = demo_models()
         env = {
@@ -338,7 +381,21 @@ def start_worker(cluster: Cluster) -> Iterator[Any]:
             worker.kill()  # whatever it still runs was the test's; a warm shutdown would wait for it
 
 
-# --- failure reports -------------------------------------------------------------------------------
+# --- what the run used, failure reports ----------------------------------------------------------------
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    if USED:
+        mode = (
+            "embedded on purpose (GPUJOBS_TEST_EMBEDDED=1)"
+            if embedded_only()
+            else "strict (CI=true)"
+            if strict_services()
+            else "fallback to SQLite/embedded Redis allowed (no CI=true)"
+        )
+        terminalreporter.write_line(
+            f"gpujobs integration services: database {USED['database']}; broker {USED['broker']}; {mode}"
+        )
 
 
 _STARTED_AT = pytest.StashKey[float]()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import time
 from pathlib import Path
 
@@ -11,7 +12,7 @@ import pytest
 
 from gpujobs.harness import supervisor
 from gpujobs.harness.processes import Stack, stop_together
-from gpujobs.harness.servers import start_redis
+from gpujobs.harness.servers import redis_answers, start_redis
 from gpujobs.harness.supervisor import Fatal, Supervisor
 
 
@@ -66,14 +67,50 @@ def test_the_supervisor_restarts_a_crashing_child_then_gives_up(tmp_path, monkey
     watch.stop()
 
 
-def test_the_supervisor_stops_everything_when_a_dependency_dies(tmp_path):
+def test_the_supervisor_restarts_a_dependency_that_dies_on_its_port_while_children_carry_on(tmp_path):
     redis = start_redis(tmp_path / "redis")
-    watch = Supervisor(Stack({**os.environ}, tmp_path / "logs"), echo=lambda _: None, dependencies=[redis])
+    messages: list[str] = []
+    watch = Supervisor(Stack({**os.environ}, tmp_path / "logs"), echo=messages.append, dependencies=[redis])
     child = watch.stack.start("child", ["sleep", "60"])
-    watch.check()
-    redis.process.kill()
-    redis.process.wait(10)
-    with pytest.raises(Fatal, match=r"the embedded Redis .* exited"):
+    try:
         watch.check()
-    watch.stop()
-    assert not child.alive
+        first_pid, port = redis.process.pid, redis.port
+        redis.process.kill()
+        redis.process.wait(10)
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and not any("is back" in m for m in messages):
+            watch.check()
+            time.sleep(0.1)
+        assert messages[0].startswith("the embedded Redis exited (killed by SIGKILL)"), messages
+        assert "restarting in 1 s" in messages[0] and "carry on" in messages[0]
+        assert any("is back" in m for m in messages), messages
+        assert redis.process.pid != first_pid and redis.port == port and redis_answers(port)
+        assert child.alive and child.proc.pid == watch.stack.processes[0].proc.pid, "the child was not touched"
+    finally:
+        watch.stop()
+    assert not child.alive and redis.process.poll() is not None
+
+
+def test_the_supervisor_gives_up_on_a_dependency_that_cannot_start_again(tmp_path, monkeypatch):
+    monkeypatch.setattr(supervisor, "MAX_QUICK_CRASHES", 1)
+    redis = start_redis(tmp_path / "redis")
+    messages: list[str] = []
+    watch = Supervisor(Stack({**os.environ}, tmp_path / "logs"), echo=messages.append, dependencies=[redis])
+    squatter = None
+    try:
+        redis.process.kill()
+        redis.process.wait(10)
+        squatter = socket.socket()  # someone takes its port: it cannot come back there
+        squatter.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        squatter.bind(("127.0.0.1", redis.port))
+        squatter.listen()
+        deadline = time.monotonic() + 30
+        with pytest.raises(Fatal, match=r"the embedded Redis crashed 2 times in a row .*last: restart failed"):
+            while time.monotonic() < deadline:
+                watch.check()
+                time.sleep(0.1)
+        assert messages[1].startswith("restarting the embedded Redis on "), messages
+    finally:
+        if squatter is not None:
+            squatter.close()
+        watch.stop()

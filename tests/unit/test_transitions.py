@@ -217,8 +217,10 @@ def test_claim_takes_a_queued_job_once(db, new_job) -> None:
     assert claim.job.id == job_id and claim.job.status == "running" and claim.job.input == {"n": 1}
     job = row(db, job_id)
     assert job["status"] == "running" and job["attempts"] == 1 and job["worker_id"] == "worker-1"
-    assert start <= job["started_at"] <= utcnow()
-    assert start + timedelta(seconds=LEASE) <= job["lease_expires_at"] <= utcnow() + timedelta(seconds=LEASE)
+    # The database's clock (SQLite's here) counts milliseconds.
+    ms = timedelta(milliseconds=1)
+    assert start - ms <= job["started_at"] <= utcnow()
+    assert start - ms + timedelta(seconds=LEASE) <= job["lease_expires_at"] <= utcnow() + timedelta(seconds=LEASE)
     assert events(db, job_id) == [("queued", 0), ("claimed", 1)]
     assert event_messages(db, job_id)[-1] == "claimed by worker-1"
 
