@@ -15,7 +15,7 @@ from db.settings import Settings, get_settings
 
 
 def create_app(settings: Settings | None = None) -> Flask:
-    from api import admin, auth, errors, files, health, jobs, keys, metrics, models, openapi, webhooks
+    from api import admin, auth, errors, files, health, jobs, keys, limits, metrics, models, openapi, webhooks
     from api.errors import ApiError
     from api.presenters import ID
     from worker.hooks import install_hooks
@@ -47,6 +47,7 @@ def create_app(settings: Settings | None = None) -> Flask:
             errors.close_quietly(session)
 
     errors.register(app)
+    limits.register(app)  # 414 / 431 first, before authentication
     for blueprint in (health.bp, metrics.bp, files.bp, jobs.bp, models.bp, keys.bp, webhooks.bp, openapi.bp):
         app.register_blueprint(blueprint)
     admin.init_app(app, settings)

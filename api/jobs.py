@@ -6,6 +6,7 @@ import hashlib
 import json
 import logging
 import re
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any, Literal
 
 from flask import Blueprint, Response, g, jsonify, request
@@ -25,7 +26,7 @@ from db import transitions
 from db.models import File, Job, JobStatus, Model, utcnow
 from worker.celery_app import dispatch
 from worker.jobs import job_types
-from worker.jobs.spec import JobInput, TenantModelRef, catalog_fields, file_fields
+from worker.jobs.spec import JobInput, JobType, TenantModelRef, catalog_fields, file_fields
 from worker.models.catalog import Catalog, CatalogError
 from worker.webhooks import guard
 
@@ -95,19 +96,29 @@ def _prefer_wait() -> float | None:
     return None
 
 
+def _reserve_wait(wait: float | None) -> AbstractContextManager[None]:
+    """One of the key's and the tenant's concurrent waits for the block (429 over a cap); nothing without a wait."""
+    if not wait:
+        return nullcontext()
+    key = current_key()
+    return waiting.listener(config.settings()).reserve(key.id, key.tenant_id, wait, config.settings())
+
+
 def _wait_for_finish(job_id: str, seconds: float) -> None:
-    """Block until the job finishes or ``seconds`` pass (see ``api.waiting``)."""
+    """Park until the job finishes or ``seconds`` pass (see ``api.waiting``), holding no database connection."""
 
     def finished() -> bool:
         status = g.db.execute(select(Job.status).where(Job.id == job_id)).scalar_one()
-        g.db.commit()  # end the read so the next one sees new commits (nothing is expired: expire_on_commit is off)
+        # End the read: the connection goes back to the pool while the request waits, and the
+        # next read sees new commits (nothing is expired: expire_on_commit is off).
+        g.db.commit()
         return JobStatus(status).finished
 
     waiting.listener(config.settings()).wait(job_id, seconds, finished)
 
 
 @bp.post("")
-@document("Create a job", body=JobCreate, responses={202: "Job", 200: "Job"})
+@document("Create a job", body=JobCreate, responses={202: "Job", 200: "Job", 429: "Problem"})
 def create_job() -> tuple[Response, int, dict[str, str]]:
     settings = config.settings()
     body = json_object()
@@ -146,6 +157,20 @@ def create_job() -> tuple[Response, int, dict[str, str]]:
         if existing is not None:
             return _repeat(existing, request_hash)
 
+    with _reserve_wait(wait):
+        return _create(spec, job_type, params, idempotency_key, request_hash, wait)
+
+
+def _create(
+    spec: JobCreate,
+    job_type: JobType,
+    params: JobInput,
+    idempotency_key: str | None,
+    request_hash: str | None,
+    wait: float | None,
+) -> tuple[Response, int, dict[str, str]]:
+    """Insert the job, commit, send it, and wait if asked (inside the caller's wait reservation)."""
+    settings = config.settings()
     tenant_id = current_key().tenant_id
     job = Job(
         tenant_id=tenant_id,
@@ -301,12 +326,12 @@ def list_jobs() -> Response:
     limit, cursor = page_params()
     query = _visible(select(Job)).options(selectinload(Job.artifacts))
     status = request.args.get("status")
-    if status:
+    if status is not None:  # `?status=` is not "any status"
         if status not in {s.value for s in JobStatus}:
             raise validation_error(["query", "status"], f"must be one of {', '.join(s.value for s in JobStatus)}")
         query = query.where(Job.status == status)
     job_type = request.args.get("type")
-    if job_type:
+    if job_type is not None:
         if job_type not in job_types(config.settings()):
             raise validation_error(["query", "type"], f"unknown job type {job_type!r}")
         query = query.where(Job.type == job_type)
@@ -315,13 +340,17 @@ def list_jobs() -> Response:
 
 
 @bp.get("/<job_id>")
-@document("Get a job", responses={200: "Job"})
+@document("Get a job", responses={200: "Job", 429: "Problem"})
 def get_job(job_id: str) -> Response:
     wait = _prefer_wait()
-    if wait:
-        _load(job_id)  # 404 before waiting
+    if not wait:
+        return jsonify(job_json(_load(job_id)))
+    _load(job_id)  # 404 before waiting
+    with _reserve_wait(wait):
         _wait_for_finish(job_id, wait)
-    return jsonify(job_json(_load(job_id)))
+    response = jsonify(job_json(_load(job_id)))
+    response.headers["Preference-Applied"] = f"wait={int(wait)}"
+    return response
 
 
 @bp.post("/<job_id>/cancel")

@@ -171,6 +171,7 @@ def _authorize() -> None:
 @document(
     "Prometheus metrics, computed from the database at scrape time (Bearer GPUJOBS_METRICS_TOKEN when set)",
     public=True,
+    responses={200: "text/plain"},
 )
 def metrics() -> Response:
     _authorize()

@@ -9,6 +9,7 @@ from typing import Any, TypeVar
 from flask import Blueprint, Flask, Response, current_app, jsonify, render_template
 from pydantic import BaseModel
 
+from db.models import Role
 from worker.jobs import job_types
 from worker.jobs.spec import Artifact, JobType
 
@@ -28,7 +29,16 @@ QUERY_PARAMS: dict[str, dict[str, Any]] = {
     },
 }
 
-STATUS_TEXT = {200: "OK", 201: "Created", 202: "Accepted", 204: "No content", 302: "Redirect", 409: "Conflict"}
+STATUS_TEXT = {
+    200: "OK",
+    201: "Created",
+    202: "Accepted",
+    204: "No content",
+    302: "Redirect",
+    409: "Conflict",
+    429: "Too many waiting requests of this key or tenant (`Prefer: wait`); see `Retry-After`",
+}
+WAITING_ROUTES = {("/v1/jobs", "POST"), ("/v1/jobs/<job_id>", "GET")}  # the routes that take `Prefer: wait`
 
 
 def document(
@@ -40,7 +50,10 @@ def document(
     responses: dict[int, str] | None = None,
     public: bool = False,
 ) -> Callable[[F], F]:
-    """Attach what the OpenAPI document says about a view; the path and method come from the route."""
+    """Attach what the OpenAPI document says about a view; the path and method come from the route.
+
+    ``responses`` maps a status to a component schema's name, ``object``, or a media type such as
+    ``text/html`` (a text body of that type)."""
 
     def attach(view: F) -> F:
         view._openapi = {  # type: ignore[attr-defined]
@@ -100,7 +113,10 @@ def _components(types: dict[str, JobType]) -> dict[str, Any]:
                 "input": {"type": "object"},
                 "metadata": {"type": "object"},
                 "output": {
-                    "oneOf": [{"$ref": f"#/components/schemas/{n}Output"} for n in sorted(types)] + [{"type": "null"}]
+                    # anyOf, not oneOf: types may share an output shape (the three generation types do), so a
+                    # generation output matches several branches; the `allOf` below binds it to the job's type.
+                    "anyOf": [{"$ref": f"#/components/schemas/{n}Output"} for n in sorted(types)] + [{"type": "null"}],
+                    "description": "The type's output (`<type>Output`) once `succeeded`, else null.",
                 },
                 "error": {
                     "oneOf": [
@@ -124,6 +140,7 @@ def _components(types: dict[str, JobType]) -> dict[str, Any]:
                 "webhook_events_filter": {"type": "array", "items": {"type": "string"}},
                 "urls": {"type": "object", "additionalProperties": {"type": "string"}},
             },
+            "allOf": [_output_of(name) for name in sorted(types)],
         },
         "File": {
             "type": "object",
@@ -166,8 +183,15 @@ def _components(types: dict[str, JobType]) -> dict[str, Any]:
         },
         "Key": {
             "type": "object",
+            "required": ["id", "name", "role", "tenant", "created_at", "revoked_at"],
             "properties": {
-                name: {"type": "string"} for name in ["id", "name", "role", "tenant", "key", "created_at", "revoked_at"]
+                "id": {"type": "string"},
+                "name": {"type": "string"},
+                "role": {"type": "string", "enum": [role.value for role in Role]},
+                "tenant": {"type": "string"},
+                "key": {"type": "string", "description": "The key itself: in the answer to its creation only."},
+                "created_at": {"type": "string", "format": "date-time"},
+                "revoked_at": {"type": ["string", "null"], "format": "date-time"},
             },
         },
     }
@@ -191,6 +215,16 @@ def _components(types: dict[str, JobType]) -> dict[str, Any]:
                 schema["description"] = job_type.summary + (" Admin keys only." if job_type.admin_only else "")
             schemas[f"{name}{suffix}"] = schema
     return schemas
+
+
+def _output_of(name: str) -> dict[str, Any]:
+    """A job of type ``name`` has that type's output, or none."""
+    return {
+        "if": {"properties": {"type": {"const": name}}, "required": ["type"]},
+        "then": {
+            "properties": {"output": {"anyOf": [{"$ref": f"#/components/schemas/{name}Output"}, {"type": "null"}]}}
+        },
+    }
 
 
 def _webhook_schemas() -> dict[str, Any]:
@@ -254,12 +288,16 @@ def _job_create_schema(model: type[BaseModel], types: dict[str, JobType]) -> dic
                 "input": {"$ref": f"#/components/schemas/{name}Input"},
             },
         }
+        if any(field.is_required() for field in types[name].Input.model_fields.values()):
+            # `input` defaults to {}, which an input with required fields refuses: then it is required.
+            variant["required"] = [*base.get("required", []), "input"]
         variants.append(variant)
     return {"oneOf": variants, "discriminator": {"propertyName": "type"}}
 
 
 def build(app: Flask) -> dict[str, Any]:
     types = job_types(app.config["GPUJOBS_SETTINGS"])
+    max_wait = app.config["GPUJOBS_SETTINGS"].max_wait_seconds
     schemas = _components(types)
     paths: dict[str, Any] = {}
     for rule in sorted(app.url_map.iter_rules(), key=lambda r: r.rule):
@@ -274,14 +312,16 @@ def build(app: Flask) -> dict[str, Any]:
                 {"name": arg, "in": "path", "required": True, "schema": {"type": "string"}} for arg in rule.arguments
             ]
             params += [{"name": q, "in": "query", "required": False, **QUERY_PARAMS[q]} for q in meta["query"]]
-            if rule.rule.startswith("/v1/jobs") and method in {"GET", "POST"}:
+            if (rule.rule, method) in WAITING_ROUTES:
                 params.append(
                     {
                         "name": "Prefer",
                         "in": "header",
                         "required": False,
                         "schema": {"type": "string"},
-                        "description": "`wait=N` (N ≤ 60): hold the answer until the job finishes or N seconds pass.",
+                        "description": f"`wait=N` (N ≤ {max_wait}; more is taken as {max_wait}): hold the answer "
+                        "until the job finishes or N seconds pass. Concurrent waits are capped per key and per "
+                        "tenant (429 with `Retry-After`).",
                     }
                 )
             if rule.rule == "/v1/jobs" and method == "POST":
@@ -307,10 +347,14 @@ def build(app: Flask) -> dict[str, Any]:
                 op["requestBody"] = {"required": True, "content": {"multipart/form-data": {"schema": meta["form"]}}}
             responses: dict[str, Any] = {}
             for status, name in meta["responses"].items():
-                media = "application/problem+json" if name == "Problem" else "application/json"
+                if "/" in name:  # a media type (`text/html`): a text body of that type
+                    content = {name: {"schema": {"type": "string"}}}
+                else:
+                    media = "application/problem+json" if name == "Problem" else "application/json"
+                    content = {media: {"schema": _schema_ref(name)}}
                 responses[str(status)] = {
                     "description": STATUS_TEXT.get(status, str(status)),
-                    **({"content": {media: {"schema": _schema_ref(name)}}} if status not in (204, 302) else {}),
+                    **({"content": content} if status not in (204, 302) else {}),
                 }
             responses["default"] = {
                 "description": "An error (RFC 9457)",
@@ -338,7 +382,7 @@ def openapi_json() -> Response:
 
 
 @bp.get("/docs")
-@document("Human-readable API reference", public=True, responses={200: "object"})
+@document("Human-readable API reference", public=True, responses={200: "text/html"})
 def docs() -> str:
     spec = build(current_app)
     types = job_types(current_app.config["GPUJOBS_SETTINGS"])

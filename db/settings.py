@@ -126,6 +126,19 @@ class Settings(BaseSettings):
         6000, ge=0, description="Requests per minute per API key (0 disables the limit)."
     )
     max_wait_seconds: int = Field(60, ge=0, le=600, description="Upper bound of `Prefer: wait=N`.")
+    wait_recheck_seconds: float = Field(
+        2.0,
+        gt=0,
+        le=60,
+        description="How often each API process re-reads, in one query, which waited-for jobs finished: the "
+        "fallback of the Redis wake-up (a missed message; with Redis down, the delay of a `Prefer: wait` answer).",
+    )
+    max_waits_per_key: int = Field(
+        100, ge=1, description="Concurrent `Prefer: wait` requests one API key may hold per API process; more: 429."
+    )
+    max_waits_per_tenant: int = Field(
+        200, ge=1, description="Concurrent `Prefer: wait` requests one tenant may hold per API process; more: 429."
+    )
     auth_failure_limit: int = Field(
         20,
         ge=0,

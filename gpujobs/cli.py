@@ -163,6 +163,7 @@ def api(
     Creates the S3 bucket if it is missing and, when GPUJOBS_ADMIN_KEY is set,
     makes that key a working admin key. The schema must exist (`gpujobs migrate`).
     """
+    from api import limits
     from db.settings import get_settings
 
     settings = get_settings()
@@ -183,6 +184,13 @@ def api(
         "10",
         "--keep-alive",
         "5",
+        # A little above the app's own limits, so that the app answers 414 / 431 as problem+json.
+        "--limit-request-line",
+        str(limits.GUNICORN_LIMIT_REQUEST_LINE),
+        "--limit-request-field_size",
+        str(limits.GUNICORN_LIMIT_REQUEST_FIELD_SIZE),
+        "--limit-request-fields",
+        str(limits.GUNICORN_LIMIT_REQUEST_FIELDS),
     ]
     if worker_class == "gevent":
         args += ["--worker-connections", str(connections)]

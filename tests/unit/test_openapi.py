@@ -371,8 +371,17 @@ def test_creating_a_job_takes_each_types_input_by_discriminator(built: Built) ->
 def test_the_job_schema_names_every_type_and_output(built: Built) -> None:
     job = built.doc["components"]["schemas"]["Job"]
     assert job["properties"]["type"]["enum"] == sorted(built.registry)
-    outputs = [branch.get("$ref") for branch in job["properties"]["output"]["oneOf"]]
+    # anyOf: the three generation types share one output shape, which a oneOf would refuse.
+    outputs = [branch.get("$ref") for branch in job["properties"]["output"]["anyOf"]]
     assert outputs == [f"#/components/schemas/{name}Output" for name in sorted(built.registry)] + [None]
+    # ... and each type's output is bound to its type.
+    bound = {branch["if"]["properties"]["type"]["const"]: branch["then"] for branch in job["allOf"]}
+    assert sorted(bound) == sorted(built.registry)
+    for name, then in bound.items():
+        assert then["properties"]["output"]["anyOf"] == [
+            {"$ref": f"#/components/schemas/{name}Output"},
+            {"type": "null"},
+        ]
 
 
 def test_the_html_reference_lists_every_job_type(built: Built) -> None:
