@@ -14,9 +14,12 @@ unavailable (then each process counts on its own).
   notices, and far below what guessing needs.
 - **Per key prefix** (the first 12 characters, ``gpj_`` and 8 random ones for a generated key;
   ``auth_failure_prefix_limit``, default 10 a minute, from any address): one wrong key retried, or
-  guesses at one key spread over many addresses. Only that prefix is refused: valid keys (other
-  prefixes) from the same addresses keep working, as long as their address is under its own limit.
-  Lower than the per-address limit because one wrong key has no reason to be tried again and again.
+  guesses at one key spread over many addresses. Past the limit, a key with that prefix that fails
+  is a 429 (not a 401) until the window ends; the key is still looked up, so a *valid* key with that
+  prefix keeps working: knowing the first characters of someone's key must not let anyone lock it
+  out. Valid keys with other prefixes from the same addresses keep working too, as long as their
+  address is under its own limit. Lower than the per-address limit because one wrong key has no
+  reason to be tried again and again.
 
 Each API process learns of a block at its first failure from that address or prefix (the shared
 count is read as it is incremented), so a block costs no Redis round trip on the requests of valid
@@ -82,11 +85,14 @@ class AuthThrottle:
     # --- the two calls --------------------------------------------------------------------------
 
     def check(self, address: str, token: str) -> Refusal | None:
-        """Before a key is looked up: a refusal while its address or its prefix is blocked."""
+        """Before a key is looked up: a refusal while its address is blocked (a blocked prefix refuses only
+        keys that fail their lookup, in :meth:`failed`)."""
         if not self._blocked:
             return None
         now = self.clock()
         for ident, _limit, what in self._limits(address, token):
+            if ident.startswith("prefix:"):
+                continue
             until = self._blocked.get(ident)
             if until is not None and now < until:
                 return self._refusal(what, until, now)

@@ -150,7 +150,8 @@ class Settings(BaseSettings):
         10,
         ge=0,
         description="Failed authentications with one key prefix (its first 12 characters) per window, from any "
-        "address; past it, keys with that prefix are a 429 until the window ends (0 disables).",
+        "address; past it, keys with that prefix that fail are a 429 until the window ends; a valid one still works "
+        "(0 disables).",
     )
     auth_failure_window_seconds: int = Field(
         60, ge=1, le=86400, description="Window of the failed-authentication limits (fixed, aligned on the clock)."

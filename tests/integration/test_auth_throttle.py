@@ -77,6 +77,13 @@ def test_sixty_wrong_keys_are_throttled_per_address_and_per_prefix_then_the_bloc
     assert _get(client, keys.user_b.secret, spread[0]).status_code == 200, "a valid key, another prefix"
     assert _get(client, _wrong_key(), spread[1]).status_code == 401, "another wrong prefix: a plain 401"
 
+    # Whoever knows the first characters of a key cannot lock it out: its own prefix hammered from 11 addresses
+    # makes the wrong keys 429s, and the key itself keeps working everywhere.
+    own = keys.admin.secret[:12]
+    statuses = [_get(client, _wrong_key(own), _address()).status_code for _ in range(11)]
+    assert statuses == [401] * 10 + [429], statuses
+    assert _get(client, keys.admin.secret, _address()).status_code == 200, "a valid key whose prefix is blocked"
+
     # The block ends with the window.
     time.sleep(max(0.0, window_end - time.time()) + 0.2)
     assert _get(client, keys.user_a.secret, attacker).status_code == 200

@@ -72,12 +72,15 @@ def test_an_address_past_its_limit_is_refused_until_the_window_ends() -> None:
     assert throttle.failed("10.0.0.1", "gpj_guess0000xx") is None
 
 
-def test_a_prefix_past_its_limit_is_refused_from_any_address_and_others_are_not() -> None:
+def test_a_prefix_past_its_limit_refuses_failing_keys_from_any_address_and_never_a_valid_one() -> None:
     clock = Clock(6030.0)
     throttle = _throttle(clock, auth_failure_limit=0, auth_failure_prefix_limit=2, auth_failure_window_seconds=60)
     assert throttle.failed("10.0.0.1", "gpj_samepfx-one") is None
     assert throttle.failed("10.0.0.2", "gpj_samepfx-two") is None  # same 12-character prefix, another address
-    refusal = throttle.check("10.0.0.3", "gpj_samepfx-three")
+    # Before the lookup nothing is refused: a valid key with that prefix must not be locked out by others' failures…
+    assert throttle.check("10.0.0.3", "gpj_samepfx-valid") is None
+    # …but one more failure with it, from anywhere, is a 429.
+    refusal = throttle.failed("10.0.0.3", "gpj_samepfx-three")
     assert refusal is not None and refusal.retry_after == 30 and "prefix" in refusal.detail
     assert throttle.check("10.0.0.1", "gpj_otherpfx-valid") is None
     # A failure past the limit (another process had not blocked it yet) is itself a 429.
