@@ -13,6 +13,7 @@ import contextlib
 import os
 import random
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -21,7 +22,7 @@ from pathlib import Path
 from typing import Self
 
 from gpujobs.harness.ports import free_port, port_free
-from gpujobs.harness.processes import STOP_TIMEOUT, log_tail, start_process, stop_process
+from gpujobs.harness.processes import STOP_TIMEOUT, log_tail, signal_group, start_process, stop_process
 
 DEFAULT_S3_SECRET_KEY = "gpujobs-embedded-secret"
 REDIS_START_TIMEOUT = 20.0
@@ -45,9 +46,29 @@ class EmbeddedServer:
     log_path: Path
     data_dir: Path
     started_at: float
+    frozen: bool = False
 
     def stop(self, timeout: float = STOP_TIMEOUT) -> None:
+        if self.frozen:
+            self.thaw()  # a stopped process would not hear SIGTERM
         stop_process(self.process, timeout)
+
+    # Faults, for tests: the server hung, or gone, then back with restart().
+
+    def freeze(self) -> None:
+        """SIGSTOP: the kernel still accepts connections, and nothing answers them (a hung server)."""
+        signal_group(self.process, signal.SIGSTOP)
+        self.frozen = True
+
+    def thaw(self) -> None:
+        signal_group(self.process, signal.SIGCONT)
+        self.frozen = False
+
+    def kill(self) -> None:
+        """SIGKILL, as a crash or the OOM killer would: its ports refuse connections until ``restart()``."""
+        signal_group(self.process, signal.SIGKILL)
+        self.process.wait(10)
+        self.frozen = False
 
     def restart(self) -> None:
         """Stop what is left of it, then start it again where it was; raises ServiceError if it does not answer."""

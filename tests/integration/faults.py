@@ -22,8 +22,8 @@ from typing import Any
 import psycopg
 import requests
 
-from gpujobs.harness.processes import Stack, signal_group
-from gpujobs.harness.servers import EmbeddedRedis, EmbeddedS3, start_redis, start_s3
+from gpujobs.harness.processes import Stack
+from gpujobs.harness.servers import EmbeddedRedis, EmbeddedS3
 from tests.integration.private_services import PrivatePostgres
 
 # Settings of the fault deployment. The S3 and Redis timeouts are read once the storage and Redis
@@ -167,22 +167,15 @@ class FaultDeployment:
             self.postgres.freeze() if sig == signal.SIGSTOP else self.postgres.kill()
             return
         server = self.redis if dependency == "redis" else self.s3
-        signal_group(server.process, sig)
-        if sig == signal.SIGKILL:
-            server.process.wait(10)
+        server.freeze() if sig == signal.SIGSTOP else server.kill()
 
     def restore(self, dependency: str, sig: signal.Signals) -> None:
         """Bring the dependency back (SIGCONT, or a start on the same port and data); returns once it answers."""
         if dependency == "postgres":
             self.postgres.thaw() if sig == signal.SIGSTOP else self.postgres.start()
-        elif sig == signal.SIGSTOP:
-            signal_group((self.redis if dependency == "redis" else self.s3).process, signal.SIGCONT)
-        elif dependency == "redis":
-            self.redis = start_redis(self.redis.data_dir, port=self.redis.port)
-        else:
-            old = self.s3
-            old.stop()  # its sockets in /tmp
-            self.s3 = start_s3(old.data_dir, old.access_key, old.secret_key, port=old.port)
+            return
+        server = self.redis if dependency == "redis" else self.s3
+        server.thaw() if sig == signal.SIGSTOP else server.restart()
 
     # --- the jobs' truth, read from the database itself ------------------------------------------
 

@@ -27,7 +27,6 @@ class PrivateS3:
         self.data_dir = data_dir
         self.bucket = bucket
         self.server: EmbeddedS3 = start_s3(data_dir)
-        self.frozen = False
         self.server.client().create_bucket(Bucket=bucket)
 
     @property
@@ -40,31 +39,23 @@ class PrivateS3:
         }
 
     def kill(self) -> None:
-        """SIGKILL, as a crash or the OOM killer would; connections to its port are then refused."""
-        signal_group(self.server.process, signal.SIGKILL)
-        self.server.process.wait(10)
-        self.server.stop()  # reaps it and removes the unix sockets weed leaves behind
+        self.server.kill()
 
     def restart(self) -> None:
-        """The same data folder on the same S3 port (the workers' endpoint does not change)."""
-        self.server = start_s3(self.data_dir, port=self.server.port)
+        """The same data folder on the same ports (the workers' endpoint does not change)."""
+        self.server.restart()
 
     def freeze(self) -> None:
-        """SIGSTOP: connections are accepted by the kernel and never answered (a hung server)."""
-        signal_group(self.server.process, signal.SIGSTOP)
-        self.frozen = True
+        self.server.freeze()
 
     def thaw(self) -> None:
-        signal_group(self.server.process, signal.SIGCONT)
-        self.frozen = False
+        self.server.thaw()
 
     def read(self, key: str) -> bytes:
         data: bytes = self.server.client().get_object(Bucket=self.bucket, Key=key)["Body"].read()
         return data
 
     def stop(self) -> None:
-        if self.frozen:
-            self.thaw()
         self.server.stop()
 
 

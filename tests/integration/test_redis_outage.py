@@ -6,7 +6,6 @@ quickly; rate limiting comes back with Redis. Never the machine's shared Redis: 
 from __future__ import annotations
 
 import os
-import signal
 import statistics
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -27,8 +26,6 @@ BREAKER = 5.0  # the default of GPUJOBS_REDIS_BREAKER_SECONDS
 def private_redis(tmp_path):
     server = start_redis(tmp_path / "redis")
     yield server
-    if server.process.poll() is None:
-        os.kill(server.process.pid, signal.SIGCONT)  # a stopped server would not hear SIGTERM
     server.stop()
 
 
@@ -55,7 +52,7 @@ def test_requests_answer_quickly_with_redis_frozen_or_killed_and_rate_limits_com
     assert [_timed_get(base_url, calm.secret)[0] for _ in range(3)] == [200] * 3
 
     # Frozen: the first requests pay at most the socket timeout, then the breaker skips Redis.
-    os.kill(private_redis.process.pid, signal.SIGSTOP)
+    private_redis.freeze()
     with ThreadPoolExecutor(6) as pool:
         first = list(pool.map(lambda _: _timed_get(base_url, calm.secret), range(6)))
     assert [status for status, _ in first] == [200] * 6
@@ -73,15 +70,13 @@ def test_requests_answer_quickly_with_redis_frozen_or_killed_and_rate_limits_com
     assert len(fast) >= 20 and statistics.median(fast) < 0.05, statistics.median(fast)
 
     # Killed: refused connections cost nothing, and the breaker skips them anyway.
-    os.kill(private_redis.process.pid, signal.SIGKILL)
-    private_redis.process.wait(10)
+    private_redis.kill()
     killed = [_timed_get(base_url, calm.secret) for _ in range(30)]
     assert {status for status, _ in killed} == {200}
     assert max(seconds for _, seconds in killed) < 0.5 and statistics.median(s for _, s in killed) < 0.05, killed
 
     # Back (same port): within one breaker period, a key over its limit is refused again.
-    port = private_redis.port
-    private_redis.process = start_redis(private_redis.data_dir, port=port).process
+    private_redis.restart()
     time.sleep(BREAKER + 0.5)
     statuses = []
     for _ in range(RATE_LIMIT + 20):
