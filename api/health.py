@@ -123,7 +123,7 @@ def readiness_checks(settings: Settings, storage: Storage) -> dict[str, Callable
                 client.ping()
 
         checks["redis"] = redis_check
-    checks["storage"] = storage.ping
+    checks["storage"] = lambda: storage.ping(timeout)  # one try within the readiness bound, not the S3 one
     return checks
 
 
