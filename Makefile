@@ -48,7 +48,7 @@ $(STAMP): pyproject.toml | $(BIN)/python
 # want first (e.g. `make TORCH=torch==2.9.1 install`).
 	$(BIN)/pip install $(TORCH)
 # -------------------------------------------------------------------------------------------
-	$(BIN)/pip install -e '.[test]'
+	$(BIN)/pip install -e '.[all,test]'
 	touch $(STAMP)
 
 # The admin-dashboard browser tests drive Debian's Chromium through Playwright (Playwright's own

