@@ -3,6 +3,7 @@
 #   make test   set up (first time) and run the whole test suite (checks, unit layer, integration suite)
 #   make unit   the unit layer only (no services), for a quick check while changing code
 #   make check  ruff, mypy and the import contracts (make test runs them first)
+#   make deploy-test  build the container images (docker, debootstrap) and run them; CI runs it after make test
 # Setup needs only Python 3.11+: it creates .venv and installs the project into it, again
 # only when pyproject.toml changes (the stamp file records the last install).
 
@@ -16,7 +17,7 @@ TORCH  ?= torch==2.13.0
 
 CHROMIUM ?= /usr/bin/chromium
 
-.PHONY: up test unit check install clean chromium faketime
+.PHONY: up test unit check install clean chromium faketime deploy-test
 
 up: $(STAMP)
 	$(BIN)/gpujobs up --demo --port $(PORT)
@@ -35,6 +36,13 @@ check: $(STAMP)
 # The unit layer alone: no database, broker, S3 or subprocess; under a minute on 2 cores.
 unit: $(STAMP)
 	$(BIN)/pytest tests/unit $(PYTEST_ARGS)
+
+# The container images (docs/deployment.md, "Images"): installs Debian's docker.io and debootstrap when
+# missing, starts dockerd for the run, lints the Dockerfile (hadolint), builds the debootstrap base, the
+# wheelhouses and both images (cached artefacts reused), then runs migrate, api, a worker and beat as
+# containers with two model jobs (tests/deploy). Not part of `make test`; .ci/run runs both.
+deploy-test: $(STAMP)
+	BIN=$(BIN) PYTEST_ARGS="$(PYTEST_ARGS)" deploy/docker/deploy-test.sh
 
 install: $(STAMP)
 
