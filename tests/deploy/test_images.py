@@ -13,6 +13,7 @@ Not part of ``make test`` (it needs dockerd and the images); run by ``make deplo
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import secrets
@@ -25,9 +26,9 @@ from typing import Any
 import pytest
 import requests
 
-from gpujobs.harness.databases import Database, RedisDatabase, provision_database, provision_redis
+from gpujobs.harness.databases import provision_database, provision_redis
 from gpujobs.harness.ports import free_port
-from gpujobs.harness.servers import EmbeddedS3, start_s3
+from gpujobs.harness.servers import start_s3
 from tests.deploy.containers import API_IMAGE, WORKER_IMAGE, Containers, docker, inspect
 from tests.integration.conftest import demo_models
 
@@ -79,17 +80,17 @@ def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]
         image_present(image)
     root = tmp_path_factory.mktemp("deploy")
     containers = Containers(run_id=f"deploytest-{secrets.token_hex(4)}")
-    database: Database | None = None
-    redis_db: RedisDatabase | None = None
-    s3: EmbeddedS3 | None = None
-    try:
+    with contextlib.ExitStack() as cleanup:  # undone in reverse order, after a failure too
         database = provision_database(root / "db", postgres=True, purpose="deploy")
+        cleanup.callback(database.drop)
         if not database.is_postgres:
             pytest.fail("PostgreSQL does not answer on 127.0.0.1:5432: the images are tested against it (.ci/run)")
         redis_db = provision_redis(root, machine=True)
+        cleanup.callback(redis_db.release)
         if redis_db.embedded is not None:
             pytest.fail("the machine's Redis on 127.0.0.1:6379 does not answer or has no spare index (.ci/run)")
-        s3 = start_s3(root / "s3")
+        s3 = cleanup.enter_context(start_s3(root / "s3"))
+        cleanup.callback(containers.remove_all)
         catalog = demo_models()
         admin_key = "gpj_" + secrets.token_urlsafe(32)
         containers.env = {
@@ -128,14 +129,6 @@ def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]
         )
         containers.start("beat", WORKER_IMAGE, "gpujobs", "beat", mounts=mounts)
         yield Deployment(containers=containers, url=url, admin_key=admin_key, ready_seconds=ready)
-    finally:
-        containers.remove_all()
-        if s3 is not None:
-            s3.stop()
-        if redis_db is not None:
-            redis_db.release()
-        if database is not None:
-            database.drop()
 
 
 def artifacts(value: Any) -> list[dict[str, Any]]:
