@@ -39,7 +39,7 @@ created=$(date -u +%Y-%m-%dT%H:%M:%SZ)
 tar -C "$rootfs" --numeric-owner -c . | docker import \
     --change 'CMD ["/bin/bash"]' \
     --change "LABEL org.opencontainers.image.title=gpujobs-base" \
-    --change "LABEL org.opencontainers.image.description=Debian $SUITE minbase with Python 3 (debootstrap)" \
+    --change "LABEL org.opencontainers.image.description=\"Debian $SUITE minbase with Python 3 (debootstrap)\"" \
     --change "LABEL org.opencontainers.image.created=$created" \
     --change "LABEL org.opencontainers.image.version=$SUITE-$digest" \
     - "$tag" >&2

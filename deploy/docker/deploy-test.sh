@@ -31,20 +31,26 @@ if [ ${#missing[@]} -gt 0 ]; then
     as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >&2
 fi
 
-dockerd_pid=
+# dockerd's own pid comes from its pid file (a background `sudo dockerd` would give sudo's).
+DOCKERD_PIDFILE=/var/run/docker.pid
+started_dockerd=
 stop_dockerd() {
-    if [ -n "$dockerd_pid" ] && kill -0 "$dockerd_pid" 2>/dev/null; then
-        note "stopping the dockerd started for this run (pid $dockerd_pid)"
-        as_root kill "$dockerd_pid"
-        for _ in $(seq 40); do kill -0 "$dockerd_pid" 2>/dev/null || break; sleep 0.5; done
+    local pid
+    pid=$(cat "$DOCKERD_PIDFILE" 2>/dev/null || true)
+    if [ -n "$started_dockerd" ] && [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null; then
+        note "stopping the dockerd started for this run (pid $pid)"
+        as_root kill "$pid"
+        # dockerd removes its pid file as it exits (a zombie would still answer kill -0)
+        for _ in $(seq 40); do [ -e "$DOCKERD_PIDFILE" ] || break; sleep 0.5; done
     fi
 }
 if ! docker info >/dev/null 2>&1; then
     note "starting dockerd (log: $LOG_DIR/dockerd.log)"
-    as_root dockerd --bridge=none --iptables=false --ip6tables=false --ip-masq=false \
-        >"$LOG_DIR/dockerd.log" 2>&1 &
-    dockerd_pid=$!
+    started_dockerd=yes
     trap stop_dockerd EXIT
+    if [ "$(id -u)" = 0 ]; then dockerd_command=(dockerd); else dockerd_command=(sudo dockerd); fi
+    "${dockerd_command[@]}" --pidfile "$DOCKERD_PIDFILE" --bridge=none --iptables=false --ip6tables=false \
+        --ip-masq=false >"$LOG_DIR/dockerd.log" 2>&1 &
     for _ in $(seq 60); do docker info >/dev/null 2>&1 && break; sleep 0.5; done
     docker info >/dev/null 2>&1 || { note "dockerd did not start:"; tail -20 "$LOG_DIR/dockerd.log" >&2; exit 1; }
 fi
