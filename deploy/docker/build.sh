@@ -17,6 +17,7 @@ cd "$(dirname "$0")/../.."
 here=deploy/docker
 
 PIP=${PIP:-.venv/bin/pip}
+PYTHON=$(dirname "$PIP")/python
 TORCH=${TORCH:-torch==2.13.0}
 REVISION=$(git rev-parse --short=12 HEAD 2>/dev/null || echo unknown)
 TAG=${TAG:-$REVISION}
@@ -38,30 +39,43 @@ note "builder: $([ "$DOCKER_BUILDKIT" = 1 ] && echo BuildKit || echo legacy)"
 
 base=$(timed "base image" "$here/base.sh")
 
-# wheelhouse ROLE REQ...: the dependency closure of REQ (gpujobs itself left out) in var/wheelhouse, at the
-# versions of the venv that `make test` tested (its freeze, as constraints; torch is TORCH's). Keyed on
-# pyproject.toml, TORCH and this script; reused while they stay the same. Prints the folder.
+# The image's Python decides the environment markers (deploy/docker/wheelhouse.py says why).
+markers=$(docker run --rm --network host "$base" python3 -c "$("$PYTHON" "$here/wheelhouse.py" --probe)")
+
+# wheelhouse ROLE EXTRA [REQ...]: the dependency closure of gpujobs[EXTRA] and REQ (gpujobs itself left
+# out) in var/wheelhouse, at the versions of the venv that `make test` tested (its freeze, as
+# constraints; torch is TORCH's), completed for the image's Python. Keyed on pyproject.toml, TORCH, the
+# base image and these scripts; reused while they stay the same. Prints the folder.
 wheelhouse() {
-    local role=$1 key dir
-    shift
-    key=$( { cat pyproject.toml "$0"; echo "$TORCH"; } | sha256sum | cut -c1-16)
+    local role=$1 extra=$2 key dir lacking round
+    shift 2
+    key=$( { cat pyproject.toml "$0" "$here/wheelhouse.py"; echo "$TORCH $base"; } | sha256sum | cut -c1-16)
     dir=$WHEELHOUSE/$role-$key
     if [ -f "$dir/.complete" ]; then
         note "wheelhouse $dir is complete already"
     else
         rm -rf "$dir.partial" && mkdir -p "$dir.partial"
         "$PIP" freeze --exclude-editable | grep -viE '^(torch|gpujobs)( |=|@)' >"$dir.partial/constraints.txt"
-        "$PIP" wheel --quiet --no-build-isolation --wheel-dir "$dir.partial" --constraint "$dir.partial/constraints.txt" "$@" >&2
+        "$PIP" wheel --quiet --no-build-isolation --wheel-dir "$dir.partial" \
+            --constraint "$dir.partial/constraints.txt" "$@" ".[$extra]" >&2
+        for round in 1 2 3 4 5; do
+            lacking=$("$PYTHON" "$here/wheelhouse.py" "$dir.partial" "$markers" "gpujobs[$extra]" "$@")
+            [ -z "$lacking" ] && break
+            note "the image's Python also needs (round $round): $(echo "$lacking" | tr '\n' ' ')"
+            # shellcheck disable=SC2086  # one requirement a line, none with spaces
+            "$PIP" wheel --quiet --wheel-dir "$dir.partial" --constraint "$dir.partial/constraints.txt" $lacking >&2
+        done
+        [ -z "$lacking" ] || { note "wheelhouse $dir still lacks: $lacking"; return 1; }
         rm -f "$dir.partial"/gpujobs-*.whl "$dir.partial/constraints.txt"
         touch "$dir.partial/.complete"
         rm -rf "$dir" && mv "$dir.partial" "$dir"
     fi
-    # Wheelhouses of an older pyproject.toml or torch are not needed any more.
+    # Wheelhouses of an older pyproject.toml, torch or base are not needed any more.
     find "$WHEELHOUSE" -mindepth 1 -maxdepth 1 -name "$role-*" ! -name "$role-$key" -exec rm -rf {} +
     echo "$dir"
 }
-api_wheels=$(timed "wheelhouse (api)" wheelhouse api ".[api]")
-worker_wheels=$(timed "wheelhouse (worker)" wheelhouse worker "$TORCH" ".[worker]")
+api_wheels=$(timed "wheelhouse (api)" wheelhouse api api)
+worker_wheels=$(timed "wheelhouse (worker)" wheelhouse worker worker "$TORCH")
 
 # The context: the wheels (hard links, no copy), the project's wheel and setup.sh; nothing else.
 rm -rf "$CONTEXT" && mkdir -p "$CONTEXT/wheels-api" "$CONTEXT/wheels-worker" "$CONTEXT/project"
