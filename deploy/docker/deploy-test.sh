@@ -8,7 +8,7 @@
 #      too where the Makefile has it (the compose and Kubernetes checks);
 #   3. deploy/docker/build.sh: the debootstrap base, the wheelhouses, gpujobs-api and gpujobs-worker;
 #   4. pytest tests/deploy/test_images.py: migrate, api, a worker and beat as containers, two model jobs
-#      over HTTP (and test_apt_mirror.py, the mirror base.sh reads).
+#      over HTTP (and test_apt_mirror.py, test_wheelhouse.py: the scripts build.sh uses).
 #
 # Environment: BIN (the venv's bin folder; default .venv/bin), HADOLINT_BIN (a hadolint already installed
 # elsewhere), PYTEST_ARGS, and build.sh's TORCH and TAG.
@@ -63,5 +63,6 @@ if make -n deploy-lint >/dev/null 2>&1; then make deploy-lint BIN="$BIN"; fi
 
 PIP="$BIN/pip" deploy/docker/build.sh
 # shellcheck disable=SC2086  # PYTEST_ARGS is a list of options
-"$BIN/pytest" -p no:cacheprovider -s tests/deploy/test_apt_mirror.py tests/deploy/test_images.py ${PYTEST_ARGS:-}
+"$BIN/pytest" -p no:cacheprovider -s tests/deploy/test_apt_mirror.py tests/deploy/test_wheelhouse.py \
+    tests/deploy/test_images.py ${PYTEST_ARGS:-}
 note "passed in $((SECONDS - started)) s"
