@@ -7,11 +7,13 @@ removes them (with their anonymous volumes) whatever happened in between, a fail
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
 API_IMAGE = "gpujobs-api:latest"
@@ -27,6 +29,11 @@ def docker(*args: str, timeout: float = 120, check: bool = True) -> subprocess.C
     if check and done.returncode != 0:
         raise AssertionError(f"docker {' '.join(args)} exited {done.returncode}:\n{done.stdout}\n{done.stderr}")
     return done
+
+
+def timestamp(text: str) -> datetime:
+    """Docker's RFC 3339 time (nanoseconds, ``Z``) as a datetime (microseconds)."""
+    return datetime.fromisoformat(re.sub(r"(\.\d{6})\d*", r"\1", text).replace("Z", "+00:00"))
 
 
 def inspect(ref: str, kind: str = "container") -> dict[str, Any]:
@@ -85,19 +92,21 @@ class Containers:
         done = docker("logs", "--tail", str(tail), name, check=False)
         return f"--- {name} (last {tail} lines) ---\n{done.stdout}{done.stderr}"
 
-    def health(self, name: str) -> str:
-        state = inspect(name)["State"]
-        return str(state.get("Health", {}).get("Status", "none"))
-
-    def wait_health(self, name: str, status: str, timeout: float) -> float:
-        """Seconds until docker reports the container's HEALTHCHECK ``status``; fails after ``timeout``."""
-        start = time.monotonic()
-        while time.monotonic() - start < timeout:
-            if self.health(name) == status:
-                return time.monotonic() - start
-            assert self.running(name), f"{name} exited\n{self.logs(name)}"
+    def healthy_after(self, name: str, timeout: float) -> float:
+        """Wait until docker reports the container's HEALTHCHECK healthy; returns the seconds from the
+        container's start to the end of its first passing probe (docker keeps the last five probes)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            state = inspect(name)["State"]
+            health = state.get("Health") or {}
+            if health.get("Status") == "healthy":
+                probes = health["Log"]
+                assert len(probes) < 5, f"more probes than docker keeps: the first passing one is gone ({probes})"
+                passed = next(probe for probe in probes if probe["ExitCode"] == 0)
+                return (timestamp(passed["End"]) - timestamp(state["StartedAt"])).total_seconds()
+            assert state["Running"], f"{name} exited\n{self.logs(name)}"
             time.sleep(0.5)
-        raise AssertionError(f"{name} not {status} within {timeout:g}s (it is {self.health(name)})\n{self.logs(name)}")
+        raise AssertionError(f"{name} not healthy within {timeout:g}s\n{self.logs(name)}")
 
     def all_logs(self) -> str:
         names = docker("ps", "--all", "--filter", f"label={LABEL}={self.run_id}", "--format", "{{.Names}}").stdout
