@@ -401,3 +401,57 @@ def test_the_readme_table_is_the_builtin_catalog() -> None:
     rows = re.findall(r"^\| `([^`]+)` \| (\w+)[^|]*\| `([^`]+)` @ `([0-9a-f]{40})`", _readme_catalog_section(), re.M)
     builtin = load_catalog(Settings()).entries
     assert sorted(rows) == sorted((e.name, e.kind, e.source, e.revision) for e in builtin.values())
+
+
+def test_the_files_the_builtin_sd15_fetches_are_what_the_family_loader_reads(tmp_path: Path) -> None:
+    """A tiny pipeline laid out as the real repo is at its pinned commit (its model_index.json naming a safety
+    checker and feature extractor; 4-7 GB single-file checkpoints, fp16 and non-EMA weights, pickles beside),
+    filtered by the entry's `files` with the hub client's own filter (what snapshot_download fetches): the
+    family loads from what is left, and none of the big extras is fetched."""
+    import json
+
+    import torch
+    from huggingface_hub.utils import filter_repo_objects
+
+    from worker.jobs.diffusion.demo import build_stable_diffusion
+    from worker.jobs.diffusion.pipeline import load_family
+
+    repo = tmp_path / "repo"
+    build_stable_diffusion(repo)
+    index = json.loads((repo / "model_index.json").read_text())
+    index |= {
+        "safety_checker": ["stable_diffusion", "StableDiffusionSafetyChecker"],
+        "feature_extractor": ["transformers", "CLIPImageProcessor"],
+        "requires_safety_checker": True,
+    }
+    (repo / "model_index.json").write_text(json.dumps(index))
+    extras = [
+        "v1-5-pruned-emaonly.safetensors",
+        "v1-5-pruned.safetensors",
+        "v1-5-pruned.ckpt",
+        "v1-inference.yaml",
+        "safety_checker/config.json",
+        "safety_checker/model.safetensors",
+        "feature_extractor/preprocessor_config.json",
+        "unet/diffusion_pytorch_model.fp16.safetensors",
+        "unet/diffusion_pytorch_model.non_ema.safetensors",
+        "unet/diffusion_pytorch_model.bin",
+        "text_encoder/model.fp16.safetensors",
+        "vae/diffusion_pytorch_model.fp16.safetensors",
+    ]
+    for name in extras:  # not loadable: fetching any of them would be seen
+        (repo / name).parent.mkdir(parents=True, exist_ok=True)
+        (repo / name).write_text("not weights")
+
+    sd15 = load_catalog(Settings()).get("sd15")
+    listing = [str(p.relative_to(repo)) for p in repo.rglob("*") if p.is_file()]
+    fetched = list(filter_repo_objects(listing, allow_patterns=list(sd15.files or ())))
+    assert not set(fetched) & set(extras)
+    snapshot = tmp_path / "snapshot"
+    for name in fetched:
+        (snapshot / name).parent.mkdir(parents=True, exist_ok=True)
+        (repo / name).rename(snapshot / name)
+
+    family = load_family(sd15, snapshot, "cpu", torch.float32)
+    assert family.model == "sd15" and family.inpainting_model == "sd15-inpainting"
+    assert family.ip_adapter_model == "sd15-ip-adapter" and family.text_to_image.safety_checker is None
