@@ -58,3 +58,28 @@ def test_500_waits_leave_another_tenants_submits_and_healthz_answered(tmp_path: 
     assert len(measured.during_health) == HEALTH_PROBES and max(measured.during_health) < HEALTH_BOUND, (
         f"/healthz during the flood took {max(measured.during_health):.2f}s"
     )
+
+
+def test_the_benchmark_runs_and_reports_the_ratio(tmp_path: Any) -> None:
+    """`python -m bench.wait_flood` (bench/README.md), small: it starts its own deployment, floods it, checks
+    the waits' answers itself, reports the figures and stops everything (exit 0)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / "flood.json"
+    args = ["--rounds", "1", "--waits", "40", "--tenants", "2", "--wait-seconds", "3", "--samples", "5"]
+    done = subprocess.run(
+        [sys.executable, "-m", "bench.wait_flood", *args, "--probes", "3", "--json", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        env={k: v for k, v in os.environ.items() if not k.startswith("GPUJOBS_")},  # as from a shell: its own
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "during/idle medians" in done.stdout, done.stdout
+    figures = json.loads(out.read_text())
+    assert figures["waits"] == 40 and len(figures["rounds"]) == 1 and figures["ratio"] > 0
+    assert len(figures["submit_during"]) == 5
+    assert all(3 - 0.5 <= s < 3 + 20 for s in figures["rounds"][0]["waits_answered_s"])
