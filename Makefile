@@ -13,6 +13,9 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 PORT   ?= 8000
 PYTEST_ARGS ?=
+# Processes for the integration suite's parallel pass: each gets its own database, Redis index,
+# S3 server and workers (tests/integration/conftest.py), and most tests wait on those processes.
+TEST_PROCESSES ?= 3
 TORCH  ?= torch==2.13.0
 
 CHROMIUM ?= /usr/bin/chromium
@@ -22,9 +25,16 @@ CHROMIUM ?= /usr/bin/chromium
 up: $(STAMP)
 	$(BIN)/gpujobs up --demo --port $(PORT)
 
-# The checks, then the unit layer (no services, seconds), then the integration suite (real services and processes).
+# The checks, then the unit layer (no services, seconds), then the integration suite (real services and
+# processes): most of it in parallel (TEST_PROCESSES, whole modules per process), then the modules that
+# measure timing under faults one at a time (`serial`, SERIAL_MODULES in tests/integration/conftest.py).
+# Every pass runs even when an earlier one fails; the target fails if any did.
 test: $(STAMP) chromium faketime check
-	$(BIN)/pytest tests/unit tests/integration $(PYTEST_ARGS)
+	@status=0; \
+	$(BIN)/pytest tests/unit $(PYTEST_ARGS) || status=1; \
+	$(BIN)/pytest tests/integration -m "not serial" -n $(TEST_PROCESSES) --dist loadfile $(PYTEST_ARGS) || status=1; \
+	$(BIN)/pytest tests/integration -m serial $(PYTEST_ARGS) || status=1; \
+	exit $$status
 
 # Lint and format (ruff), types (mypy, on the modules pyproject.toml names), import boundaries (import-linter).
 check: $(STAMP)
