@@ -5,24 +5,11 @@ The host names below are placeholders of the reserved ``.example`` domain, not m
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
-from types import ModuleType
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.deploy.scripts import load
 
-
-def load() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("apt_mirror", ROOT / "deploy" / "docker" / "apt_mirror.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["apt_mirror"] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-apt_mirror = load()
+apt_mirror = load("apt_mirror")
 
 DEB822 = """\
 Types: deb

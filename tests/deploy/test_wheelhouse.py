@@ -2,28 +2,15 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
 import zipfile
 from pathlib import Path
-from types import ModuleType
 
-ROOT = Path(__file__).resolve().parents[2]
-SCRIPT = ROOT / "deploy" / "docker" / "wheelhouse.py"
+from tests.deploy.scripts import load
 
-
-def load() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("wheelhouse", SCRIPT)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["wheelhouse"] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-wheelhouse = load()
+wheelhouse = load("wheelhouse")
 
 
 def wheel(folder: Path, name: str, version: str, *requires: str) -> None:
