@@ -25,21 +25,19 @@ HAND_BACK_BOUND = 2.0  # seconds after the drain window's end (the issue's done-
 
 @pytest.fixture
 def drain_workers(cluster, services) -> Any:
-    """``start(drain_seconds, queues)``: a worker with that drain window; killed at the test's end if alive."""
-    started: list[ManagedProcess] = []
+    """``start(drain_seconds)``: a gpu worker with that drain window (None: the default); the test's workers
+    are killed at its end if still alive."""
+    stack = Stack(dict(os.environ), services.root / "logs", label="drain")
 
-    def start(drain_seconds: float | None = None, queues: str = "gpu") -> ManagedProcess:
-        env = dict(os.environ)
-        if drain_seconds is not None:
-            env["GPUJOBS_WORKER_DRAIN_SECONDS"] = str(drain_seconds)
-        worker = Stack(env, services.root / "logs", label="drain").start_worker(queues, concurrency=1)
-        started.append(worker)
-        return worker
+    def start(drain_seconds: float | None = None) -> ManagedProcess:
+        stack.env.pop("GPUJOBS_WORKER_DRAIN_SECONDS", None)
+        if drain_seconds is not None:  # read by each worker as it starts
+            stack.env["GPUJOBS_WORKER_DRAIN_SECONDS"] = str(drain_seconds)
+        return stack.start_worker("gpu", concurrency=1)
 
     yield start
-    for worker in started:
-        if worker.alive:
-            worker.kill()
+    for process in [p for p in stack.processes if p.alive]:
+        process.kill()
 
 
 def db_now() -> datetime:
@@ -60,6 +58,21 @@ def _running_on(client: Any, key: str, job_id: str, worker: ManagedProcess) -> N
     assert f":{worker.pid}:" in claim["message"], (claim, worker.pid)
 
 
+def _busy(client: Any, key: str, start: Any, drain_seconds: float) -> tuple[ManagedProcess, dict[str, Any]]:
+    """A worker with that drain window, running a 30 s diagnostic job (0.5 s steps)."""
+    worker = start(drain_seconds=drain_seconds)
+    job = diagnostic(client, key, steps=60, sleep_seconds=30)
+    _running_on(client, key, job["id"], worker)
+    return worker, job
+
+
+def _handed_back_at_once(client: Any, key: str, job_id: str, sent_at: datetime) -> None:
+    """The job is queued again (still at attempt 1) within HAND_BACK_BOUND of ``sent_at``."""
+    wait_for(client, key, job_id, "queued", timeout=10, until=lambda j: j["attempts"] == 1)
+    (requeued,) = [e for e in events(job_id) if e["kind"] == "requeued"]
+    assert (requeued["at"] - sent_at).total_seconds() <= HAND_BACK_BOUND, requeued
+
+
 def _exits(worker: ManagedProcess, within: float) -> int:
     deadline = time.monotonic() + within
     while worker.alive and time.monotonic() < deadline:
@@ -72,9 +85,7 @@ def test_sigterm_hands_a_long_job_back_within_2s_of_the_window_and_it_succeeds_e
     client, keys, no_gpu_worker, drain_workers
 ):
     admin, window = keys.admin.secret, 1.0
-    doomed = drain_workers(drain_seconds=window)
-    job = diagnostic(client, admin, steps=60, sleep_seconds=30)  # 0.5 s steps: far longer than the window
-    _running_on(client, admin, job["id"], doomed)
+    doomed, job = _busy(client, admin, drain_workers, drain_seconds=window)  # a job far longer than the window
     rescuer = drain_workers()  # ready before the SIGTERM, so the figure is the hand-back, not a start-up
 
     sent_at = db_now()
@@ -121,18 +132,14 @@ def test_a_job_that_finishes_within_the_window_is_not_handed_back(client, keys, 
 
 def test_a_second_sigterm_hands_the_job_back_at_once(client, keys, no_gpu_worker, drain_workers):
     admin = keys.admin.secret
-    worker = drain_workers(drain_seconds=120)
-    job = diagnostic(client, admin, steps=60, sleep_seconds=30)
-    _running_on(client, admin, job["id"], worker)
+    worker, job = _busy(client, admin, drain_workers, drain_seconds=120)
 
     os.kill(worker.pid, signal.SIGTERM)
     time.sleep(1.5)  # within the long window: the job goes on
     assert wait_for(client, admin, job["id"], "running", timeout=5)["attempts"] == 1
     sent_at = db_now()
     os.kill(worker.pid, signal.SIGTERM)
-    wait_for(client, admin, job["id"], "queued", timeout=10, until=lambda j: j["attempts"] == 1)
-    (requeued,) = [e for e in events(job["id"]) if e["kind"] == "requeued"]
-    assert (requeued["at"] - sent_at).total_seconds() <= HAND_BACK_BOUND, requeued
+    _handed_back_at_once(client, admin, job["id"], sent_at)
     assert _exits(worker, within=10) == 0, worker.tail()
     assert "drain cut short" in worker.log()
 
@@ -140,13 +147,9 @@ def test_a_second_sigterm_hands_the_job_back_at_once(client, keys, no_gpu_worker
 def test_sigquit_hands_the_job_back_at_once(client, keys, no_gpu_worker, drain_workers):
     """Celery's cold shutdown waits for the running tasks inside its handler: the hand-back goes first."""
     admin = keys.admin.secret
-    worker = drain_workers(drain_seconds=120)
-    job = diagnostic(client, admin, steps=60, sleep_seconds=30)
-    _running_on(client, admin, job["id"], worker)
+    worker, job = _busy(client, admin, drain_workers, drain_seconds=120)
 
     sent_at = db_now()
     os.kill(worker.pid, signal.SIGQUIT)
-    wait_for(client, admin, job["id"], "queued", timeout=10, until=lambda j: j["attempts"] == 1)
-    (requeued,) = [e for e in events(job["id"]) if e["kind"] == "requeued"]
-    assert (requeued["at"] - sent_at).total_seconds() <= HAND_BACK_BOUND, requeued
+    _handed_back_at_once(client, admin, job["id"], sent_at)
     _exits(worker, within=15)
