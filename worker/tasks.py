@@ -131,6 +131,8 @@ class _Lifecycle:
             self.heartbeat.stop()
 
     def goodbye(self, **_: object) -> None:
+        if DRAIN.active:  # the pool is empty: the drain thread ends at its next look (and logs how it went)
+            DRAIN.wait(timeout=2.0)
         if self.heartbeat is not None:
             self.heartbeat.stop()
 
