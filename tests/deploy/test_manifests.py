@@ -271,6 +271,25 @@ def test_kubernetes_deployment_shape(rendered: list[dict[str, Any]]) -> None:
     assert trigger["type"] == "prometheus" and trigger["metadata"]["ignoreNullValues"] == "false"
 
 
+def test_documented_commands_name_what_the_files_define() -> None:
+    """docs/deployment.md's commands cannot run here (no Docker engine, no cluster): each must at
+    least name a file that exists and renders (checked above) and objects the overlay defines."""
+    text = (ROOT / "docs" / "deployment.md").read_text()
+    commands = [line for block in re.findall(r"```sh\n(.*?)```", text, re.DOTALL) for line in block.splitlines()]
+    commands = [line for line in commands if line and not line.startswith("#")]
+    assert any(line.startswith("docker compose -f deploy/compose.yaml up") for line in commands), commands
+    (apply,) = [line for line in commands if line.startswith("kubectl apply -k ")]
+    overlay = apply.removeprefix("kubectl apply -k deploy/k8s/")
+    assert overlay in KUSTOMIZATIONS, apply
+    objects = render(renderers()[0], overlay)
+    for line in commands:
+        for namespace, kind, name in re.findall(r"kubectl -n (\S+) .*?\b(job|deployment)/(\S+)", line):
+            found = [o for o in objects if o["kind"].lower() == kind and o["metadata"]["name"] == name]
+            assert found and found[0]["metadata"].get("namespace") == namespace, f"{line}: no {kind} {name}"
+    for path in re.findall(r"\]\(\.\./(deploy/[^)#]+)\)", text):
+        assert (ROOT / path).exists(), f"docs/deployment.md links to {path}, which does not exist"
+
+
 # --- Prometheus rules, dashboard, and a real Prometheus -------------------------------------------
 
 
