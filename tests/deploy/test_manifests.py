@@ -133,7 +133,8 @@ def test_compose_stack(compose: dict[str, Any]) -> None:
     for name, service in services.items():
         if name in ("api", *workers):
             catalog = service["environment"]["GPUJOBS_MODEL_CATALOG"]
-            mounted = [v for v in service["volumes"] if v["target"] == catalog and v["read_only"]]
+            binds = [v for v in service["volumes"] if isinstance(v, dict)]  # the short syntax stays a string
+            mounted = [v for v in binds if v["target"] == catalog and v["read_only"]]
             assert mounted and Path(mounted[0]["source"]).is_file(), f"{name}: no catalog file mounted"
         if name in workers:
             drain = float(service["environment"]["GPUJOBS_WORKER_DRAIN_SECONDS"])
