@@ -24,6 +24,8 @@ log = logging.getLogger(__name__)
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 CPU_DEFAULT_BUDGET_MB = 8192
+# What a Hugging Face source fetches when its catalog entry names no `files`: configs, tokenizers, safetensors.
+HF_DEFAULT_FILES = ("*.json", "*.safetensors", "*.txt", "*.model", "*.yaml")
 
 
 class ModelUnavailable(JobError):
@@ -307,7 +309,7 @@ class ModelCache:
             path = snapshot_download(
                 entry.source,
                 revision=entry.revision,
-                allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model", "*.yaml"],
+                allow_patterns=list(entry.files or HF_DEFAULT_FILES),
             )
         except Exception as exc:
             raise ModelUnavailable(
