@@ -291,6 +291,11 @@ def test_documented_commands_name_what_the_files_define() -> None:
             assert found and found[0]["metadata"].get("namespace") == namespace, f"{line}: no {kind} {name}"
     for path in re.findall(r"\]\(\.\./(deploy/[^)#]+)\)", text):
         assert (ROOT / path).exists(), f"docs/deployment.md links to {path}, which does not exist"
+    # The README's Deploy section repeats some of them: the same lines, so the checks above cover them.
+    readme = (ROOT / "README.md").read_text()
+    deploy = readme[readme.index("## Deploy\n") : readme.index("\n## ", readme.index("## Deploy\n"))]
+    repeated = [line for block in re.findall(r"```sh\n(.*?)```", deploy, re.DOTALL) for line in block.splitlines()]
+    assert repeated and all(line in commands for line in repeated if line and not line.startswith("#")), repeated
 
 
 # --- Prometheus rules, dashboard, and a real Prometheus -------------------------------------------
