@@ -36,6 +36,10 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
+
+import psycopg
+import requests
 
 from gpujobs.harness.processes import ManagedProcess, Stack, gpujobs_command
 from gpujobs.harness.servers import EmbeddedRedis, EmbeddedS3, start_redis, start_s3
@@ -49,6 +53,7 @@ HOST_INTERFACE = "eth0"
 # Namespaces this module creates are named gj<pid><2 hex>-<host>; the pid says whether their run is alive.
 OURS = re.compile(r"gj(\d+)[0-9a-f]{2}-")
 LOCK = Path("/tmp/gpujobs-netns.lock")  # choosing a subnet and taking it is one step for concurrent runs
+CLAIMED_BY = re.compile(r"claimed by (\w+)-\d+@")  # a worker's Celery node is <host>-<n>
 
 
 class NetnsError(RuntimeError):
@@ -283,9 +288,65 @@ class MultiHost:
         data: bytes = self.s3.client().get_object(Bucket=self.bucket, Key=key)["Body"].read()
         return data
 
+    # --- a client's calls, over the network --------------------------------------------------------
+
+    def headers(self, **extra: str) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.admin_key}", **extra}
+
+    def submit(self, **params: Any) -> str:
+        """POST a diagnostic job with ``params`` as its input; its id (asserting 202)."""
+        body = {"type": "diagnostic", "input": params}
+        response = requests.post(f"{self.base_url}/v1/jobs", json=body, headers=self.headers(), timeout=30)
+        assert response.status_code == 202, response.text
+        return str(response.json()["id"])
+
+    def job(self, job_id: str, wait: float = 0) -> dict[str, Any]:
+        """GET the job (held up to ``wait`` seconds for it to finish, with ``Prefer: wait``)."""
+        extra = {"Prefer": f"wait={wait:g}"} if wait else {}
+        response = requests.get(f"{self.base_url}/v1/jobs/{job_id}", headers=self.headers(**extra), timeout=wait + 10)
+        assert response.status_code == 200, response.text
+        job: dict[str, Any] = response.json()
+        return job
+
+    def wait_for(self, job_id: str, status: str = "succeeded", timeout: float = 60, **fields: Any) -> dict[str, Any]:
+        """Poll the job until it has ``status`` and ``fields`` (e.g. ``attempts=2``)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            job = self.job(job_id)
+            if job["status"] == status and all(job[name] == value for name, value in fields.items()):
+                return job
+            assert time.monotonic() < deadline, f"job {job_id} is not {status} {fields} after {timeout:g}s: {job}"
+            time.sleep(0.1)
+
+    def lost_and_duplicated(self, job_ids: Sequence[str]) -> tuple[list[str], list[str]]:
+        """Of ``job_ids``: those not ``succeeded`` (or unknown), and those that succeeded more than once."""
+        with psycopg.connect(self.postgres.conninfo()) as conn:
+            rows = conn.execute(
+                "SELECT j.id, j.status, count(e.id) FILTER (WHERE e.kind = 'succeeded') FROM jobs j "
+                "LEFT JOIN job_events e ON e.job_id = j.id WHERE j.id = ANY(%s) GROUP BY j.id, j.status",
+                (list(job_ids),),
+            ).fetchall()
+        lost = [job_id for job_id, status, _ in rows if status != "succeeded"]
+        lost += sorted(set(job_ids) - {row[0] for row in rows})
+        return lost, [job_id for job_id, _, succeeded in rows if succeeded > 1]
+
+    def claims(self, job_id: str) -> list[str]:
+        """The worker host of each claim of the job, in order (its ``claimed`` events name the Celery node)."""
+        from tests.integration.client import events
+
+        found = []
+        for event in events(job_id, self.database_url):
+            if event["kind"] == "claimed":
+                match = CLAIMED_BY.search(event["message"] or "")
+                assert match, event
+                found.append(match.group(1))
+        return found
+
 
 @contextmanager
-def multihost(root: Path, worker_hosts: Sequence[str] = ("a", "b"), settings: dict[str, str] | None = None) -> Iterator[MultiHost]:
+def multihost(
+    root: Path, worker_hosts: Sequence[str] = ("a", "b"), settings: dict[str, str] | None = None
+) -> Iterator[MultiHost]:
     """Build the network and start the deployment on it (workers: :meth:`MultiHost.start_worker`); tear it all
     down at the end, also on failure."""
     network = Network()
