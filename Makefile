@@ -16,13 +16,13 @@ TORCH  ?= torch==2.13.0
 
 CHROMIUM ?= /usr/bin/chromium
 
-.PHONY: up test unit check install clean chromium faketime
+.PHONY: up test unit check install clean chromium faketime nftables
 
 up: $(STAMP)
 	$(BIN)/gpujobs up --demo --port $(PORT)
 
 # The checks, then the unit layer (no services, seconds), then the integration suite (real services and processes).
-test: $(STAMP) chromium faketime check
+test: $(STAMP) chromium faketime nftables check
 	$(BIN)/pytest tests/unit tests/integration $(PYTEST_ARGS)
 
 # Lint and format (ruff), types (mypy, on the modules pyproject.toml names), import boundaries (import-linter).
@@ -73,6 +73,18 @@ faketime:
 		$$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq faketime \
 			|| echo "could not install faketime: the lease-clock tests will fail"; \
 	else echo "no faketime and no apt-get: the lease-clock tests will fail"; fi
+
+# The multi-host tests (tests/integration/test_multihost.py) put hosts in network namespaces joined by veths
+# (iproute2's `ip`) and partition them with nftables rules (`nft`). System packages, installed like chromium
+# above (the tests also need root); without them those tests fail and say what is missing.
+nftables:
+	@if command -v ip >/dev/null 2>&1 && command -v nft >/dev/null 2>&1; then :; \
+	elif command -v apt-get >/dev/null 2>&1; then \
+		SUDO=; [ "$$(id -u)" = 0 ] || SUDO=sudo; \
+		echo "installing Debian's iproute2 and nftables for the multi-host tests"; \
+		$$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq iproute2 nftables \
+			|| echo "could not install iproute2 and nftables: the multi-host tests will fail"; \
+	else echo "no ip or nft and no apt-get: the multi-host tests will fail"; fi
 
 clean:
 	rm -rf $(VENV) var test-artifacts .pytest_cache
