@@ -110,9 +110,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"diagnostic jobs ({args.jobs} per run, {args.sleep:g} s each, {args.concurrency} slot(s) per host):")
     print(f"  one worker host:  {one:.2f} jobs/s (median of {len(rates[1])})")
     print(f"  two worker hosts: {two:.2f} jobs/s (median of {len(rates[2])}), {ratio(two, one)} of one host")
-    print(
-        f"requeue after a cut link (3 s lease): median {median(requeues):.2f} s, max {max(requeues, default=0):.2f} s"
-    )
+    if requeues:
+        print(f"requeue after a cut link (3 s lease): median {median(requeues):.2f} s, max {max(requeues):.2f} s")
     print(f"jobs submitted: {len(submitted)}, lost: {len(lost)}, duplicated: {len(duplicated)}")
     if args.json:
         write_json(args.json, figures)
