@@ -207,7 +207,11 @@ class Network:
 
     def _free_subnet(self) -> ipaddress.IPv4Network:
         """A /24 of 10.213.0.0/16 that no address of this machine is in (another run's client holds one)."""
-        taken = {ipaddress.ip_interface(word).network for word in run("ip", "-4", "-o", "addr").split() if "/" in word}
+        taken = set()
+        for line in run("ip", "-4", "-o", "addr").splitlines():
+            words = line.split()
+            if "inet" in words[:-1]:
+                taken.add(ipaddress.ip_interface(words[words.index("inet") + 1]).network)
         candidates = list(SUBNETS.subnets(new_prefix=24))
         start = os.getpid() % len(candidates)
         for subnet in candidates[start:] + candidates[:start]:
