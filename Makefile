@@ -3,6 +3,7 @@
 #   make test   set up (first time) and run the whole test suite (checks, unit layer, integration suite)
 #   make unit   the unit layer only (no services), for a quick check while changing code
 #   make check  ruff, mypy and the import contracts (make test runs them first)
+#   make deploy-test  build the container images (docker, debootstrap) and run them; CI runs it after make test
 # Setup needs only Python 3.11+: it creates .venv and installs the project into it, again
 # only when pyproject.toml changes (the stamp file records the last install).
 
@@ -12,18 +13,28 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 PORT   ?= 8000
 PYTEST_ARGS ?=
+# Processes for the integration suite's parallel pass: each gets its own database, Redis index,
+# S3 server and workers (tests/integration/conftest.py), and most tests wait on those processes.
+TEST_PROCESSES ?= 3
 TORCH  ?= torch==2.13.0
 
 CHROMIUM ?= /usr/bin/chromium
 
-.PHONY: up test unit check install clean chromium faketime nftables
+.PHONY: up test unit check install clean chromium faketime nftables deploy-test deploy-lint
 
 up: $(STAMP)
 	$(BIN)/gpujobs up --demo --port $(PORT)
 
-# The checks, then the unit layer (no services, seconds), then the integration suite (real services and processes).
+# The checks, then the unit layer (no services, seconds), then the integration suite (real services and
+# processes): most of it in parallel (TEST_PROCESSES, whole modules per process), then the modules that
+# measure timing under faults one at a time (`serial`, SERIAL_MODULES in tests/integration/conftest.py).
+# Every pass runs even when an earlier one fails; the target fails if any did.
 test: $(STAMP) chromium faketime nftables check
-	$(BIN)/pytest tests/unit tests/integration $(PYTEST_ARGS)
+	@status=0; \
+	$(BIN)/pytest tests/unit $(PYTEST_ARGS) || status=1; \
+	$(BIN)/pytest tests/integration -m "not serial" -n $(TEST_PROCESSES) --dist loadfile $(PYTEST_ARGS) || status=1; \
+	$(BIN)/pytest tests/integration -m serial $(PYTEST_ARGS) || status=1; \
+	exit $$status
 
 # Lint and format (ruff), types (mypy, on the modules pyproject.toml names), import boundaries (import-linter).
 check: $(STAMP)
@@ -35,6 +46,13 @@ check: $(STAMP)
 # The unit layer alone: no database, broker, S3 or subprocess; under a minute on 2 cores.
 unit: $(STAMP)
 	$(BIN)/pytest tests/unit $(PYTEST_ARGS)
+
+# The container images (docs/deployment.md, "Images"): installs Debian's docker.io and debootstrap when
+# missing, starts dockerd for the run, lints the Dockerfile (hadolint), builds the debootstrap base, the
+# wheelhouses and both images (cached artefacts reused), then runs migrate, api, a worker and beat as
+# containers with two model jobs (tests/deploy). Not part of `make test`; .ci/run runs both.
+deploy-test: $(STAMP)
+	BIN=$(BIN) PYTEST_ARGS="$(PYTEST_ARGS)" deploy/docker/deploy-test.sh
 
 install: $(STAMP)
 
@@ -85,6 +103,34 @@ nftables:
 		$$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq iproute2 nftables \
 			|| echo "could not install iproute2 and nftables: the multi-host tests will fail"; \
 	else echo "no ip or nft and no apt-get: the multi-host tests will fail"; fi
+
+# The deployment files (deploy/: compose, Kubernetes, alert rules, dashboard) checked by the tools that
+# run them, and the dashboard's and alerts' expressions evaluated by a real Prometheus scraping a real
+# API (tests/deploy/test_manifests.py; not part of `make test`). Debian's kubernetes-client (kubectl,
+# kustomize 2.0) and prometheus (prometheus, promtool) are unpacked under var/deploy-tools rather than
+# installed, so no Prometheus service starts on the machine; docker-compose (Debian) is installed;
+# kubernetes-validate (PyPI) goes into the venv.
+DEPLOY_TOOLS := var/deploy-tools
+DEPLOY_DEBS  := prometheus kubernetes-client
+
+deploy-lint: $(STAMP) $(VENV)/.deploy-lint $(DEPLOY_TOOLS)/.unpacked
+	@command -v docker-compose >/dev/null 2>&1 || { \
+		SUDO=; [ "$$(id -u)" = 0 ] || SUDO=sudo; \
+		echo "installing Debian's docker-compose for make deploy-lint"; \
+		$$SUDO apt-get install -y -qq --no-install-recommends docker-compose >/dev/null \
+		|| { $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq --no-install-recommends docker-compose >/dev/null; } \
+		|| echo "could not install docker-compose: its check will fail"; }
+	GPUJOBS_DEPLOY_TOOLS=$(CURDIR)/$(DEPLOY_TOOLS)/root/usr/bin $(BIN)/pytest tests/deploy/test_manifests.py $(PYTEST_ARGS)
+
+$(VENV)/.deploy-lint: $(STAMP)
+	$(BIN)/pip install -q 'kubernetes-validate>=1.31' 'jsonschema>=4.18'
+	touch $@
+
+$(DEPLOY_TOOLS)/.unpacked:
+	rm -rf $(DEPLOY_TOOLS) && mkdir -p $(DEPLOY_TOOLS)/debs
+	cd $(DEPLOY_TOOLS)/debs && { apt-get download $(DEPLOY_DEBS) || { apt-get update -qq && apt-get download $(DEPLOY_DEBS); }; }
+	for deb in $(DEPLOY_TOOLS)/debs/*.deb; do dpkg-deb -x "$$deb" $(DEPLOY_TOOLS)/root; done
+	touch $@
 
 clean:
 	rm -rf $(VENV) var test-artifacts .pytest_cache

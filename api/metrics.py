@@ -120,6 +120,23 @@ class JobSystemCollector(Collector):
         for queue, count in sorted(stats.queued_by_queue(self.session).items()):
             queued.add_metric([queue], count)
         yield queued
+        health = stats.queue_health(self.session, self.settings.worker_lost_seconds)
+        consumers = GaugeMetricFamily(
+            "gpujobs_queue_consumers",
+            "Alive worker processes serving each queue (heard from within worker_lost_seconds, not stopped).",
+            labels=["queue"],
+        )
+        stalled = GaugeMetricFamily(
+            "gpujobs_queue_stalled",
+            "1 when the queue has work (gpu, train: queued jobs; webhooks: due deliveries; maintenance: queued "
+            "or running jobs, which the reconciler guards) and no alive consumer, else 0.",
+            labels=["queue"],
+        )
+        for queue, state in health.items():
+            consumers.add_metric([queue], state.consumers)
+            stalled.add_metric([queue], 1 if state.stalled else 0)
+        yield consumers
+        yield stalled
 
     def _workers(self, since: Any) -> Iterator[Any]:
         rows = stats.workers(self.session, self.settings.worker_lost_seconds, since)

@@ -27,6 +27,7 @@ from sqlalchemy import Float, Integer, case, cast, extract, func, select
 from sqlalchemy.orm import Session
 from sqlalchemy.sql.elements import ColumnElement
 
+from db import clock
 from db.clock import db_now
 from db.models import (
     ApiKey,
@@ -253,6 +254,69 @@ def workers(session: Session, lost_after: float, seen_since: datetime, limit: in
         for row in rows
     ]
     return sorted(found, key=lambda w: (STATE_ORDER[w.state], w.row.hostname, w.row.id))
+
+
+# --- queues: work and consumers ------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class QueueHealth:
+    """One queue: the work waiting for it, the alive workers that serve it, and whether it is stalled."""
+
+    work: int
+    consumers: int
+
+    @property
+    def stalled(self) -> bool:
+        """Work and nobody to do it: nothing will ever pick it up until a worker serving the queue starts."""
+        return self.work > 0 and self.consumers == 0
+
+
+def queue_consumers(session: Session, lost_after: float, limit: int = 10_000) -> dict[str, int]:
+    """Per known queue, the alive workers (heard from within ``lost_after`` s, not stopped) that serve it.
+
+    A worker stopped gracefully (or draining) has ``stopped_at`` set and drops out at once; a SIGKILLed one
+    once it has been silent for ``lost_after`` (``worker_lost_seconds``) on the database's clock."""
+    rows = session.execute(
+        select(WorkerProcess.queues)
+        .where(WorkerProcess.stopped_at.is_(None), WorkerProcess.last_seen_at >= clock.now(session, -lost_after))
+        .limit(limit)
+    )
+    counts = {queue.value: 0 for queue in Queue}
+    for (queues,) in rows:
+        for queue in set(queues or []):
+            if queue in counts:
+                counts[queue] += 1
+    return counts
+
+
+def queue_work(session: Session) -> dict[str, int]:
+    """Per known queue, the work that needs a worker serving it:
+
+    - ``gpu``, ``train``: queued jobs;
+    - ``webhooks``: deliveries that are due (pending, their next attempt's time has come);
+    - ``maintenance``: queued and running jobs, the ones the reconciler guards (without it, a job whose
+      worker died is never requeued and a job whose message was lost is never sent again)."""
+    work = {queue.value: 0 for queue in Queue}
+    for queue, count in queued_by_queue(session).items():
+        if queue in work and queue != Queue.MAINTENANCE.value:
+            work[queue] = count
+    work[Queue.WEBHOOKS.value] = session.execute(
+        select(func.count()).where(
+            WebhookDelivery.status == DeliveryStatus.PENDING.value,
+            WebhookDelivery.next_attempt_at <= clock.now(session),
+        )
+    ).scalar_one()
+    work[Queue.MAINTENANCE.value] = session.execute(
+        select(func.count()).where(Job.status.in_([JobStatus.QUEUED.value, JobStatus.RUNNING.value]))
+    ).scalar_one()
+    return work
+
+
+def queue_health(session: Session, lost_after: float) -> dict[str, QueueHealth]:
+    """Every known queue's work, consumers and stall (a few grouped queries)."""
+    work, consumers = queue_work(session), queue_consumers(session, lost_after)
+    return {queue.value: QueueHealth(work[queue.value], consumers[queue.value]) for queue in Queue}
 
 
 # --- tenants --------------------------------------------------------------------------------------

@@ -207,6 +207,14 @@ class Settings(BaseSettings):
 
     heartbeat_seconds: float = Field(5.0, gt=0, description="How often each worker process records its heartbeat.")
     worker_lost_seconds: float = Field(30.0, gt=0, description="A worker silent this long is shown as lost.")
+    worker_drain_seconds: float = Field(
+        20.0,
+        ge=0,
+        le=86400,
+        description="On SIGTERM a worker takes no new job and lets its running jobs finish for up to this long, "
+        "then hands each one still running back to the queue at its next step (a fine-tune checkpoints first); "
+        "0 hands them back at once. Keep it below the orchestrator's grace period (Kubernetes: 30 s by default).",
+    )
 
     # --- webhooks -------------------------------------------------------------
     webhook_allow_private: bool = Field(

@@ -320,6 +320,29 @@ def requeue(session: Session, job_id: str, attempt: int, reason: str) -> bool:
     return done
 
 
+def hand_back(session: Session, job_id: str, attempt: int, reason: str, progress: dict[str, Any] | None = None) -> bool:
+    """running → queued by the worker that runs it (a draining worker gives the job up at once, without
+    waiting for its lease to expire). Fenced by the attempt, so a stale attempt cannot requeue a newer run.
+
+    ``dispatched_at`` is set now: the caller sends the message right after the commit (``undo_dispatch`` if
+    that fails, and the reconciler sends it). ``max_attempts`` grows by one: giving a job back on purpose is
+    not a lost worker, so it does not eat the job's budget against those.
+    """
+    values: dict[str, Any] = {
+        "status": JobStatus.QUEUED.value,
+        "worker_id": None,
+        "lease_expires_at": None,
+        "dispatched_at": clock.now(session),
+        "max_attempts": Job.max_attempts + 1,
+    }
+    if progress is not None:
+        values["progress"] = progress
+    done = _update(session, job_id, *_running(attempt), Job.cancel_requested_at.is_(None), **values)
+    if done:
+        record_event(session, job_id, EventKind.REQUEUED, attempt, reason, {"handed_back": True})
+    return done
+
+
 def retry(session: Session, job_id: str, attempts: int, by: str) -> bool:
     """failed or canceled → queued: an operator runs the job again, as its next attempt.
 

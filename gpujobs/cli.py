@@ -17,7 +17,7 @@ from gpujobs import __version__
 from worker.jobs.spec import Queue
 
 KNOWN_QUEUES = tuple(queue.value for queue in Queue)  # what a worker may serve
-DEFAULT_WORKER_QUEUES = f"{Queue.GPU.value},{Queue.MAINTENANCE.value}"
+DEFAULT_WORKER_QUEUES = ",".join(KNOWN_QUEUES)  # one worker serves everything a one-worker deployment needs
 # Two gevent processes: a request spends most of its time waiting on the database, the broker
 # or S3, and two processes sidestep the GIL. A request is a greenlet, not a thread, so a
 # `Prefer: wait` (or a request stuck on a hung dependency) costs a few kilobytes, and the
@@ -212,7 +212,9 @@ def api(
     "-Q",
     default=DEFAULT_WORKER_QUEUES,
     show_default=True,
-    help=f"Comma-separated queues to serve, from: {', '.join(KNOWN_QUEUES)}.",
+    help=f"Comma-separated queues to serve, from: {', '.join(KNOWN_QUEUES)}. The default serves them all, as a "
+    "one-worker deployment needs; name a subset for specialised pools (GPU workers: gpu,train; a CPU worker: "
+    "webhooks,maintenance), and make sure every queue has a worker somewhere (/metrics gpujobs_queue_stalled).",
 )
 @click.option(
     "--concurrency",
@@ -226,8 +228,12 @@ def worker(queues: str, concurrency: int | None, name: str | None, loglevel: str
     """Run a Celery worker that runs jobs from the given queues.
 
     Run one per GPU (set CUDA_VISIBLE_DEVICES). The worker is a single process
-    (thread pool): SIGTERM finishes the running jobs first (warm shutdown);
-    a job whose worker is killed is requeued when its lease expires.
+    (thread pool). SIGTERM drains it: it takes no new job, lets its running jobs
+    finish for up to GPUJOBS_WORKER_DRAIN_SECONDS, then hands each one still
+    running back to the queue at its next step (a fine-tune checkpoints first),
+    where another worker picks it up at once; then it exits. A second SIGTERM,
+    SIGINT or SIGQUIT hands them back at once. A job whose worker is killed
+    (SIGKILL) is requeued when its lease expires.
     """
     from db.settings import get_settings
 

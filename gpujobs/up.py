@@ -29,11 +29,14 @@ import click
 
 from gpujobs.harness.processes import Interrupted, Stack, gpujobs_command, interrupt, on_stop_signals
 from gpujobs.harness.servers import ServiceError, start_redis, start_s3
-from gpujobs.harness.supervisor import Fatal, Supervisor, tail
+from gpujobs.harness.supervisor import STOP_TIMEOUT, Fatal, Supervisor, tail
 from worker.jobs.spec import Queue
 
 UP_QUEUES = ",".join(queue.value for queue in Queue)  # one worker serves every queue
 READY_TIMEOUT = 120.0
+# Ctrl-C: the worker finishes a job within this, else hands it back to the queue (it runs again at the
+# next `up`), inside the supervisor's stop timeout; GPUJOBS_WORKER_DRAIN_SECONDS, if set, wins.
+UP_DRAIN_SECONDS = 5.0
 WORKER_READY_TIMEOUT = 60.0
 POLL_SECONDS = 0.25
 
@@ -68,7 +71,7 @@ def run_up(*, host: str, port: int, demo: bool) -> int:
             supervisor.hurry = True  # a second Ctrl-C kills instead of waiting
 
         on_stop_signals(hurry)
-        supervisor.stop()
+        supervisor.stop(timeout=_stop_timeout())
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     click.echo("stopped" if status == 0 else "stopped after an error")
@@ -102,6 +105,8 @@ def _start(supervisor: Supervisor, var_dir: Path, host: str, port: int, demo: bo
     dispose_engines()  # children open their own connections
     gpujobs = gpujobs_command()
     stack.start("api", [*gpujobs, "api", "--host", host, "--port", str(port)])
+    if "GPUJOBS_WORKER_DRAIN_SECONDS" not in os.environ:
+        stack.env["GPUJOBS_WORKER_DRAIN_SECONDS"] = f"{UP_DRAIN_SECONDS:g}"
     stack.start("worker", [*gpujobs, "worker", "--queues", UP_QUEUES, "--name", "up"])
     stack.start("beat", [*gpujobs, "beat"])
     echo(f"api, worker and beat starting (logs in {stack.log_dir})")
@@ -115,6 +120,14 @@ def _start(supervisor: Supervisor, var_dir: Path, host: str, port: int, demo: bo
     echo(f"  API docs:  {url}/docs")
     echo("  try a job: " + _curl_example(url, admin_key))
     echo("Press Ctrl-C to stop.")
+
+
+def _stop_timeout() -> float:
+    """Long enough for the worker's drain window and its hand-back (a few seconds more)."""
+    from db.settings import get_settings
+
+    drain = get_settings().worker_drain_seconds if "GPUJOBS_WORKER_DRAIN_SECONDS" in os.environ else UP_DRAIN_SECONDS
+    return max(STOP_TIMEOUT, drain + 5)
 
 
 def _configure(supervisor: Supervisor, var_dir: Path) -> dict[str, str]:

@@ -46,6 +46,7 @@ __all__ = [
     "Canceled",
     "Checkpoint",
     "DeadlineExceeded",
+    "HandBack",
     "JobContext",
     "JobError",
     "LeaseLost",
@@ -78,6 +79,10 @@ class LeaseLost(Stop):
 
 class DeadlineExceeded(Stop):
     pass
+
+
+class HandBack(Stop):
+    """The worker is draining (SIGTERM) and gives the job back to the queue (``worker.drain``)."""
 
 
 class StorageGaveUp(StorageError):
@@ -131,6 +136,7 @@ class JobContext:
         self._dirty = False
         self._milestone: str | None = None
         self._cancel_requested = False
+        self._hand_back = False  # the draining worker gives this job back at its next step
         self._progress_webhooks = progress_webhooks
         self._progress_unsent = False  # progress changed since the last progress webhook
         self._last_progress_webhook = float("-inf")
@@ -160,7 +166,18 @@ class JobContext:
     def should_stop(self) -> bool:
         """Whether the run must stop now (canceled, lease lost, past its deadline), for code that must stop
         cleanly before ``check()`` raises (a pipeline's step callback, a training loop)."""
-        return self._cancel_requested or self._lease_lost or self._clock() > self.deadline
+        return self._cancel_requested or self._lease_lost or self._hand_back or self._clock() > self.deadline
+
+    @property
+    def handing_back(self) -> bool:
+        """Whether the worker is draining and wants the job back: a job that can save its state (a fine-tune's
+        checkpoint) does so before ``check()`` raises ``HandBack``."""
+        return self._hand_back
+
+    def hand_back(self) -> None:
+        """Ask the run to stop at its next step and go back to the queue (called by ``worker.drain``)."""
+        self._hand_back = True
+        self._wake.set()
 
     def check(self) -> None:
         """Raise if the job was canceled, lost its lease or ran past its deadline."""
@@ -168,6 +185,8 @@ class JobContext:
             raise Canceled()
         if self._lease_lost:
             raise LeaseLost()
+        if self._hand_back:
+            raise HandBack()
         if self._clock() > self.deadline:
             raise DeadlineExceeded()
 
@@ -352,6 +371,8 @@ class JobContext:
                 raise LeaseLost()
             if self._cancel_requested:
                 raise Canceled()
+            if self._hand_back:
+                raise HandBack()
             tries += 1
             try:
                 result = call()

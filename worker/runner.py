@@ -15,11 +15,14 @@ from sqlalchemy import exc as sa_exc
 from sqlalchemy.orm import Session
 
 from db import transitions
+from db.models import Job, JobStatus
 from db.session import session_scope
 from db.settings import get_settings
 from db.storage import StorageError
 from worker import heartbeat
-from worker.context import Canceled, DeadlineExceeded, JobContext, JobError, LeaseLost, StorageGaveUp
+from worker.celery_app import dispatch
+from worker.context import Canceled, DeadlineExceeded, HandBack, JobContext, JobError, LeaseLost, StorageGaveUp
+from worker.drain import DRAIN
 from worker.jobs import get_job_type
 
 log = logging.getLogger(__name__)
@@ -45,6 +48,8 @@ def execute(job_id: str) -> str:
     """Run the job if this worker can claim it; returns what happened (for logs and tests)."""
     settings = get_settings()
     me = worker_id()
+    if DRAIN.active:  # a message taken just before the drain began: not this worker's any more
+        return _send_back_unclaimed(job_id)
     with session_scope() as session:
         claim = transitions.claim(session, job_id, me, settings.lease_seconds)
     if claim is None:
@@ -65,6 +70,7 @@ def execute(job_id: str) -> str:
     log.info("job %s (%s) attempt %d started on %s", job_id, job.type, attempt, me)
     ctx.start()
     heartbeat.job_started(job_id)
+    DRAIN.started(ctx)
     try:
         if job_type is None:
             raise JobError(f"this worker does not know the job type {job.type!r}", "unknown_type")
@@ -75,6 +81,8 @@ def execute(job_id: str) -> str:
     except Canceled:
         stopped_at = ctx.snapshot()  # the step it stopped at, not the last one the control thread saved
         return _finish(job_id, "canceled", lambda s: transitions.cancel(s, job_id, attempt, progress=stopped_at))
+    except HandBack:
+        return _hand_back(job_id, attempt, job.queue, ctx.snapshot())
     except LeaseLost:
         log.warning("job %s attempt %d: lease lost, leaving it to its new owner", job_id, attempt)
         return "lease_lost"
@@ -98,6 +106,7 @@ def execute(job_id: str) -> str:
         tb = traceback.format_exc()
         return _finish(job_id, "failed", lambda s: transitions.fail(s, job_id, attempt, "internal_error", message, tb))
     finally:
+        DRAIN.ended(ctx)
         ctx.close()
         heartbeat.job_ended(job_id)
 
@@ -109,6 +118,51 @@ def execute(job_id: str) -> str:
         return transitions.succeed(session, job_id, attempt, result, progress, list(ctx.stored.values()), ctx.models)
 
     return _finish(job_id, "succeeded", succeed)
+
+
+def _hand_back(job_id: str, attempt: int, queue: str, progress: dict[str, object]) -> str:
+    """The draining worker gives the job back: queued again (fenced by the attempt), its message sent now.
+
+    A cancel asked meanwhile wins: the job is canceled instead of queued."""
+    reason = f"attempt {attempt} handed back by {worker_id()} (the worker is shutting down); requeued"
+
+    def give_back(session: Session) -> bool:
+        if transitions.hand_back(session, job_id, attempt, reason, progress):
+            return True
+        return transitions.owns(session, job_id, attempt) and transitions.cancel(
+            session, job_id, attempt, progress=progress
+        )
+
+    outcome = _finish(job_id, "handed_back", give_back)
+    if outcome != "handed_back":
+        return outcome
+    with session_scope() as session:
+        status = session.get(Job, job_id).status  # type: ignore[union-attr]
+    if status != JobStatus.QUEUED.value:
+        return status  # the cancel won
+    _send(job_id, queue)
+    return outcome
+
+
+def _send_back_unclaimed(job_id: str) -> str:
+    """A draining worker got a job's message: leave the job to another worker (send its message again)."""
+    with session_scope() as session:
+        row = session.get(Job, job_id)
+        queued = row is not None and row.status == JobStatus.QUEUED.value
+        queue = row.queue if row is not None else ""
+    if queued:
+        _send(job_id, queue)
+    log.info("job %s left to another worker (this one is draining)", job_id)
+    return "draining"
+
+
+def _send(job_id: str, queue: str) -> None:
+    try:
+        dispatch(job_id, queue)
+    except Exception as exc:  # the broker is away: the reconciler sends it (it looks again once it is old)
+        log.warning("job %s: could not send it back to %s (%s); the reconciler will", job_id, queue, exc)
+        with session_scope() as session:
+            transitions.undo_dispatch(session, job_id)
 
 
 def _storage_message(exc: StorageError) -> str:

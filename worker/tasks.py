@@ -8,9 +8,17 @@ process hooks installed. Importing this module registers nothing.
 from __future__ import annotations
 
 import logging
+import signal
+from typing import Any
 
 from celery import Celery
-from celery.signals import celeryd_after_setup, worker_process_init, worker_ready, worker_shutdown
+from celery.signals import (
+    celeryd_after_setup,
+    worker_process_init,
+    worker_ready,
+    worker_shutdown,
+    worker_shutting_down,
+)
 from celery.worker import WorkController
 from sqlalchemy import text
 
@@ -20,6 +28,7 @@ from db.settings import Settings, get_settings
 from db.storage import get_storage
 from worker import reconciler, runner, webhooks
 from worker.celery_app import RECONCILE, RUN_JOB, SEND_WEBHOOKS, SWEEP_WEBHOOKS, producer
+from worker.drain import DRAIN
 from worker.heartbeat import Heartbeat
 from worker.hooks import install_hooks
 
@@ -62,7 +71,7 @@ def worker_app(settings: Settings | None = None) -> Celery:
 
 
 class _Lifecycle:
-    """What a worker process does at start and stop: fresh connections, warm-up, preload, heartbeat."""
+    """What a worker process does at start and stop: fresh connections, warm-up, preload, heartbeat, drain."""
 
     def __init__(self) -> None:
         self.heartbeat: Heartbeat | None = None
@@ -73,6 +82,7 @@ class _Lifecycle:
         worker_process_init.connect(self.fresh_connections, weak=False, dispatch_uid="gpujobs.fresh")
         celeryd_after_setup.connect(self.remember_queues, weak=False, dispatch_uid="gpujobs.queues")
         worker_ready.connect(self.warm_up, weak=False, dispatch_uid="gpujobs.warm_up")
+        worker_shutting_down.connect(self.drain, weak=False, dispatch_uid="gpujobs.drain")
         worker_shutdown.connect(self.goodbye, weak=False, dispatch_uid="gpujobs.goodbye")
 
     def fresh_connections(self, **_: object) -> None:
@@ -102,10 +112,50 @@ class _Lifecycle:
             preload(names)
         self.heartbeat = Heartbeat(runner.worker_id(), self.queues)
         self.heartbeat.start()
+        hurry_first(signal.SIGQUIT, signal.SIGINT)
 
-    def goodbye(self, **_: object) -> None:
+    def drain(self, sig: str = "SIGTERM", how: str = "Warm", **_: object) -> None:
+        """Celery's shutdown signal handler (it runs in the main thread, in the signal handler: no I/O here).
+
+        The first SIGTERM or SIGINT begins the drain (``worker.drain``); another one, or a cold shutdown,
+        hands the running jobs back at once."""
+        began = DRAIN.begin(get_settings().worker_drain_seconds, self.stopped)
+        if how == "Cold" and began:
+            DRAIN.hurry()
+        # Celery swaps its SIGINT handler for its cold-shutdown one now; keep ours in front of it.
+        hurry_first(signal.SIGQUIT, signal.SIGINT)
+
+    def stopped(self) -> None:
+        # The worker serves no queue from now on: its consumers drop out of /metrics at once.
         if self.heartbeat is not None:
             self.heartbeat.stop()
+
+    def goodbye(self, **_: object) -> None:
+        if DRAIN.active:  # the pool is empty: the drain thread ends at its next look (and logs how it went)
+            DRAIN.wait(timeout=2.0)
+        if self.heartbeat is not None:
+            self.heartbeat.stop()
+
+
+def hurry_first(*signals: signal.Signals) -> None:
+    """Put a drain hurry in front of Celery's handlers of ``signals``.
+
+    Celery's cold shutdown (SIGQUIT, a second SIGINT) blocks in its handler until the running tasks end,
+    before it tells anyone: the hand-back must be asked first, or the drain would wait its whole window.
+    A SIGINT that comes first is a warm shutdown (the drain begins through ``worker_shutting_down``)."""
+    for sig in signals:
+        previous = signal.getsignal(sig)
+        if getattr(previous, "gpujobs_hurry", False) or not callable(previous):
+            continue
+
+        def handler(signum: int, frame: Any, previous: Any = previous) -> None:
+            if signum == signal.SIGQUIT or DRAIN.active:
+                DRAIN.begin(get_settings().worker_drain_seconds, _lifecycle.stopped)
+                DRAIN.hurry()
+            previous(signum, frame)
+
+        handler.gpujobs_hurry = True  # type: ignore[attr-defined]
+        signal.signal(sig, handler)
 
 
 _lifecycle = _Lifecycle()

@@ -89,6 +89,7 @@ def overview() -> str:
         depths=depths,
         broker_error=broker_error,
         db_queued=stats.queued_by_queue(g.db),
+        queue_health=stats.queue_health(g.db, settings.worker_lost_seconds),
         types=types,
         in_flight=in_flight,
         running=sum(count for (_, status), count in in_flight.items() if status == JobStatus.RUNNING.value),

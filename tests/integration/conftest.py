@@ -19,6 +19,7 @@ SQLite and an embedded Redis; ``GPUJOBS_TEST_EMBEDDED=1`` still asks for that em
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import time
 from collections.abc import Iterator
@@ -113,9 +114,14 @@ def demo_models() -> Path:
     base = Path(os.environ.get("GPUJOBS_TEST_MODEL_CACHE", Path.home() / ".cache" / "gpujobs" / "test-models"))
     folder = base / digest
     catalog = folder / "catalog.toml"
-    if not catalog.exists():
-        # In a child process: the test process itself must not import torch before it needs to.
-        subprocess.run([*processes.gpujobs_command(), "models", "demo", str(folder)], check=True, cwd=ROOT)
+    base.mkdir(parents=True, exist_ok=True)
+    # Parallel test processes (make test's xdist pass, or two runs at once) build them once: the
+    # first to take the lock builds, the others find the catalog when they get it.
+    with open(base / f"{digest}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not catalog.exists():
+            # In a child process: the test process itself must not import torch before it needs to.
+            subprocess.run([*processes.gpujobs_command(), "models", "demo", str(folder)], check=True, cwd=ROOT)
     return catalog
 
 
@@ -382,6 +388,54 @@ def start_worker(cluster: Cluster) -> Iterator[Any]:
 
 
 # --- what the run used, failure reports ----------------------------------------------------------------
+
+
+# Test modules that must run alone, after the parallel pass (`make test` runs them with `-m serial`):
+# each measures timing under injected faults (freezes, kills, shifted clocks, floods) or drives the
+# machine hard enough that a neighbour test on 2 cores would blur what it measures or asserts.
+SERIAL_MODULES = frozenset(
+    {
+        "test_auth_throttle",
+        "test_fault_matrix",
+        "test_lease_clock",
+        "test_multihost",
+        "test_redis_outage",
+        "test_stale_attempts",
+        "test_storage_outage",
+        "test_up_supervision",
+        "test_wait_flood",
+        "test_worker_failures",
+    }
+)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "serial: runs alone, after the parallel pass (SERIAL_MODULES)")
+    missing = sorted(name for name in SERIAL_MODULES if not (Path(__file__).parent / f"{name}.py").exists())
+    if missing:  # a renamed module would silently join the parallel pass
+        raise pytest.UsageError(f"SERIAL_MODULES names missing test modules: {', '.join(missing)}")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if item.module is not None and item.module.__name__.rsplit(".", 1)[-1] in SERIAL_MODULES:
+            item.add_marker(pytest.mark.serial)
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    workeroutput = getattr(session.config, "workeroutput", None)
+    if workeroutput is not None:  # an xdist worker: tell the controller what it used
+        workeroutput["gpujobs_used"] = dict(USED)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node: Any, error: Any) -> None:
+    """The xdist controller: the services each worker used, for the summary line."""
+    used = getattr(node, "workeroutput", {}).get("gpujobs_used") or {}
+    for what, value in used.items():
+        USED.setdefault(what, value)
+        if value not in USED[what]:
+            USED[what] += f"; {value}"
 
 
 def pytest_terminal_summary(terminalreporter: Any) -> None:

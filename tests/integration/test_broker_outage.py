@@ -1,4 +1,5 @@
-"""The broker is down when a job is submitted: the API still accepts it, the reconciler sends it later.
+"""Broker outages: a job submitted while the broker is down runs once it is back, and a worker that
+holds a message when the broker goes away survives it and carries on.
 
 This test runs a deployment of its own (its own database and an embedded Redis it can stop),
 through the real commands: `gpujobs api` (gunicorn), `gpujobs worker` and `gpujobs beat`.
@@ -15,7 +16,7 @@ import pytest
 import requests
 
 from gpujobs.harness.databases import provision_database
-from gpujobs.harness.processes import Stack
+from gpujobs.harness.processes import ManagedProcess, Stack
 from gpujobs.harness.servers import EmbeddedRedis, start_redis
 from tests.integration.client import events
 from tests.integration.conftest import embedded_only, make_key
@@ -28,6 +29,7 @@ class Deployment:
     database_url: str
     redis: EmbeddedRedis
     stack: Stack
+    worker: ManagedProcess
 
     def headers(self) -> dict[str, str]:
         return {"Authorization": f"Bearer {self.admin_key}"}
@@ -69,7 +71,7 @@ def deployment(services, tmp_path) -> Iterator[Deployment]:
         _, base_url = stack.start_api(workers=1)
         stack.wait_worker_ready(worker)
         admin = make_key("outage admin", "admin", database_url=database_url)
-        deployment = Deployment(base_url, admin.secret, database_url, redis, stack)
+        deployment = Deployment(base_url, admin.secret, database_url, redis, stack, worker)
         yield deployment
     finally:
         if stack is not None:
@@ -131,3 +133,33 @@ def test_a_job_submitted_while_the_broker_is_down_runs_once_it_is_back(deploymen
         "succeeded",
     ]
     assert requests.get(f"{deployment.base_url}/readyz", timeout=30).status_code == 200
+
+
+def test_a_worker_running_a_job_survives_a_broker_restart_and_consumes_again(deployment, tmp_path):
+    """The worker holds the running job's message unacknowledged (acks_late) when Redis goes away. Celery
+    5.7.0 crashed here ("Unrecoverable error: AttributeError ... 'hostname'": it closes a connection it
+    has already collected, and restoring the unacked message then has no client), so a Redis restart
+    killed every busy worker; pyproject.toml keeps celery below 5.7 for it."""
+    submit_url = f"{deployment.base_url}/v1/jobs"
+    running = requests.post(
+        submit_url, json={"type": "diagnostic", "input": {"sleep_seconds": 6}}, headers=deployment.headers(), timeout=30
+    )
+    assert running.status_code == 202, running.text
+    deployment.wait_for(running.json()["id"], "running", timeout=30)
+
+    port = deployment.redis.port
+    deployment.redis.stop()
+    time.sleep(2)
+    deployment.redis = start_redis(tmp_path / "redis", port=port)
+
+    done = deployment.wait_for(running.json()["id"], "succeeded", timeout=60)
+    assert done["attempts"] == 1
+    assert deployment.worker.alive, f"the worker died with the broker:\n{deployment.worker.tail(40)}"
+    after = requests.post(
+        submit_url,
+        json={"type": "diagnostic", "input": {"steps": 2}},
+        headers={**deployment.headers(), "Prefer": "wait=30"},
+        timeout=60,
+    )
+    assert after.status_code == 202 and after.json()["status"] == "succeeded", after.text
+    assert deployment.worker.alive

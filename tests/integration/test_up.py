@@ -72,14 +72,36 @@ def test_up_runs_a_job_and_ctrl_c_leaves_nothing_running(tmp_path, services):
         artifact = job["output"]["artifact"]
         body = requests.get(artifact["url"], timeout=10).content
         assert hashlib.sha256(body).hexdigest() == artifact["sha256"]
+
+        # A job that cannot finish within up's drain window when Ctrl-C comes: handed back to the queue.
+        auth = {"Authorization": f"Bearer {ADMIN_KEY}"}
+        long = requests.post(
+            f"http://127.0.0.1:{port}/v1/jobs",
+            json={"type": "diagnostic", "input": {"steps": 120, "sleep_seconds": 60}},
+            headers=auth,
+        ).json()
+        deadline = time.monotonic() + 30
+        while requests.get(f"http://127.0.0.1:{port}/v1/jobs/{long['id']}", headers=auth).json()["status"] != "running":
+            assert time.monotonic() < deadline, "the long job did not start"
+            time.sleep(0.2)
     finally:
+        interrupted = time.monotonic()
         os.killpg(up.pid, signal.SIGINT)
         try:
             up.wait(timeout=40)
         except subprocess.TimeoutExpired:
             os.killpg(up.pid, signal.SIGKILL)
             raise
+    stopped_after = time.monotonic() - interrupted
     assert up.returncode == 0, (tmp_path / "up.log").read_text()
     assert "stopped" in (tmp_path / "up.log").read_text()
+    assert "did not stop in time" not in (tmp_path / "up.log").read_text(), "a child was killed"
+    assert stopped_after < 20, f"up took {stopped_after:.1f} s to stop"
+    from db.models import Job
+    from db.session import session_scope
+
+    with session_scope(f"sqlite:///{var / 'gpujobs.db'}") as session:
+        handed_back = session.get(Job, long["id"])
+        assert handed_back is not None and handed_back.status == "queued", handed_back and handed_back.status
     time.sleep(0.5)
     assert processes_mentioning(str(var)) == [], "processes left running after Ctrl-C"

@@ -24,6 +24,8 @@ log = logging.getLogger(__name__)
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 CPU_DEFAULT_BUDGET_MB = 8192
+# What a Hugging Face source fetches when its catalog entry names no `files`: configs, tokenizers, safetensors.
+HF_DEFAULT_FILES = ("*.json", "*.safetensors", "*.txt", "*.model", "*.yaml")
 
 
 class ModelUnavailable(JobError):
@@ -106,7 +108,11 @@ class ModelCache:
         self.settings = settings or get_settings()
         self._slots: OrderedDict[str, _Slot] = OrderedDict()
         self._lock = threading.Lock()
-        self._loading: dict[str, threading.Lock] = {}
+        # One load at a time, whatever the model: the first use of transformers' and diffusers' lazily
+        # imported classes is not thread-safe (two first loads of different kinds at once failed with
+        # "cannot import name 'CLIPImageProcessor' from 'transformers'"), and loads share one memory budget.
+        # A load is rare (the cache keeps what it loaded); a thread that waited finds its model loaded.
+        self._load_lock = threading.Lock()
         self.stats: dict[str, ModelStats] = {}
         self._device: tuple[str, Any] | None = None
 
@@ -178,10 +184,9 @@ class ModelCache:
                 self._slots.move_to_end(key)
                 self.stats.setdefault(key, ModelStats()).hits += 1
                 return slot.value
-            load_lock = self._loading.setdefault(key, threading.Lock())
         if on_miss is not None:
             on_miss()
-        with load_lock:
+        with self._load_lock:
             with self._lock:
                 if key in self._slots:  # loaded by the thread we waited for
                     self._slots.move_to_end(key)
@@ -307,7 +312,7 @@ class ModelCache:
             path = snapshot_download(
                 entry.source,
                 revision=entry.revision,
-                allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model", "*.yaml"],
+                allow_patterns=list(entry.files or HF_DEFAULT_FILES),
             )
         except Exception as exc:
             raise ModelUnavailable(

@@ -231,12 +231,17 @@ def load_family(entry: ModelEntry, folder: Path, device: str, dtype: torch.dtype
 
 
 def load_inpainting_unet(entry: ModelEntry, folder: Path, device: str, dtype: torch.dtype) -> Any:
-    """Only the UNet of an inpainting checkpoint (a full pipeline folder's ``unet/``, or a UNet folder)."""
+    """Only the UNet of an inpainting checkpoint (a full pipeline folder's ``unet/``, or a UNet folder); the
+    catalog's ``variant`` option picks a weights variant (``fp16``: ``diffusion_pytorch_model.fp16.safetensors``,
+    what the public SD 1.5 inpainting repo has), cast to the worker's dtype."""
     from diffusers import UNet2DConditionModel
 
+    variant = entry.options.get("variant")
+    if variant is not None and not isinstance(variant, str):
+        raise ModelUnavailable(f"model {entry.name!r}: the catalog's `variant` option must be a string")
     subfolder = "unet" if (folder / "unet" / "config.json").is_file() else None
     unet = UNet2DConditionModel.from_pretrained(
-        folder, subfolder=subfolder, use_safetensors=True, **dtype_kwargs(dtype)
+        folder, subfolder=subfolder, use_safetensors=True, variant=variant, **dtype_kwargs(dtype)
     )
     if unet.config.in_channels != 9:
         raise ModelUnavailable(

@@ -64,18 +64,68 @@ MAX_LORAS = 4
 DEADLINE_SECONDS = 900
 
 
+# The built-in catalog's public checkpoints (used when GPUJOBS_MODEL_CATALOG is unset), each pinned to a hub
+# commit and fetching only the files its loader reads: Stable Diffusion 1.5 (the runwayml repo is gone; the
+# stable-diffusion-v1-5 org keeps its files) with its inpainting UNet and the SD 1.5 IP-Adapter.
+SD15, SD15_INPAINTING, SD15_IP_ADAPTER = "sd15", "sd15-inpainting", "sd15-ip-adapter"
 DIFFUSION = ModelKind(
     name="diffusion",
     loader="worker.jobs.diffusion.pipeline:load_family",
     demo="worker.jobs.diffusion.demo:build",
+    builtin={
+        SD15: {
+            "kind": "diffusion",
+            "source": "stable-diffusion-v1-5/stable-diffusion-v1-5",
+            "revision": "451f4fe16113bff5a5d2269ed5ad43b0592e9a14",
+            "files": [
+                "model_index.json",
+                "scheduler/scheduler_config.json",
+                "text_encoder/config.json",
+                "text_encoder/model.safetensors",
+                "tokenizer/*",
+                "unet/config.json",
+                "unet/diffusion_pytorch_model.safetensors",
+                "vae/config.json",
+                "vae/diffusion_pytorch_model.safetensors",
+            ],
+            "default": True,
+            "inpainting": SD15_INPAINTING,
+            "ip_adapter": SD15_IP_ADAPTER,
+        },
+    },
 )
 INPAINTING_UNET = ModelKind(  # a base model's dedicated inpainting UNet (`inpainting = "<name>"` on its entry)
-    name="inpainting", loader="worker.jobs.diffusion.pipeline:load_inpainting_unet", listed=False
+    name="inpainting",
+    loader="worker.jobs.diffusion.pipeline:load_inpainting_unet",
+    listed=False,
+    builtin={
+        SD15_INPAINTING: {
+            "kind": "inpainting",
+            "source": "stable-diffusion-v1-5/stable-diffusion-inpainting",
+            "revision": "8a4288a76071f7280aedbdb3253bdb9e9d5d84bb",  # its only commit: the UNet in fp16 only
+            "files": ["unet/config.json", "unet/diffusion_pytorch_model.fp16.safetensors"],
+            "variant": "fp16",
+        },
+    },
 )
 IP_ADAPTER = ModelKind(  # a base model's IP-Adapter for style transfer (`ip_adapter = "<name>"` on its entry)
     name="ip_adapter",
     loader=None,
     listed=False,  # loaded onto its family's pipeline (pipeline.py), never alone
+    builtin={
+        SD15_IP_ADAPTER: {
+            "kind": "ip_adapter",
+            "source": "h94/IP-Adapter",
+            "revision": "018e402774aeeddd60609b4ecdb7e298259dc729",
+            "files": [
+                "models/ip-adapter_sd15.safetensors",
+                "models/image_encoder/config.json",
+                "models/image_encoder/model.safetensors",
+            ],
+            "subfolder": "models",
+            "weight_name": "ip-adapter_sd15.safetensors",
+        },
+    },
 )
 KINDS = (DIFFUSION, INPAINTING_UNET, IP_ADAPTER)
 

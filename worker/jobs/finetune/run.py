@@ -180,18 +180,27 @@ def training_config(params: Input) -> TrainingConfig:
 def _train(ctx: JobContext, trainer: Trainer, checkpoint_every: int, latents_key: str | None) -> None:
     steps = trainer.config.steps
     started, first = time.monotonic(), trainer.step_count
+    saved = first  # the step of the newest checkpoint (a resumed run starts at one)
+
+    def save(step: int) -> None:
+        nonlocal latents_key, saved
+        if latents_key is None:  # once per job: a resumed attempt downloads them instead of encoding again
+            latents_key = ctx.save_scratch("latents.safetensors", latents_file(trainer.encoded))
+        ctx.checkpoint(step, trainer.checkpoint(), loss=trainer.loss.points[-1:] or None, latents_key=latents_key)
+        saved = step
+
     while trainer.step_count < steps:
         if ctx.should_stop():
+            if ctx.handing_back and trainer.step_count > saved:
+                save(trainer.step_count)  # a draining worker: the next attempt resumes from here, nothing lost
             ctx.progress(trainer.step_count, steps, "stopped")  # a timeline milestone: where it stopped
-            ctx.check()  # cancel, deadline, lost lease: no further step (the last checkpoint stays)
+            ctx.check()  # cancel, deadline, lost lease, hand-back: no further step (the last checkpoint stays)
         loss = guard_out_of_memory(trainer.device, "training", trainer.step)
         step = trainer.step_count
         trainer.rate = (step - first) / max(time.monotonic() - started, 1e-9)
         ctx.progress(step, steps, "training", loss=round(loss, 6), steps_per_second=round(trainer.rate, 4))
         if step % checkpoint_every == 0 and step < steps:
-            if latents_key is None:  # once per job: a resumed attempt downloads them instead of encoding again
-                latents_key = ctx.save_scratch("latents.safetensors", latents_file(trainer.encoded))
-            ctx.checkpoint(step, trainer.checkpoint(), loss=trainer.loss.points[-1:] or None, latents_key=latents_key)
+            save(step)
     # A milestone as the last step ends: the timeline separates training from making the weights file.
     ctx.progress(trainer.step_count, steps, "training done", steps_per_second=round(trainer.rate, 4))
 

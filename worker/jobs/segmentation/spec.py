@@ -19,7 +19,8 @@ SEGMENTATION = ModelKind(
         "mask2former-swin-tiny-coco-instance": {
             "kind": "segmentation",
             "source": "facebook/mask2former-swin-tiny-coco-instance",
-            "revision": "main",
+            "revision": "22c4a2f15dc88149b8b8d9f4d42c54431fbd66f6",  # main since its safetensors (Sep 2023)
+            "files": ["config.json", "preprocessor_config.json", "model.safetensors"],
             "default": True,
         },
     },
