@@ -20,7 +20,7 @@ TORCH  ?= torch==2.13.0
 
 CHROMIUM ?= /usr/bin/chromium
 
-.PHONY: up test unit check install clean chromium faketime deploy-test deploy-lint
+.PHONY: up test unit check install clean chromium faketime nftables deploy-test deploy-lint
 
 up: $(STAMP)
 	$(BIN)/gpujobs up --demo --port $(PORT)
@@ -29,7 +29,7 @@ up: $(STAMP)
 # processes): most of it in parallel (TEST_PROCESSES, whole modules per process), then the modules that
 # measure timing under faults one at a time (`serial`, SERIAL_MODULES in tests/integration/conftest.py).
 # Every pass runs even when an earlier one fails; the target fails if any did.
-test: $(STAMP) chromium faketime check
+test: $(STAMP) chromium faketime nftables check
 	@status=0; \
 	$(BIN)/pytest tests/unit $(PYTEST_ARGS) || status=1; \
 	$(BIN)/pytest tests/integration -m "not serial" -n $(TEST_PROCESSES) --dist loadfile $(PYTEST_ARGS) || status=1; \
@@ -91,6 +91,18 @@ faketime:
 		$$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq faketime \
 			|| echo "could not install faketime: the lease-clock tests will fail"; \
 	else echo "no faketime and no apt-get: the lease-clock tests will fail"; fi
+
+# The multi-host tests (tests/integration/test_multihost.py) put hosts in network namespaces joined by veths
+# (iproute2's `ip`) and partition them with nftables rules (`nft`). System packages, installed like chromium
+# above (the tests also need root); without them those tests fail and say what is missing.
+nftables:
+	@if command -v ip >/dev/null 2>&1 && command -v nft >/dev/null 2>&1; then :; \
+	elif command -v apt-get >/dev/null 2>&1; then \
+		SUDO=; [ "$$(id -u)" = 0 ] || SUDO=sudo; \
+		echo "installing Debian's iproute2 and nftables for the multi-host tests"; \
+		$$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq iproute2 nftables \
+			|| echo "could not install iproute2 and nftables: the multi-host tests will fail"; \
+	else echo "no ip or nft and no apt-get: the multi-host tests will fail"; fi
 
 # The deployment files (deploy/: compose, Kubernetes, alert rules, dashboard) checked by the tools that
 # run them, and the dashboard's and alerts' expressions evaluated by a real Prometheus scraping a real

@@ -33,6 +33,7 @@ STOP_TIMEOUT = 10.0
 STARTUP_TIMEOUT = 60.0
 POLL_SECONDS = 0.1
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+LOOPBACK = "127.0.0.1"
 
 
 # --- one process ---------------------------------------------------------------------------------
@@ -246,7 +247,10 @@ def gpujobs_command() -> list[str]:
 
 
 class Stack:
-    """Processes of one gpujobs deployment; ``env`` carries its GPUJOBS_* settings, ``log_dir`` their logs."""
+    """Processes of one gpujobs deployment; ``env`` carries its GPUJOBS_* settings, ``log_dir`` their logs.
+
+    ``host`` is the address an API listens on; ``wrap`` a command prefix that runs every process of the
+    stack on another host (``ip netns exec <namespace>``, in the multi-host tests)."""
 
     def __init__(
         self,
@@ -255,16 +259,21 @@ class Stack:
         label: str = "session",
         cwd: Path | None = None,
         timeout: float = STARTUP_TIMEOUT,
+        host: str = LOOPBACK,
+        wrap: Sequence[str] = (),
     ) -> None:
         self.env = {**env, "PYTHONUNBUFFERED": "1"}
         self.log_dir = log_dir
         self.label = label
         self.cwd = cwd
         self.timeout = timeout
+        self.host = host
+        self.wrap = list(wrap)
         self.processes: list[ManagedProcess] = []
 
     def start(self, name: str, args: list[str]) -> ManagedProcess:
         """``args`` in this deployment's environment, logging to ``<log_dir>/<name>.log``; stopped by ``stop_all``."""
+        args = [*self.wrap, *args]
         process = ManagedProcess.start(name, args, self.log_dir / f"{name}.log", env=self.env, cwd=self.cwd)
         self.processes.append(process)
         STARTED.append(process)
@@ -292,13 +301,13 @@ class Stack:
         return beat
 
     def start_api(self, workers: int = 1, extra_args: Sequence[str] = ()) -> tuple[ManagedProcess, str]:
-        """``gpujobs api`` on a free loopback port, once its ``/healthz`` answers; the process and its base URL."""
+        """``gpujobs api`` on a free port of ``host``, once its ``/healthz`` answers; the process and its base URL."""
         port = free_port()
         args = [
             *gpujobs_command(),
             "api",
             "--host",
-            "127.0.0.1",
+            self.host,
             "--port",
             str(port),
             "--workers",
@@ -306,7 +315,7 @@ class Stack:
             *extra_args,
         ]
         api = self.start(f"api-{self.label}", args)
-        base_url = f"http://127.0.0.1:{port}"
+        base_url = f"http://{self.host}:{port}"
         api.wait_for_http(f"{base_url}/healthz", self.timeout)
         return api, base_url
 

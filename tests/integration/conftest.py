@@ -398,6 +398,7 @@ SERIAL_MODULES = frozenset(
         "test_auth_throttle",
         "test_fault_matrix",
         "test_lease_clock",
+        "test_multihost",
         "test_redis_outage",
         "test_stale_attempts",
         "test_storage_outage",

@@ -4,7 +4,9 @@ The machine's shared PostgreSQL (5432) and Redis (6379) are never signalled: fau
 their own servers here (PostgreSQL) and with ``gpujobs.harness.servers`` (Redis, S3). The server
 runs ``postgres`` from ``/usr/lib/postgresql/<version>/bin`` on a free loopback port, trust
 authentication, no unix socket, its data in a temporary directory; as root it runs as the
-``postgres`` user (PostgreSQL refuses to run as root).
+``postgres`` user (PostgreSQL refuses to run as root). The multi-host tests run it on another
+address (``host``) in a network namespace (``wrap``: ``ip netns exec <namespace>``) and trust the
+clients of their private subnet (``clients``).
 """
 
 from __future__ import annotations
@@ -18,12 +20,13 @@ import signal
 import subprocess
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import psycopg
 
 from gpujobs.harness.ports import free_port
-from gpujobs.harness.processes import log_tail, signal_group, start_process
+from gpujobs.harness.processes import LOOPBACK, log_tail, signal_group, start_process
 
 START_TIMEOUT = 30.0
 
@@ -35,30 +38,36 @@ def postgres_bin() -> Path | None:
 
 
 class PrivatePostgres:
-    """``postgres`` on 127.0.0.1:<port> with one database, ``gpujobs``."""
+    """``postgres`` on 127.0.0.1:<port> (or ``host``) with one database, ``gpujobs``."""
 
-    def __init__(self, bin_dir: Path, root: Path, port: int) -> None:
+    def __init__(self, bin_dir: Path, root: Path, port: int, host: str = LOOPBACK, wrap: Sequence[str] = ()) -> None:
         self.bin_dir = bin_dir
         self.root = root  # removed by close()
         self.data_dir = root / "data"
         self.log_path = root / "postgres.log"
         self.port = port
-        self.url = f"postgresql://postgres@127.0.0.1:{port}/gpujobs"
+        self.host = host
+        self.wrap = list(wrap)
+        self.url = f"postgresql://postgres@{host}:{port}/gpujobs"
         self.process: subprocess.Popen | None = None
 
     # --- lifecycle ---------------------------------------------------------------------------------
 
     @classmethod
-    def create(cls) -> PrivatePostgres:
+    def create(cls, host: str = LOOPBACK, wrap: Sequence[str] = (), clients: Sequence[str] = ()) -> PrivatePostgres:
+        """Initialise and start a cluster on ``host`` (run through ``wrap``), trusting loopback and the
+        ``clients`` networks (CIDR)."""
         bin_dir = postgres_bin()
         if bin_dir is None:
             raise RuntimeError("no PostgreSQL server binaries under /usr/lib/postgresql/*/bin")
         # Not under pytest's tmp dir: as root that is mode 0700, which the postgres user cannot enter.
         root = Path(tempfile.mkdtemp(prefix="gpujobs-private-pg-"))
-        server = cls(bin_dir, root, free_port())
+        server = cls(bin_dir, root, free_port(), host, wrap)
         try:
             server._chown(root)
             server._run([str(bin_dir / "initdb"), "-D", str(server.data_dir), "-U", "postgres", "-A", "trust"])
+            with open(server.data_dir / "pg_hba.conf", "a") as hba:
+                hba.writelines(f"host all all {network} trust\n" for network in clients)
             server.start()
             with psycopg.connect(server.conninfo("postgres"), autocommit=True) as conn:
                 conn.execute("CREATE DATABASE gpujobs")
@@ -76,7 +85,7 @@ class PrivatePostgres:
             "-p",
             str(self.port),
             "-c",
-            "listen_addresses=127.0.0.1",
+            f"listen_addresses={self.host}",
             "-c",
             "unix_socket_directories=",
             "-c",
@@ -84,7 +93,8 @@ class PrivatePostgres:
             "-c",
             "max_connections=200",
         ]
-        self.process = start_process(self._as_postgres(args), self.log_path)
+        # The namespace is entered as root, then setpriv drops to the postgres user.
+        self.process = start_process([*self.wrap, *self._as_postgres(args)], self.log_path)
         deadline = time.monotonic() + START_TIMEOUT
         while True:
             try:
@@ -138,7 +148,7 @@ class PrivatePostgres:
     # --- helpers -----------------------------------------------------------------------------------
 
     def conninfo(self, dbname: str = "gpujobs") -> str:
-        return f"host=127.0.0.1 port={self.port} user=postgres dbname={dbname} connect_timeout=2"
+        return f"host={self.host} port={self.port} user=postgres dbname={dbname} connect_timeout=2"
 
     def _signal(self, sig: int) -> None:
         """``sig`` to the postmaster and every process it forked (each backend leads a process group
