@@ -34,11 +34,12 @@ bp = Blueprint("keys", __name__, url_prefix="/v1/keys")
 
 
 def force_param() -> bool:
-    """``?force=true`` (or 1, yes; false, 0, no or absent: not forced); anything else is a 422."""
+    """``?force=true`` (or 1, yes; false, 0, no or absent: not forced); anything else, an empty value
+    included (``?force=``: the OpenAPI document says boolean), is a 422."""
     raw = request.args.get("force", "false").strip().lower()
     if raw in ("true", "1", "yes"):
         return True
-    if raw in ("false", "0", "no", ""):
+    if raw in ("false", "0", "no"):
         return False
     raise validation_error(["query", "force"], "must be true or false")
 
