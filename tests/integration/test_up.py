@@ -15,8 +15,7 @@ from pathlib import Path
 
 import requests
 
-from gpujobs.harness.processes import gpujobs_command
-from tests.integration.conftest import ROOT
+from tests.integration.up_process import launch_up
 
 ADMIN_KEY = "gpj_test-up-admin-key-0123456789"
 
@@ -41,17 +40,7 @@ def test_up_runs_a_job_and_ctrl_c_leaves_nothing_running(tmp_path, services):
 
     var = tmp_path / "var"
     port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("GPUJOBS_")}  # nothing configured: all embedded
-    env.update(GPUJOBS_VAR_DIR=str(var), GPUJOBS_ADMIN_KEY=ADMIN_KEY, PYTHONUNBUFFERED="1")
-    log = (tmp_path / "up.log").open("w+")
-    up = subprocess.Popen(
-        [*gpujobs_command(), "up", "--port", str(port)],
-        cwd=ROOT,
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
+    up = launch_up(var, port, ADMIN_KEY, tmp_path / "up.log")
     try:
         deadline = time.monotonic() + 120
         while "gpujobs is ready" not in (tmp_path / "up.log").read_text():

@@ -20,8 +20,7 @@ import pytest
 import requests
 
 from gpujobs.harness.ports import free_port
-from gpujobs.harness.processes import gpujobs_command
-from tests.integration.conftest import ROOT
+from tests.integration.up_process import launch_up
 
 ADMIN_KEY = "gpj_test-up-supervision-admin-key-0123"
 QUICK = {  # leases expire, reconciles run and lost messages are sent again within a second or two
@@ -120,17 +119,7 @@ def up(tmp_path_factory: pytest.TempPathFactory, services) -> Iterator[Up]:  # t
     root = tmp_path_factory.mktemp("up-supervision")
     var, log_path = root / "var", root / "up.log"
     port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("GPUJOBS_")}  # nothing configured: all embedded
-    env.update(QUICK, GPUJOBS_VAR_DIR=str(var), GPUJOBS_ADMIN_KEY=ADMIN_KEY, PYTHONUNBUFFERED="1")
-    with log_path.open("w") as log:
-        process = subprocess.Popen(
-            [*gpujobs_command(), "up", "--port", str(port)],
-            cwd=ROOT,
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+    process = launch_up(var, port, ADMIN_KEY, log_path, **QUICK)
     running = Up(process, var, log_path, f"http://127.0.0.1:{port}")
     try:
         running.wait_for_log("gpujobs is ready", timeout=180)
