@@ -20,7 +20,7 @@ TORCH  ?= torch==2.13.0
 
 CHROMIUM ?= /usr/bin/chromium
 
-.PHONY: up test unit check install clean chromium faketime nftables deploy-test deploy-lint
+.PHONY: up test unit check install clean chromium faketime nftables prometheus deploy-test deploy-lint
 
 up: $(STAMP)
 	$(BIN)/gpujobs up --demo --port $(PORT)
@@ -29,7 +29,7 @@ up: $(STAMP)
 # processes): most of it in parallel (TEST_PROCESSES, whole modules per process), then the modules that
 # measure timing under faults one at a time (`serial`, SERIAL_MODULES in tests/integration/conftest.py).
 # Every pass runs even when an earlier one fails; the target fails if any did.
-test: $(STAMP) chromium faketime nftables check
+test: $(STAMP) chromium faketime nftables prometheus check
 	@status=0; \
 	$(BIN)/pytest tests/unit $(PYTEST_ARGS) || status=1; \
 	$(BIN)/pytest tests/integration -m "not serial" -n $(TEST_PROCESSES) --dist loadfile $(PYTEST_ARGS) || status=1; \
@@ -91,6 +91,18 @@ faketime:
 		$$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq faketime \
 			|| echo "could not install faketime: the lease-clock tests will fail"; \
 	else echo "no faketime and no apt-get: the lease-clock tests will fail"; fi
+
+# The metrics tests (tests/integration/test_prometheus.py) run Debian's prometheus (a server on loopback with its
+# own config and TSDB in a temporary folder) and promtool. A system package, installed like chromium above; the
+# package's own service is not started in a container without an init. Without it those tests fail and say so.
+prometheus:
+	@if command -v prometheus >/dev/null 2>&1 && command -v promtool >/dev/null 2>&1; then :; \
+	elif command -v apt-get >/dev/null 2>&1; then \
+		SUDO=; [ "$$(id -u)" = 0 ] || SUDO=sudo; \
+		echo "installing Debian's prometheus for the metrics tests"; \
+		$$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq prometheus \
+			|| echo "could not install prometheus: the metrics tests will fail"; \
+	else echo "no prometheus and no apt-get: the metrics tests will fail"; fi
 
 # The multi-host tests (tests/integration/test_multihost.py) put hosts in network namespaces joined by veths
 # (iproute2's `ip`) and partition them with nftables rules (`nft`). System packages, installed like chromium

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Callable
 from functools import wraps
 from typing import Any, TypeVar
@@ -11,8 +10,9 @@ from typing import Any, TypeVar
 import redis
 from flask import g, request
 
-from api import config
+from api import config, quotas
 from api.errors import ApiError
+from api.quotas import WINDOW_SECONDS, too_many, window_left
 from api.throttle import Refusal, client_address, throttle
 from db import notify
 from db.keys import Identity, find_active_key
@@ -31,13 +31,15 @@ def is_admin() -> bool:
     return current_key().role == Role.ADMIN.value
 
 
-def authenticate() -> None:
-    """Before every /v1 request: resolve the key, or answer 401 (429 past the failed-authentication limits)."""
+def authenticate(token_scheme: bool = False) -> None:
+    """Before every /v1 request: resolve the key, or answer 401 (429 past the failed-authentication limits).
+
+    ``token_scheme``: ``Authorization: Token <key>`` (Replicate's older scheme) is taken as well as ``Bearer``."""
     header = request.headers.get("Authorization", "")
     scheme, _, token = header.partition(" ")
     unauthorized = {"WWW-Authenticate": 'Bearer realm="gpujobs"'}
     token = token.strip()
-    if scheme.lower() != "bearer" or not token:
+    if scheme.lower() not in (("bearer", "token") if token_scheme else ("bearer",)) or not token:
         raise ApiError(401, "Send an API key as `Authorization: Bearer <key>`.", headers=unauthorized)
     guard = throttle()
     address = client_address(config.settings())
@@ -55,11 +57,15 @@ def authenticate() -> None:
 
 
 def too_many_failures(refusal: Refusal) -> ApiError:
-    return ApiError(
-        429,
+    """The 429 of the failed-authentication limits, with ``Retry-After`` and ``RateLimit-*`` as every limit's."""
+    return too_many(
         refusal.detail,
+        quota=refusal.quota,
+        limit=refusal.limit,
+        used=refusal.limit,
+        retry_after=refusal.retry_after,
+        window=refusal.window,
         title="Too many failed authentications",
-        headers={"Retry-After": str(refusal.retry_after)},
     )
 
 
@@ -81,21 +87,26 @@ def _rate_limit(key: Identity) -> None:
     if found is None:
         return
     client, breaker = found
-    window = int(time.time() // 60)
+    now = quotas.clock()
+    window = int(now // WINDOW_SECONDS)
     counter = f"gpujobs:rate:{key.id}:{window}"
     try:
         pipe = client.pipeline(transaction=False)
         pipe.incr(counter)
-        pipe.expire(counter, 120)
+        pipe.expire(counter, 2 * WINDOW_SECONDS)
         count = pipe.execute()[0]
     except redis.RedisError as exc:  # a Redis outage must not take the API down
         breaker.failed("rate limit", exc)
         return
     breaker.succeeded()
     if count > limit:
-        retry_after = max(1, 60 - int(time.time()) % 60)
-        raise ApiError(
-            429,
+        retry_after = window_left(now)
+        raise too_many(
             f"More than {limit} requests in a minute for this key; retry after {retry_after} s.",
-            headers={"Retry-After": str(retry_after)},
+            quota="rate_limit_per_minute",
+            limit=limit,
+            used=count,
+            retry_after=retry_after,
+            window=WINDOW_SECONDS,
+            title="Too Many Requests",
         )

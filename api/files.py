@@ -9,6 +9,7 @@ import os
 import re
 import warnings
 import zipfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from flask import Blueprint, Response, g, jsonify, redirect, request
@@ -30,6 +31,7 @@ log = logging.getLogger(__name__)
 bp = Blueprint("files", __name__, url_prefix="/v1/files")
 
 PURPOSES = ("input", "dataset")
+UPLOAD_ATTEMPTS = 2  # tries of the S3 PUT within one upload request
 
 
 @dataclass(frozen=True)
@@ -39,10 +41,12 @@ class CheckedImage:
     height: int
 
 
-def check_image(data: bytes) -> CheckedImage:
-    """Decode the image fully; refuse unknown formats, undecodable data and decompression bombs (422)."""
+def check_image(data: bytes, loc: Sequence[str | int] = ("body", "file")) -> CheckedImage:
+    """Decode the image fully; refuse unknown formats, undecodable data and decompression bombs (422 at ``loc``).
+
+    Uploads and the images of input URLs and data URIs (``api.remote_inputs``) go through this one check."""
     settings = config.settings()
-    loc = ["body", "file"]
+    loc = list(loc)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -54,7 +58,7 @@ def check_image(data: bytes) -> CheckedImage:
                     )
                 width, height = image.size
                 if width * height > settings.max_image_pixels:
-                    raise _too_many_pixels(width, height)
+                    raise _too_many_pixels(width, height, loc)
                 image.load()
                 content_type = Image.MIME.get(fmt, "application/octet-stream")
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
@@ -68,21 +72,21 @@ def check_image(data: bytes) -> CheckedImage:
     return CheckedImage(content_type=content_type, width=width, height=height)
 
 
-def _too_many_pixels(width: int, height: int) -> ApiError:
+def _too_many_pixels(width: int, height: int, loc: list[str | int]) -> ApiError:
     limit = config.settings().max_image_pixels
     return validation_error(
-        ["body", "file"], f"the image is {width}×{height} = {width * height} pixels, more than the limit of {limit}"
+        loc, f"the image is {width}×{height} = {width * height} pixels, more than the limit of {limit}"
     )
 
 
-def check_dataset(data: bytes) -> None:
-    """A dataset zip is read whole as a fine-tune would read it: a bad member is a 422 naming it."""
+def check_dataset(data: bytes, loc: Sequence[str | int] = ("body", "file")) -> None:
+    """A dataset zip is read whole as a fine-tune would read it: a bad member is a 422 naming it (at ``loc``)."""
     if not zipfile.is_zipfile(io.BytesIO(data)):
-        raise validation_error(["body", "file"], "a dataset must be a .zip file")
+        raise validation_error(list(loc), "a dataset must be a .zip file")
     try:
         read_dataset(data, dataset_limits(config.settings()))
     except DatasetError as exc:
-        raise validation_error(["body", "file"], str(exc)) from None
+        raise validation_error(list(loc), str(exc)) from None
 
 
 def _safe_filename(name: str | None) -> str:
@@ -116,19 +120,36 @@ def upload() -> tuple[Response, int, dict[str, str]]:
     data = upload.read()
     if not data:
         raise validation_error(["body", "file"], "is empty")
+    row = save_file(data, upload.filename, purpose)
+    return jsonify(file_json(row)), 201, {"Location": f"/v1/files/{row.id}"}
 
+
+def save_file(data: bytes, filename: str | None, purpose: str, loc: Sequence[str | int] = ("body", "file")) -> File:
+    """Check an upload as its purpose needs (422 naming ``loc``), store it and record it as the caller's.
+
+    The Replicate-compatible ``POST /replicate/v1/files`` (``api.replicate``) stores through it too."""
     width = height = None
     if purpose == "input":
-        image = check_image(data)
+        image = check_image(data, loc)
         content_type, width, height = image.content_type, image.width, image.height
     else:
-        check_dataset(data)
+        check_dataset(data, loc)
         content_type = "application/zip"
+    row = store(data, purpose, filename, content_type, width, height)
+    g.db.commit()
+    return row
 
+
+def store(
+    data: bytes, purpose: str, filename: str | None, content_type: str, width: int | None, height: int | None
+) -> File:
+    """Put checked bytes in S3 and add their ``File`` row of the caller's tenant to the session (uncommitted).
+
+    The caller commits: an upload at once, a submit together with its job (``api.remote_inputs``)."""
     file_id = new_id("file")
     storage_key = f"inputs/{file_id}"
     try:
-        config.storage().put(storage_key, data, content_type, attempts=2)
+        config.storage().put(storage_key, data, content_type, attempts=UPLOAD_ATTEMPTS)
     except StorageError as exc:
         log.error("upload of %s failed: %s", file_id, exc)
         raise ApiError(503, "Storage is unavailable; the file was not saved. Try again.") from None
@@ -136,7 +157,7 @@ def upload() -> tuple[Response, int, dict[str, str]]:
         id=file_id,
         tenant_id=current_key().tenant_id,
         purpose=purpose,
-        filename=_safe_filename(upload.filename),
+        filename=_safe_filename(filename),
         content_type=content_type,
         size=len(data),
         sha256=hashlib.sha256(data).hexdigest(),
@@ -145,8 +166,7 @@ def upload() -> tuple[Response, int, dict[str, str]]:
         storage_key=storage_key,
     )
     g.db.add(row)
-    g.db.commit()
-    return jsonify(file_json(row)), 201, {"Location": f"/v1/files/{file_id}"}
+    return row
 
 
 def load_file(file_id: str) -> File:

@@ -46,7 +46,9 @@ OK = "ok"
 
 
 @bp.get("/healthz")
-@document("Liveness: 200 while the process serves requests (touches no dependency)", public=True)
+@document(
+    "Liveness: 200 while the process serves requests (touches no dependency)", public=True, responses={200: "Health"}
+)
 def healthz() -> Response:
     return jsonify({"status": "ok"})
 
@@ -180,6 +182,7 @@ def _readiness(app: Flask) -> Readiness:
     "Readiness: 200 when the database, broker, Redis and storage answer, else 503; names each one's state, "
     "and each queue's work, consumers and stall (a stalled queue does not make it 503)",
     public=True,
+    responses={200: "Readiness", 503: "Problem"},
 )
 def readyz() -> Response:
     readiness = _readiness(current_app._get_current_object())  # type: ignore[attr-defined]

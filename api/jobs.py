@@ -6,25 +6,28 @@ import hashlib
 import json
 import logging
 import re
+import threading
 from contextlib import AbstractContextManager, nullcontext
 from typing import Any, Literal
 
 from flask import Blueprint, Response, g, jsonify, request
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, field_validator
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import joinedload, selectinload
+from werkzeug.routing import BaseConverter
 
-from api import config, waiting
+from api import config, quotas, remote_inputs, waiting
 from api.auth import current_key, is_admin
 from api.body import json_object
 from api.errors import ApiError, from_pydantic, validation_error
 from api.models import readable_catalog
 from api.openapi import document
 from api.presenters import job_json, page_params, paginate
-from db import transitions
-from db.models import File, Job, JobStatus, Model, utcnow
-from worker.celery_app import dispatch
+from db import tracing, transitions
+from db.models import File, Job, JobStatus, Model, new_id
+from worker import metrics
+from worker.dispatcher import dispatch_soon
 from worker.jobs import job_types
 from worker.jobs.spec import JobInput, JobType, TenantModelRef, catalog_fields, file_fields
 from worker.models.catalog import Catalog, CatalogError
@@ -33,6 +36,16 @@ from worker.webhooks import guard
 log = logging.getLogger(__name__)
 
 bp = Blueprint("jobs", __name__, url_prefix="/v1/jobs")
+
+
+class JobIdConverter(BaseConverter):
+    """A job id in ``/v1/jobs/<job:job_id>``: any path segment but ``cancel``, the bulk cancel's own path.
+
+    Without it ``/v1/jobs/cancel`` would also match the job route, and the answers to its other methods
+    (``OPTIONS``, a 405's ``Allow``) would list ``GET`` beside its ``POST`` (found by schemathesis)."""
+
+    regex = r"(?!cancel$)[^/]+"
+
 
 WebhookEvent = Literal["start", "progress", "completed"]
 
@@ -53,6 +66,13 @@ class JobCreate(BaseModel):
         default_factory=_completed_only, description="Which events to send (default: `completed`)."
     )
     metadata: dict[str, Any] = Field(default_factory=dict, description="Client data, returned as is.")
+    priority: StrictInt = Field(
+        5,
+        ge=0,
+        le=9,
+        description="0 (lowest) to 9 (highest): orders this tenant's own queued jobs; between tenants the "
+        "scheduler shares the workers fairly.",
+    )
 
     @field_validator("webhook")
     @classmethod
@@ -72,7 +92,9 @@ def _visible(query: Any) -> Any:
 
 
 def _load(job_id: str) -> Job:
-    query = _visible(select(Job).where(Job.id == job_id)).options(joinedload(Job.artifacts))
+    # One statement: both collections joined (a job has a few artifacts and rarely a retry, so the product
+    # of the two stays small), where a second SELECT for the retries cost every read a round trip.
+    query = _visible(select(Job).where(Job.id == job_id)).options(joinedload(Job.artifacts), joinedload(Job.retries))
     job: Job | None = g.db.scalars(query.execution_options(populate_existing=True)).unique().one_or_none()
     if job is None:
         raise ApiError(404, f"No job {job_id!r}.")
@@ -104,28 +126,42 @@ def _reserve_wait(wait: float | None) -> AbstractContextManager[None]:
     return waiting.listener(config.settings()).reserve(key.id, key.tenant_id, wait, config.settings())
 
 
-def _wait_for_finish(job_id: str, seconds: float) -> None:
-    """Park until the job finishes or ``seconds`` pass (see ``api.waiting``), holding no database connection."""
+def _wait_for_finish(job_id: str, seconds: float, registered: threading.Event | None = None) -> None:
+    """Park until the job finishes or ``seconds`` pass (see ``api.waiting``), holding no database connection.
+
+    ``registered``: the waiter a submit registered before its commit (no first read of the job)."""
 
     def finished() -> bool:
         status = g.db.execute(select(Job.status).where(Job.id == job_id)).scalar_one()
+        if JobStatus(status).finished:
+            return True  # the wait is over: the answer's read follows on this connection (no checkout)
         # End the read: the connection goes back to the pool while the request waits, and the
         # next read sees new commits (nothing is expired: expire_on_commit is off).
         g.db.commit()
-        return JobStatus(status).finished
+        return False
 
-    waiting.listener(config.settings()).wait(job_id, seconds, finished)
+    waiting.listener(config.settings()).wait(job_id, seconds, finished, registered)
 
 
 @bp.post("")
 @document("Create a job", body=JobCreate, responses={202: "Job", 200: "Job", 429: "Problem"})
 def create_job() -> tuple[Response, int, dict[str, str]]:
-    settings = config.settings()
     body = json_object()
     try:
         spec = JobCreate.model_validate(body)
     except ValidationError as exc:
         raise from_pydantic(exc, ["body"]) from None
+    wait = _prefer_wait()
+    job, status = submit(spec, body, wait)
+    return job_answer(job, status, wait)
+
+
+def submit(spec: JobCreate, body: dict[str, Any], wait: float | None) -> tuple[Job, int]:
+    """Everything ``POST /v1/jobs`` does with a parsed body: checks, idempotency, quotas, insert, send, wait.
+
+    The one submit path: the Replicate-compatible surface (``api.replicate``) submits through it too.
+    ``body`` is what the idempotency hash covers. Returns the job and 202 (new) or 200 (an idempotent repeat)."""
+    settings = config.settings()
     served = job_types(settings)
     job_type = served.get(spec.type)
     if job_type is None:
@@ -145,7 +181,6 @@ def create_job() -> tuple[Response, int, dict[str, str]]:
         _check_webhook(spec.webhook)
     if len(json.dumps(spec.metadata)) > settings.max_json_field_bytes:
         raise validation_error(["body", "metadata"], f"must be at most {settings.max_json_field_bytes} bytes of JSON")
-    wait = _prefer_wait()
 
     idempotency_key = request.headers.get("Idempotency-Key")
     request_hash = None
@@ -155,23 +190,55 @@ def create_job() -> tuple[Response, int, dict[str, str]]:
         request_hash = hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
         existing = _by_idempotency_key(idempotency_key)
         if existing is not None:
-            return _repeat(existing, request_hash)
+            return repeated(existing, request_hash), 200
 
+    # After the idempotency check: repeating a job that exists is never refused by a quota.
+    quotas.admit(g.db, current_key().tenant_id, settings)
+    params = remote_inputs.resolve(params)  # image URLs and data URIs become files (committed with the job)
     with _reserve_wait(wait):
-        return _create(spec, job_type, params, idempotency_key, request_hash, wait)
+        return insert_and_send(spec, job_type, params, idempotency_key, request_hash, wait)
 
 
-def _create(
+def job_answer(job: Job, status: int, wait: float | None) -> tuple[Response, int, dict[str, str]]:
+    """The answer to a submit: the Job, 202 or 200, its ``Location`` (and ``Preference-Applied`` after a wait)."""
+    headers = {"Location": f"/v1/jobs/{job.id}"}
+    if wait and status == 202:
+        headers["Preference-Applied"] = f"wait={int(wait)}"
+    return jsonify(job_json(job)), status, headers
+
+
+def create_and_send(
     spec: JobCreate,
     job_type: JobType,
     params: JobInput,
     idempotency_key: str | None,
     request_hash: str | None,
     wait: float | None,
+    tenant_id: str | None = None,
+    **columns: Any,
 ) -> tuple[Response, int, dict[str, str]]:
-    """Insert the job, commit, send it, and wait if asked (inside the caller's wait reservation)."""
+    """``insert_and_send``, answered as ``POST /v1/jobs`` answers."""
+    job, status = insert_and_send(spec, job_type, params, idempotency_key, request_hash, wait, tenant_id, **columns)
+    return job_answer(job, status, wait)
+
+
+def insert_and_send(
+    spec: JobCreate,
+    job_type: JobType,
+    params: JobInput,
+    idempotency_key: str | None,
+    request_hash: str | None,
+    wait: float | None,
+    tenant_id: str | None = None,
+    **columns: Any,
+) -> tuple[Job, int]:
+    """Insert the job, commit, send it, and wait if asked (inside the caller's wait reservation).
+
+    The job is the caller's tenant's unless ``tenant_id`` says otherwise; ``columns`` are more of its
+    columns (a retry's ``retry_of`` and ``priority``). Returns the job (read again after a wait) and 202,
+    or the first job and 200 when another request with the same idempotency key won the insert."""
     settings = config.settings()
-    tenant_id = current_key().tenant_id
+    tenant_id = tenant_id or current_key().tenant_id
     job = Job(
         tenant_id=tenant_id,
         type=job_type.name,
@@ -184,34 +251,33 @@ def _create(
         request_hash=request_hash,
         webhook=spec.webhook,
         webhook_events_filter=spec.webhook_events_filter,
-        # Marked sent up front (one write less on the hot path); undone below if the send fails.
-        dispatched_at=utcnow(),
+        traceparent=tracing.traceparent(),  # this request's span: the job's later spans join its trace
+        **({"priority": spec.priority} | columns),
     )
-    try:
-        transitions.create(g.db, job)
-        g.db.commit()
-    except IntegrityError:
-        g.db.rollback()
-        existing = _by_idempotency_key(idempotency_key) if idempotency_key else None
-        if existing is None:
-            raise
-        return _repeat(existing, request_hash)
+    job.id = new_id("job")
+    # A waiting submit registers its waiter before the commit: the job cannot finish unseen, so the wait
+    # starts without reading it back.
+    with waiting.listener(settings).expecting(job.id) if wait else nullcontext() as registered:
+        try:
+            transitions.create(g.db, job)
+            g.db.commit()
+        except IntegrityError:
+            g.db.rollback()
+            existing = _by_idempotency_key(idempotency_key, tenant_id) if idempotency_key else None
+            if existing is None:
+                raise
+            return repeated(existing, request_hash), 200
+        metrics.JOBS_SUBMITTED.labels(job.type, job.queue).inc()
 
-    # Commit first, then send: if the broker refuses, the reconciler sends it later.
-    try:
-        dispatch(job.id, job.queue, settings)
-    except Exception as exc:
-        log.warning("job %s stays queued until the broker is back: %s", job.id, exc)
-        transitions.undo_dispatch(g.db, job.id)
-        g.db.commit()
-        job.dispatched_at = None
+        log.info("job %s (%s) submitted on queue %s", job.id, job.type, job.queue, extra={"job_id": job.id})
+        # Commit first, then let the scheduler send what the queue can take (this job, if its tenant's turn
+        # comes); what the broker refuses, or that waits for a slot, a later pass sends.
+        dispatch_soon(job.queue, settings, submitted=job.id)
 
-    headers = {"Location": f"/v1/jobs/{job.id}"}
-    if wait:
-        _wait_for_finish(job.id, wait)
-        headers["Preference-Applied"] = f"wait={int(wait)}"
-        job = _load(job.id)
-    return jsonify(job_json(job)), 202, headers
+        if wait:
+            _wait_for_finish(job.id, wait, registered)
+            job = _load(job.id)
+    return job, 202
 
 
 def _check_files(params: JobInput) -> None:
@@ -220,7 +286,7 @@ def _check_files(params: JobInput) -> None:
     for field, purpose in file_fields(type(params)).items():
         value = getattr(params, field)
         for file_id in value if isinstance(value, list) else [value]:
-            if file_id is not None:
+            if file_id is not None and not remote_inputs.is_remote(file_id):  # URLs: resolved after the checks
                 wanted[file_id] = (field, purpose)
     if not wanted:
         return
@@ -303,28 +369,33 @@ def _check_webhook(url: str) -> None:
         raise validation_error(["body", "webhook"], str(exc)) from None
 
 
-def _by_idempotency_key(key: str) -> Job | None:
+def _by_idempotency_key(key: str, tenant_id: str | None = None) -> Job | None:
     job: Job | None = g.db.scalars(
-        select(Job).where(Job.tenant_id == current_key().tenant_id, Job.idempotency_key == key)
+        select(Job).where(Job.tenant_id == (tenant_id or current_key().tenant_id), Job.idempotency_key == key)
     ).one_or_none()
     return job
 
 
-def _repeat(existing: Job, request_hash: str | None) -> tuple[Response, int, dict[str, str]]:
+def repeat(existing: Job, request_hash: str | None) -> tuple[Response, int, dict[str, str]]:
+    return jsonify(job_json(repeated(existing, request_hash))), 200, {"Location": f"/v1/jobs/{existing.id}"}
+
+
+def repeated(existing: Job, request_hash: str | None) -> Job:
+    """The job an idempotency key named, read whole, if the request repeats its body (else 422)."""
     if existing.request_hash != request_hash:
         raise validation_error(
             ["header", "Idempotency-Key"],
             "was already used with a different request body",
             detail=f"This Idempotency-Key was used for job {existing.id} with a different body.",
         )
-    return jsonify(job_json(_load(existing.id))), 200, {"Location": f"/v1/jobs/{existing.id}"}
+    return _load(existing.id)
 
 
 @bp.get("")
 @document("List jobs, newest first", query=["status", "type", "limit", "cursor"], responses={200: "JobList"})
 def list_jobs() -> Response:
     limit, cursor = page_params()
-    query = _visible(select(Job)).options(selectinload(Job.artifacts))
+    query = _visible(select(Job)).options(selectinload(Job.artifacts), selectinload(Job.retries))
     status = request.args.get("status")
     if status is not None:  # `?status=` is not "any status"
         if status not in {s.value for s in JobStatus}:
@@ -339,7 +410,7 @@ def list_jobs() -> Response:
     return jsonify({"items": [job_json(job) for job in jobs], "next_cursor": next_cursor})
 
 
-@bp.get("/<job_id>")
+@bp.get("/<job:job_id>")
 @document("Get a job", responses={200: "Job", 429: "Problem"})
 def get_job(job_id: str) -> Response:
     wait = _prefer_wait()
@@ -370,4 +441,7 @@ def request_cancel(job_id: str) -> JobStatus:
         g.db.rollback()
         raise ApiError(409, f"The job cannot be canceled: {exc}.") from None
     g.db.commit()
+    if status is JobStatus.CANCELED:  # a queued job: if it had been sent, its slot is free for the next one
+        queue = g.db.execute(select(Job.queue).where(Job.id == job_id)).scalar_one()
+        dispatch_soon(queue)
     return status

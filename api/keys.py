@@ -46,7 +46,7 @@ def force_param() -> bool:
 
 @bp.post("")
 @require_admin
-@document("Create an API key (admin); the key is shown this once", body=KeyCreate, responses={201: "Key"})
+@document("Create an API key (admin); the key is shown this once", body=KeyCreate, responses={201: "CreatedKey"})
 def create_key() -> tuple[Response, int]:
     body = json_object()
     try:

@@ -1,18 +1,18 @@
-"""``GET /metrics``: Prometheus text, computed from the database (and the broker) at scrape time.
+"""``GET /metrics`` (this API server's processes) and ``GET /metrics/cluster`` (the whole system, once).
 
-Why a custom collector over the database rather than ``prometheus_client``'s multiprocess
-mode: the numbers that matter (jobs by status, queue wait and run times, webhook outcomes,
-workers) are facts about the whole system, recorded in the database by every process
-(API, workers, beat). Counting them in each API process would see only the requests that
-process served, and multiprocess mode adds files in a shared directory that must be wiped
-at every deploy and still cannot see what the workers did. A scrape of any API process, on
-any machine, answers the same from the same rows; nothing is lost when a process restarts.
+Two endpoints because they answer two questions. ``/metrics`` is the API server's own counters and
+histograms (HTTP requests, jobs submitted, ``process_*``, build info; ``api.instruments``): every
+replica has its own, and Prometheus sums them. ``/metrics/cluster`` is computed at scrape time from
+the database (and the broker, for queue depths): jobs by type and status, queue depths, consumers,
+workers alive and lost, the oldest queued job. Any replica answers the same numbers from the same
+rows, so scrape it from **one** target (a ``sum`` over several would double count); a scrape is a
+handful of grouped SQL queries. The job durations and webhook outcomes are no longer here: the
+workers count them as they happen (``worker.metrics``, on each worker's own port), which is what
+``rate()`` and ``histogram_quantile()`` need.
 
-What a scrape costs: a handful of grouped SQL queries. ``gpujobs_jobs`` counts the whole
-``jobs`` table by type and status; the histograms and webhook attempts are bounded to the
-last ``metrics_window_seconds`` (default one hour), so they are window snapshots, not
-ever-growing counters: read them with ``histogram_quantile(0.95, gpujobs_job_run_seconds_bucket)``
-directly, without ``rate()``.
+Label values are stable across restarts: a worker is its configured name (the part of the Celery node
+name before ``@``; the queues it serves when it was left at the ``gpujobs-<pid>`` default) and its host,
+never the heartbeat row's pid and random suffix.
 
 Access: open unless ``GPUJOBS_METRICS_TOKEN`` is set; then a scrape must send
 ``Authorization: Bearer <token>`` (Prometheus ``authorization: {credentials: …}``). The
@@ -23,17 +23,19 @@ deployment reachable from outside, set the token or keep ``/metrics`` off the pr
 from __future__ import annotations
 
 import hmac
+import re
+from collections import defaultdict
 from collections.abc import Iterator
 from datetime import timedelta
 from typing import Any
 
 from flask import Blueprint, Response, g, request
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
-from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 from sqlalchemy.orm import Session
 
-from api import config, stats
+from api import config, instruments, stats
 from api.errors import ApiError
 from api.openapi import document
 from db.models import JobStatus, utcnow
@@ -65,43 +67,21 @@ class JobSystemCollector(Collector):
 
         yield from self._queues()
 
-        for kind, name, text in (
-            ("queue_wait", "gpujobs_job_queue_wait_seconds", "Time from submission to (latest) start"),
-            ("run", "gpujobs_job_run_seconds", "Time from (latest) start to finish"),
-        ):
-            verb = "started" if kind == "queue_wait" else "finished"
-            family = HistogramMetricFamily(
-                name, f"{text}, of jobs that {verb} in the last metrics window.", labels=["type"]
-            )
-            for job_type, histogram in sorted(stats.histograms(session, kind, since).items()):  # type: ignore[arg-type]
-                pairs = zip(histogram.bounds, histogram.buckets, strict=True)
-                buckets = [(_le(bound), count) for bound, count in pairs]
-                buckets.append(("+Inf", histogram.count))
-                family.add_metric([job_type], buckets, histogram.total)
-            yield family
-
-        attempts = GaugeMetricFamily(
-            "gpujobs_webhook_attempts",
-            "Webhook delivery attempts in the last metrics window, by outcome "
-            "(delivered: a 2xx; http_error: another answer; error: no answer).",
-            labels=["outcome"],
-        )
-        outcomes = stats.webhook_attempts_by_outcome(session, since)
-        for outcome in ("delivered", "http_error", "error"):
-            attempts.add_metric([outcome], outcomes.get(outcome, 0))
-        yield attempts
         deliveries = GaugeMetricFamily("gpujobs_webhook_deliveries", "Webhook deliveries by status.", labels=["status"])
         for delivery_status, count in stats.webhook_deliveries_by_status(session).items():
             deliveries.add_metric([delivery_status], count)
         yield deliveries
 
-        yield from self._workers(since)
-
-        window = GaugeMetricFamily(
-            "gpujobs_metrics_window_seconds", "The window of the histograms and webhook attempts."
+        oldest = GaugeMetricFamily(
+            "gpujobs_oldest_queued_job_age_seconds",
+            "Age of the oldest queued job per queue (0 when none waits): a stuck queue shows here first.",
+            labels=["queue"],
         )
-        window.add_metric([], settings.metrics_window_seconds)
-        yield window
+        for queue, age in sorted(stats.oldest_queued_age(session).items()):
+            oldest.add_metric([queue], age)
+        yield oldest
+
+        yield from self._workers(since)
 
     def _queues(self) -> Iterator[Any]:
         depths, error = stats.broker_queue_depths()
@@ -149,26 +129,40 @@ class JobSystemCollector(Collector):
         for state in ("alive", "lost"):
             states.add_metric([state], sum(1 for w in rows if w.state == state))
         yield states
-        labels = ["worker", "host"]
-        used = GaugeMetricFamily(
-            "gpujobs_worker_gpu_memory_used_bytes", "GPU memory in use (alive workers).", labels=labels
-        )
-        total = GaugeMetricFamily("gpujobs_worker_gpu_memory_total_bytes", "GPU memory (alive workers).", labels=labels)
-        running = GaugeMetricFamily("gpujobs_worker_current_jobs", "Jobs each alive worker runs now.", labels=labels)
+        # Summed per stable label: two processes may share one (the same name on one host).
+        used: dict[tuple[str, str], float] = defaultdict(float)
+        total: dict[tuple[str, str], float] = defaultdict(float)
+        running: dict[tuple[str, str], float] = defaultdict(float)
         for worker in rows:
             if worker.state != "alive":
                 continue
-            names = [worker.row.id, worker.row.hostname]
-            running.add_metric(names, len(worker.row.current_jobs or []))
+            names = (worker_label(worker.row.id, worker.row.queues or []), worker.row.hostname)
+            running[names] += len(worker.row.current_jobs or [])
             device = worker.device
             if device.get("memory_total_mb") is not None:
-                used.add_metric(names, float(device.get("memory_used_mb", 0)) * 2**20)
-                total.add_metric(names, float(device["memory_total_mb"]) * 2**20)
-        yield from (used, total, running)
+                used[names] += float(device.get("memory_used_mb", 0)) * 2**20
+                total[names] += float(device["memory_total_mb"]) * 2**20
+        for name, text, values in (
+            ("gpujobs_worker_gpu_memory_used_bytes", "GPU memory in use (alive workers).", used),
+            ("gpujobs_worker_gpu_memory_total_bytes", "GPU memory (alive workers).", total),
+            ("gpujobs_worker_current_jobs", "Jobs each alive worker runs now.", running),
+        ):
+            family = GaugeMetricFamily(name, text, labels=["worker", "host"])
+            for labels, number in sorted(values.items()):
+                family.add_metric(list(labels), number)
+            yield family
 
 
-def _le(bound: float) -> str:
-    return repr(float(bound))
+_PID_DEFAULT = re.compile(r"gpujobs-\d+")
+
+
+def worker_label(row_id: str, queues: list[str]) -> str:
+    """A worker's stable name: ``<name>`` of its ``<name>@<host>:<pid>:<random>`` row id, or its queues
+    (``gpu,train``) when the name is the ``gpujobs-<pid>`` default that changes at every restart."""
+    name = row_id.split(":", 1)[0].split("@", 1)[0]
+    if _PID_DEFAULT.fullmatch(name):
+        return ",".join(sorted(queues)) or name
+    return name
 
 
 def _authorize() -> None:
@@ -186,11 +180,24 @@ def _authorize() -> None:
 
 @bp.get("/metrics")
 @document(
-    "Prometheus metrics, computed from the database at scrape time (Bearer GPUJOBS_METRICS_TOKEN when set)",
+    "Prometheus metrics of this API server's processes: HTTP requests, jobs submitted, process_*, build info "
+    "(Bearer GPUJOBS_METRICS_TOKEN when set)",
     public=True,
     responses={200: "text/plain"},
 )
 def metrics() -> Response:
+    _authorize()
+    return Response(generate_latest(instruments.registry()), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+@bp.get("/metrics/cluster")
+@document(
+    "Prometheus gauges of the whole system, from the database and the broker: scrape one replica only "
+    "(Bearer GPUJOBS_METRICS_TOKEN when set)",
+    public=True,
+    responses={200: "text/plain"},
+)
+def cluster_metrics() -> Response:
     _authorize()
     registry = CollectorRegistry(auto_describe=False)
     registry.register(JobSystemCollector(g.db, config.settings()))

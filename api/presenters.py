@@ -13,13 +13,14 @@ from flask import g, request
 from sqlalchemy import Select, and_, or_
 
 from api.errors import validation_error
-from db.models import ApiKey, File, WebhookDelivery, WebhookSecret
+from db.models import ApiKey, File, WebhookDelivery, WebhookEndpoint, WebhookSecret
 from db.wire import job_json, rfc3339
 
 ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")  # every id this API hands out: a prefix and url-safe base64
 
 __all__ = [
     "delivery_json",
+    "endpoint_json",
     "file_json",
     "job_json",
     "key_json",
@@ -111,7 +112,21 @@ def webhook_secret_json(secret: WebhookSecret) -> dict[str, Any]:
     }
 
 
-def delivery_json(delivery: WebhookDelivery) -> dict[str, Any]:
+def endpoint_json(endpoint: WebhookEndpoint, in_flight: int) -> dict[str, Any]:
+    """Where a delivery goes and its circuit breaker, as the delivery log and the dashboard show it."""
+    return {
+        "origin": endpoint.origin,
+        "breaker": endpoint.state,
+        "consecutive_failures": endpoint.consecutive_failures,
+        "open_until": rfc3339(endpoint.open_until),
+        "in_flight": in_flight,
+        "last_error": endpoint.last_error,
+    }
+
+
+def delivery_json(
+    delivery: WebhookDelivery, endpoint: dict[str, Any] | None = None, deferred: str | None = None
+) -> dict[str, Any]:
     base = f"/v1/jobs/{delivery.job_id}/webhooks/{delivery.id}"
     return {
         "id": delivery.id,  # also the `webhook-id` header, the same on every attempt
@@ -123,6 +138,8 @@ def delivery_json(delivery: WebhookDelivery) -> dict[str, Any]:
         "last_error": delivery.last_error,
         "created_at": rfc3339(delivery.created_at),
         "delivered_at": rfc3339(delivery.delivered_at),
+        "deferred": deferred,  # why a due attempt is not being made now (breaker open, endpoint busy)
+        "endpoint": endpoint,
         "history": [
             {
                 "number": attempt.number,

@@ -1,4 +1,4 @@
-"""Aggregates of the job system for the admin dashboard and ``/metrics``, computed in SQL.
+"""Aggregates of the job system for the admin dashboard and ``/metrics/cluster``, computed in SQL.
 
 Every figure is one grouped query, so a page view or a scrape costs a few index or table
 scans whatever the number of API processes, and agrees with what the database says.
@@ -7,7 +7,7 @@ Durations are worked out by the database itself (PostgreSQL ``extract(epoch …)
 ``gpujobs up``) has no such aggregate, so there the window's durations are read and
 interpolated the same way in Python.
 
-Definitions, shared by the dashboard and the metrics:
+Definitions (the dashboard's; the workers' histograms in ``worker.metrics`` measure the same durations):
 - queue wait = ``started_at - created_at`` (the latest claim; a requeued job's wait includes its
   earlier run), over jobs that started within the window;
 - run time = ``finished_at - started_at``, over jobs that finished within the window;
@@ -27,7 +27,7 @@ from sqlalchemy import Float, Integer, case, cast, extract, func, select
 from sqlalchemy.orm import Session
 from sqlalchemy.sql.elements import ColumnElement
 
-from db import clock
+from db import clock, counts
 from db.clock import db_now
 from db.models import (
     ApiKey,
@@ -35,7 +35,6 @@ from db.models import (
     Job,
     JobStatus,
     Tenant,
-    WebhookAttempt,
     WebhookDelivery,
     WorkerProcess,
     utcnow,
@@ -45,8 +44,6 @@ from worker.jobs.spec import Queue
 Duration = Literal["queue_wait", "run"]
 
 GPU_QUEUES = tuple(queue.value for queue in Queue if queue.runs_models)
-QUEUE_WAIT_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0)
-RUN_BUCKETS = (0.1, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0, 7200.0)
 PERCENTILES = (0.5, 0.9, 0.99)
 
 
@@ -91,8 +88,8 @@ def broker_queue_depths() -> tuple[dict[str, int], str | None]:
 
 
 def jobs_by_type_and_status(session: Session) -> dict[tuple[str, str], int]:
-    rows = session.execute(select(Job.type, Job.status, func.count()).group_by(Job.type, Job.status))
-    return {(job_type, status): count for job_type, status, count in rows}
+    """Every job by type and status, from the counts a trigger keeps (``db.counts``), not a count of the table."""
+    return counts.counts(session)
 
 
 def in_flight(session: Session) -> dict[tuple[str, str], int]:
@@ -113,6 +110,18 @@ def queued_by_queue(session: Session) -> dict[str, int]:
     return {queue: count for queue, count in rows}
 
 
+def oldest_queued_age(session: Session) -> dict[str, float]:
+    """Seconds the oldest queued job of each job queue has waited (0 for an empty one), on the database's clock."""
+    now = db_now(session)
+    rows = session.execute(
+        select(Job.queue, func.min(Job.created_at)).where(Job.status == JobStatus.QUEUED.value).group_by(Job.queue)
+    )
+    ages = {queue.value: 0.0 for queue in (Queue.GPU, Queue.TRAIN)}
+    for queue, oldest in rows:
+        ages[queue] = max(0.0, (now - oldest).total_seconds())
+    return ages
+
+
 def finished_since(session: Session, since: datetime) -> dict[tuple[str, str], int]:
     """Jobs that finished within the window, by type and final status."""
     rows = session.execute(
@@ -121,32 +130,6 @@ def finished_since(session: Session, since: datetime) -> dict[tuple[str, str], i
         .group_by(Job.type, Job.status)
     )
     return {(job_type, status): count for job_type, status, count in rows}
-
-
-@dataclass
-class Histogram:
-    """Cumulative counts: ``buckets[i]`` jobs took at most ``bounds[i]`` seconds."""
-
-    bounds: Sequence[float]
-    buckets: list[int]
-    count: int = 0
-    total: float = 0.0
-
-
-def histograms(session: Session, kind: Duration, since: datetime) -> dict[str, Histogram]:
-    """Per job type, the window's durations counted into fixed buckets (one grouped query)."""
-    bounds = QUEUE_WAIT_BUCKETS if kind == "queue_wait" else RUN_BUCKETS
-    duration, window = _duration(session, kind, since)
-    columns = [func.sum(case((duration <= bound, 1), else_=0)) for bound in bounds]
-    rows = session.execute(
-        select(Job.type, func.count(), func.coalesce(func.sum(duration), 0.0), *columns)
-        .where(window)
-        .group_by(Job.type)
-    )
-    found = {}
-    for job_type, count, total, *buckets in rows:
-        found[job_type] = Histogram(bounds, [int(b or 0) for b in buckets], int(count), float(total or 0.0))
-    return found
 
 
 def percentiles(
@@ -373,23 +356,6 @@ def tenant_usage(session: Session, since: datetime, limit: int = 500) -> list[Te
 
 
 # --- webhooks -------------------------------------------------------------------------------------
-
-
-def webhook_attempt_outcome(status_code: int | None) -> str:
-    """``delivered`` (a 2xx), ``http_error`` (any other answer) or ``error`` (no answer: timeout, refused…)."""
-    if status_code is None:
-        return "error"
-    return "delivered" if 200 <= status_code < 300 else "http_error"
-
-
-def webhook_attempts_by_outcome(session: Session, since: datetime) -> dict[str, int]:
-    outcome = case(
-        (WebhookAttempt.status_code.is_(None), "error"),
-        ((WebhookAttempt.status_code >= 200) & (WebhookAttempt.status_code < 300), "delivered"),
-        else_="http_error",
-    )
-    rows = session.execute(select(outcome, func.count()).where(WebhookAttempt.at >= since).group_by(outcome))
-    return {name: count for name, count in rows}
 
 
 def webhook_deliveries_by_status(session: Session) -> dict[str, int]:

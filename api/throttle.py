@@ -53,6 +53,9 @@ class Refusal:
 
     retry_after: int
     detail: str
+    quota: str  # the limit's name in the 429's RateLimit-Policy and problem ("auth_failures_per_address", …)
+    limit: int
+    window: int
 
 
 class AuthThrottle:
@@ -75,11 +78,15 @@ class AuthThrottle:
             found.append((f"prefix:{digest}", self.settings.auth_failure_prefix_limit, "with this key's prefix"))
         return found
 
-    def _refusal(self, what: str, until: float, now: float) -> Refusal:
+    def _refusal(self, ident: str, limit: int, what: str, until: float, now: float) -> Refusal:
         retry_after = max(1, math.ceil(until - now))
+        quota = "auth_failures_per_address" if ident.startswith("addr:") else "auth_failures_per_key_prefix"
         return Refusal(
             retry_after,
             f"Too many failed authentications {what}; retry after {retry_after} s.",
+            quota,
+            limit,
+            self.settings.auth_failure_window_seconds,
         )
 
     # --- the two calls --------------------------------------------------------------------------
@@ -90,12 +97,12 @@ class AuthThrottle:
         if not self._blocked:
             return None
         now = self.clock()
-        for ident, _limit, what in self._limits(address, token):
+        for ident, limit, what in self._limits(address, token):
             if ident.startswith("prefix:"):
                 continue
             until = self._blocked.get(ident)
             if until is not None and now < until:
-                return self._refusal(what, until, now)
+                return self._refusal(ident, limit, what, until, now)
         return None
 
     def failed(self, address: str, token: str) -> Refusal | None:
@@ -113,7 +120,7 @@ class AuthThrottle:
             if count >= limit:
                 self._block(ident, until, now)
             if count > limit and refusal is None:
-                refusal = self._refusal(what, until, now)
+                refusal = self._refusal(ident, limit, what, until, now)
         return refusal
 
     # --- counting -----------------------------------------------------------------------------

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Any
+
 from flask import Blueprint, Response, g, jsonify
 from sqlalchemy import select
 from sqlalchemy.orm import selectinload
@@ -10,8 +13,8 @@ from api import config
 from api.auth import current_key, is_admin
 from api.errors import ApiError
 from api.openapi import document
-from api.presenters import delivery_json, page_params, paginate, webhook_secret_json
-from db import webhooks
+from api.presenters import delivery_json, endpoint_json, page_params, paginate, webhook_secret_json
+from db import endpoints, webhooks
 from db.models import Job, WebhookDelivery
 
 bp = Blueprint("webhooks", __name__, url_prefix="/v1")
@@ -71,7 +74,18 @@ def list_deliveries(job_id: str) -> Response:
         select(WebhookDelivery).where(WebhookDelivery.job_id == job_id).options(selectinload(WebhookDelivery.history))
     )
     rows, next_cursor = paginate(query, WebhookDelivery, limit, cursor)
-    return jsonify({"items": [delivery_json(row) for row in rows], "next_cursor": next_cursor})
+    return jsonify({"items": shown_deliveries(rows), "next_cursor": next_cursor})
+
+
+def shown_deliveries(rows: Sequence[WebhookDelivery]) -> list[dict[str, Any]]:
+    """The deliveries as JSON, each with its endpoint's breaker and why it waits, if it does."""
+    found = endpoints.shown(g.db, rows, config.settings())
+    shown = []
+    for row in rows:
+        about = found.get(row.id)
+        described = endpoint_json(about.endpoint, about.in_flight) if about is not None else None
+        shown.append(delivery_json(row, described, about.deferred if about is not None else None))
+    return shown
 
 
 @bp.post("/jobs/<job_id>/webhooks/<delivery_id>/redeliver")
@@ -83,4 +97,4 @@ def redeliver(job_id: str, delivery_id: str) -> tuple[Response, int]:
     _delivery(_job_id(job_id), delivery_id)
     webhooks.redeliver(g.db, delivery_id)
     g.db.commit()
-    return jsonify(delivery_json(_delivery(job_id, delivery_id))), 202
+    return jsonify(shown_deliveries([_delivery(job_id, delivery_id)])[0]), 202

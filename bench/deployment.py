@@ -144,7 +144,6 @@ class Deployment:
             "GPUJOBS_BROKER_URL": self.broker_url,
             "GPUJOBS_S3_ENDPOINT_URL": self.s3_endpoint,
             "GPUJOBS_S3_BUCKET": bucket,
-            "GPUJOBS_RATE_LIMIT_PER_MINUTE": "0",
         }
         if self.s3_access_key:
             env["GPUJOBS_S3_ACCESS_KEY"] = self.s3_access_key

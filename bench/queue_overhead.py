@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import itertools
 import os
 import shlex
 import sys
@@ -100,6 +101,39 @@ def purge(queues: tuple[str, ...]) -> int:
 
     with celery_app.connection_for_write() as conn:
         return sum(conn.default_channel.queue_purge(q) or 0 for q in queues)
+
+
+def client_admin_keys(database_url: str, admin_key: str, count: int) -> list[str]:
+    """``admin_key`` and ``count - 1`` more admin keys of its tenant."""
+    from db.keys import create_key, hash_key
+    from db.models import ApiKey, Role
+    from db.session import dispose_engines, session_scope
+
+    keys = [admin_key]
+    with session_scope(database_url) as session:
+        row = session.query(ApiKey).filter_by(key_hash=hash_key(admin_key)).one()
+        for number in range(1, count):
+            keys.append(create_key(session, f"queue-overhead client {number}", Role.ADMIN, row.tenant_id)[1])
+    dispose_engines()
+    return keys
+
+
+def cancel_waiting(database_url: str) -> int:
+    """Cancel every queued job (phase (a) left them; no worker ran any): the number canceled."""
+    from sqlalchemy import update
+
+    from db.models import Job, JobStatus, utcnow
+    from db.session import dispose_engines, session_scope
+
+    with session_scope(database_url) as session:
+        done = session.execute(
+            update(Job)
+            .where(Job.status == JobStatus.QUEUED.value)
+            .values(status=JobStatus.CANCELED.value, finished_at=utcnow())
+        )
+        count = done.rowcount
+    dispose_engines()
+    return count
 
 
 def forget_broker_keys(broker_url: str, redis_was_empty: bool) -> None:
@@ -258,6 +292,10 @@ def measure(args: argparse.Namespace, command: str, deployment: Deployment) -> d
     # This process talks to the same services (migrations, keys, bare Celery, purges).
     admin_key = deployment.prepare(S3_BUCKET, baseline_settings(deployment), "queue-overhead benchmark")
     assert deployment.stack is not None
+    # The service runs with its default settings, the per-key request limit (6,000 a minute) included, as a
+    # user's deployment does; so each client thread is a key of its own, as concurrent users would be (one
+    # tenant: the diagnostic type needs an admin key, and each key has the limit on its own).
+    client_keys = itertools.cycle(client_admin_keys(deployment.database_url, admin_key, args.clients))
 
     from bench import baseline_app
 
@@ -306,7 +344,7 @@ def measure(args: argparse.Namespace, command: str, deployment: Deployment) -> d
     profiler.targets |= {"gpujobs api": gj_api.pid, "hand-written api": bl_api.pid}
 
     def gpujobs() -> JobsClient:
-        return JobsClient(gj_base, admin_key, session())
+        return JobsClient(gj_base, next(client_keys), session())
 
     def hand() -> HandClient:
         return HandClient(bl_base, session())
@@ -333,6 +371,9 @@ def measure(args: argparse.Namespace, command: str, deployment: Deployment) -> d
     for label, sample in throughput.items():
         log(f"    {label}: {sample.rate:.0f}/s ({sample.errors} errors)")
     log(f"    purged {purge(GPUJOBS_QUEUES + BASELINE_QUEUES)} unconsumed messages")
+    # gpujobs keeps what the workers cannot take yet in the database (the scheduler): without this, phase
+    # (a)'s jobs would be the backlog that phases (b) and (c) wait behind once the workers start.
+    log(f"    canceled the {cancel_waiting(deployment.database_url)} gpujobs jobs left queued")
 
     # Workers
     from db.settings import get_settings

@@ -23,6 +23,7 @@ from sqlalchemy import (
     Text,
     TypeDecorator,
     UniqueConstraint,
+    text,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
@@ -101,6 +102,26 @@ class Tenant(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
+class TenantQuota(Base):
+    """An admin's overrides of one tenant's scheduling weight, quotas and retention (NULL: the setting's default).
+
+    A tenant without a row uses every default (``GPUJOBS_QUOTA_*``, ``GPUJOBS_ARTIFACT_TTL``).
+    """
+
+    __tablename__ = "tenant_quotas"
+
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"), primary_key=True)
+    # Fair-share weight: a tenant of weight 2 gets twice the GPU time of a tenant of weight 1 when both wait.
+    weight: Mapped[float | None]
+    max_queued_jobs: Mapped[int | None] = mapped_column(Integer)
+    # Jobs running at once, per queue (``gpu`` and ``train`` counted apart).
+    max_running_jobs: Mapped[int | None] = mapped_column(Integer)
+    submits_per_minute: Mapped[int | None] = mapped_column(Integer)
+    max_retained_bytes: Mapped[int | None] = mapped_column(BigInteger)
+    artifact_ttl_seconds: Mapped[int | None] = mapped_column(BigInteger)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
 class ApiKey(Base):
     __tablename__ = "api_keys"
 
@@ -138,8 +159,34 @@ class Job(Base):
     __table_args__ = (
         UniqueConstraint("tenant_id", "idempotency_key"),
         Index("ix_jobs_tenant_created", "tenant_id", "created_at", "id"),
+        # A tenant's jobs of one type, newest first (GET /v1/jobs?type=): an exact range on a long history.
+        Index("ix_jobs_tenant_type_created", "tenant_id", "type", "created_at", "id"),
         Index("ix_jobs_status_lease", "status", "lease_expires_at"),
         Index("ix_jobs_status_dispatched", "status", "dispatched_at"),
+        # Every tenant's jobs newest first (admin lists), the windows of the dashboard and /metrics (and the
+        # partial ix_jobs_finished_at below).
+        Index("ix_jobs_created_at_id", "created_at", "id"),
+        Index("ix_jobs_status_created", "status", "created_at", "id"),
+        Index("ix_jobs_started_at", "started_at"),
+        # A tenant's queued and running jobs (per queue), counted at every submit (quotas) without reading rows.
+        Index("ix_jobs_tenant_status_queue", "tenant_id", "status", "queue"),
+        # Retention purges finished jobs oldest end first (partial: a submit or a claim writes no entry).
+        Index(
+            "ix_jobs_finished_at",
+            "finished_at",
+            postgresql_where=text("finished_at IS NOT NULL"),
+            sqlite_where=text("finished_at IS NOT NULL"),
+        ),
+        # The scheduler's pick: each tenant's waiting (queued, never sent) jobs of a queue, in its order.
+        Index(
+            "ix_jobs_waiting",
+            "queue",
+            "tenant_id",
+            "priority",
+            "created_at",
+            postgresql_where=text("status = 'queued' AND dispatched_at IS NULL"),
+            sqlite_where=text("status = 'queued' AND dispatched_at IS NULL"),
+        ),
     )
 
     id: Mapped[str] = mapped_column(String(40), primary_key=True, default=lambda: new_id("job"))
@@ -168,11 +215,93 @@ class Job(Base):
     request_hash: Mapped[str | None] = mapped_column(String(64))
     webhook: Mapped[str | None] = mapped_column(String(2048))
     webhook_events_filter: Mapped[list[Any]] = mapped_column(JSON, default=lambda: ["completed"])
+    # 0 (lowest) to 9 (highest): order among one tenant's queued jobs; between tenants the scheduler shares fairly.
+    priority: Mapped[int] = mapped_column(Integer, default=5, server_default="5")
+    # The job this one retries (POST /v1/jobs/{id}/retry); cleared if that job is purged.
+    retry_of: Mapped[str | None] = mapped_column(ForeignKey("jobs.id", ondelete="SET NULL"), index=True)
+    # The W3C traceparent of the submitting request (db.tracing, when tracing is on): the worker's and
+    # the webhook sender's spans of this job are its children, so one job is one trace.
+    traceparent: Mapped[str | None] = mapped_column(String(55))
 
     artifacts: Mapped[list[Artifact]] = relationship(
         back_populates="job", order_by="Artifact.id", cascade="all, delete-orphan"
     )
     events: Mapped[list[JobEvent]] = relationship(order_by="JobEvent.id", cascade="all, delete-orphan")
+    # The jobs made by retrying this one, oldest first (read only: the new job's ``retry_of`` is the link).
+    retries: Mapped[list[Job]] = relationship(
+        primaryjoin="Job.id == foreign(Job.retry_of)", order_by="Job.created_at", viewonly=True
+    )
+
+
+class JobCount(Base):
+    """How many jobs have each type and status, as of the last compaction (PostgreSQL; see ``db.counts``)."""
+
+    __tablename__ = "job_counts"
+
+    type: Mapped[str] = mapped_column(String(64), primary_key=True)
+    status: Mapped[str] = mapped_column(String(16), primary_key=True)
+    count: Mapped[int] = mapped_column(BigInteger)
+
+
+class JobCountDelta(Base):
+    """A change of ``job_counts`` not compacted yet: +1 or -1, appended by a trigger on ``jobs`` (PostgreSQL).
+
+    Appending rather than updating one counter row keeps concurrent transitions from queueing on its lock.
+    """
+
+    __tablename__ = "job_count_deltas"
+
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True)
+    type: Mapped[str] = mapped_column(String(64))
+    status: Mapped[str] = mapped_column(String(16))
+    delta: Mapped[int] = mapped_column(Integer)
+
+
+class GpuSeconds(Base):
+    """A tenant's run time of jobs of a queue that finished in one 10-second bucket, as of the last compaction
+    (PostgreSQL; see ``db.gpu_seconds``): the scheduler's fair share reads these, not the jobs."""
+
+    __tablename__ = "gpu_seconds"
+
+    queue: Mapped[str] = mapped_column(String(64), primary_key=True)
+    tenant_id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    bucket: Mapped[datetime] = mapped_column(primary_key=True)
+    seconds: Mapped[float]
+    jobs: Mapped[int]
+
+
+class GpuSecondsDelta(Base):
+    """One finished job's run time not compacted into ``gpu_seconds`` yet, appended by a trigger on ``jobs``."""
+
+    __tablename__ = "gpu_seconds_deltas"
+    __table_args__ = (Index("ix_gpu_seconds_deltas_queue_tenant", "queue", "tenant_id", "bucket"),)
+
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True)
+    queue: Mapped[str] = mapped_column(String(64))
+    tenant_id: Mapped[str] = mapped_column(String(40))
+    bucket: Mapped[datetime]
+    seconds: Mapped[float]
+
+
+class RetainedBytes(Base):
+    """A tenant's bytes of unexpired artifacts, as of the last compaction (PostgreSQL; see ``db.retained``)."""
+
+    __tablename__ = "retained_bytes"
+
+    tenant_id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    bytes: Mapped[int] = mapped_column(BigInteger)
+
+
+class RetainedBytesDelta(Base):
+    """A change of ``retained_bytes`` not compacted yet, appended by triggers on ``artifacts`` and ``jobs``."""
+
+    __tablename__ = "retained_bytes_deltas"
+    # A submit reads one tenant's deltas (quota check).
+    __table_args__ = (Index("ix_retained_bytes_deltas_tenant", "tenant_id"),)
+
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True)
+    tenant_id: Mapped[str] = mapped_column(String(40))
+    delta: Mapped[int] = mapped_column(BigInteger)
 
 
 class EventKind(str, enum.Enum):
@@ -209,7 +338,16 @@ class Artifact(Base):
     """A stored output of a job: an S3 object whose size and sha256 were checked."""
 
     __tablename__ = "artifacts"
-    __table_args__ = (UniqueConstraint("job_id", "name"),)
+    __table_args__ = (
+        UniqueConstraint("job_id", "name"),
+        # Retention walks the artifacts not yet expired, oldest first, and stops at the TTL's cutoff.
+        Index(
+            "ix_artifacts_unexpired",
+            "created_at",
+            postgresql_where=text("expired_at IS NULL"),
+            sqlite_where=text("expired_at IS NULL"),
+        ),
+    )
 
     id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True)
     job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"))
@@ -218,7 +356,10 @@ class Artifact(Base):
     size: Mapped[int] = mapped_column(BigInteger)
     sha256: Mapped[str] = mapped_column(String(64))
     storage_key: Mapped[str] = mapped_column(String(300))
+    # When its job succeeded: the same time as the job's ``finished_at`` (retention's scan order).
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    # Set when retention deleted the object from storage (the row stays: the job says its output expired).
+    expired_at: Mapped[datetime | None]
 
     job: Mapped[Job] = relationship(back_populates="artifacts")
 
@@ -242,7 +383,12 @@ class Model(Base):
     """
 
     __tablename__ = "models"
-    __table_args__ = (Index("ix_models_tenant_created", "tenant_id", "created_at", "id"),)
+    __table_args__ = (
+        Index("ix_models_tenant_created", "tenant_id", "created_at", "id"),
+        # Retention keeps a model's job and its weights object: both are looked up per batch.
+        Index("ix_models_job_id", "job_id"),
+        Index("ix_models_storage_key", "storage_key"),
+    )
 
     id: Mapped[str] = mapped_column(String(40), primary_key=True, default=lambda: new_id("mdl"))
     tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id"))
@@ -270,6 +416,8 @@ class WorkerProcess(Base):
     device: Mapped[dict[str, Any]]
     models: Mapped[dict[str, Any]]
     current_jobs: Mapped[list[Any]]
+    # Jobs it runs at once (its concurrency): the scheduler's capacity of each queue it serves.
+    slots: Mapped[int] = mapped_column(Integer, default=1, server_default="1")
     started_at: Mapped[datetime] = mapped_column(default=utcnow)
     last_seen_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
     stopped_at: Mapped[datetime | None]
@@ -301,6 +449,38 @@ class DeliveryStatus(str, enum.Enum):
     GAVE_UP = "gave_up"  # retried until the retry horizon (or superseded, for progress)
 
 
+class BreakerState(str, enum.Enum):
+    CLOSED = "closed"  # attempts go out, up to the endpoint's concurrency
+    OPEN = "open"  # too many failures in a row: deliveries wait until ``open_until``
+    HALF_OPEN = "half_open"  # one probe attempt at a time; its success closes the breaker, a failure opens it again
+
+
+class WebhookEndpoint(Base):
+    """Where one tenant's webhooks go (``scheme://host:port``): the unit of concurrency, of fair turns, of the breaker.
+
+    The id is derived from the tenant and the origin (``db.endpoints.endpoint_id``), so recording a
+    delivery needs no lookup. Attempts in flight are not counted here but in the deliveries
+    (``claimed_until``), so a dead sender's slot frees itself when its claim runs out.
+    """
+
+    __tablename__ = "webhook_endpoints"
+    __table_args__ = (UniqueConstraint("tenant_id", "origin"),)
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"))
+    origin: Mapped[str] = mapped_column(String(300))
+    state: Mapped[BreakerState] = mapped_column(String(16), default=BreakerState.CLOSED)
+    consecutive_failures: Mapped[int] = mapped_column(Integer, default=0)
+    # Times the breaker opened since it last closed: each one doubles the next open period.
+    trips: Mapped[int] = mapped_column(Integer, default=0)
+    open_until: Mapped[datetime | None]
+    last_error: Mapped[str | None] = mapped_column(Text)
+    # When a sender last took one of its deliveries: the round-robin order between endpoints.
+    last_turn_at: Mapped[datetime | None]
+    changed_at: Mapped[datetime] = mapped_column(default=utcnow)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
 class WebhookDelivery(Base):
     """One event of one job, to be sent to the job's webhook: the unit of retry and of ``webhook-id``.
 
@@ -314,6 +494,7 @@ class WebhookDelivery(Base):
         UniqueConstraint("job_id", "event", "sequence"),
         Index("ix_webhook_deliveries_status_next_attempt", "status", "next_attempt_at"),
         Index("ix_webhook_deliveries_job_created", "job_id", "created_at", "id"),
+        Index("ix_webhook_deliveries_endpoint_status_next_attempt", "endpoint_id", "status", "next_attempt_at"),
     )
 
     # Also the ``webhook-id`` header: the same on every attempt, redeliveries included.
@@ -333,6 +514,10 @@ class WebhookDelivery(Base):
     last_error: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     delivered_at: Mapped[datetime | None]
+    # Where it goes (``None`` only for a job without a webhook URL), and until when an attempt holds it:
+    # the attempts in flight to an endpoint are its deliveries whose claim has not run out.
+    endpoint_id: Mapped[str | None] = mapped_column(ForeignKey("webhook_endpoints.id", ondelete="CASCADE"))
+    claimed_until: Mapped[datetime | None]
 
     history: Mapped[list[WebhookAttempt]] = relationship(
         order_by="WebhookAttempt.number", cascade="all, delete-orphan", passive_deletes=True
@@ -343,7 +528,7 @@ class WebhookAttempt(Base):
     """One HTTP request of a delivery and what came of it."""
 
     __tablename__ = "webhook_attempts"
-    __table_args__ = (UniqueConstraint("delivery_id", "number"),)
+    __table_args__ = (UniqueConstraint("delivery_id", "number"), Index("ix_webhook_attempts_at", "at"))
 
     id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True)
     delivery_id: Mapped[str] = mapped_column(ForeignKey("webhook_deliveries.id", ondelete="CASCADE"))

@@ -11,7 +11,8 @@ error, ``available()`` answers False for ``redis_breaker_seconds``, so with Redi
 first request pays the socket timeout and the others skip Redis at once; then a single caller
 tries again (the others keep skipping while it does) and a success closes the breaker.
 
-Finish notifications over Redis pub/sub let ``Prefer: wait`` answer the moment a job ends. Best
+Finish notifications over Redis pub/sub let ``Prefer: wait`` answer the moment a job ends, and
+change notifications (a new timeline event, saved progress) wake a job's event streams. Best
 effort by design: the database stays the truth, and a waiter that misses a message (or runs
 without Redis) falls back to reading the job row.
 """
@@ -39,6 +40,11 @@ _breakers: dict[str, Breaker] = {}
 
 def channel(job_id: str) -> str:
     return f"gpujobs:finished:{job_id}"
+
+
+def changed_channel(job_id: str) -> str:
+    """A job's timeline or progress changed (it has not finished: that is ``channel``): wakes its event streams."""
+    return f"gpujobs:changed:{job_id}"
 
 
 class Breaker:
@@ -130,24 +136,40 @@ def available_client(settings: Settings | None = None) -> tuple[redis.Redis, Bre
 
 
 def job_finished(job_id: str) -> None:
+    _publish_to(channel(job_id), f"the end of {job_id}")
+
+
+def job_changed(job_id: str) -> None:
+    _publish_to(changed_channel(job_id), f"a change of {job_id}")
+
+
+def _publish_to(name: str, what: str) -> None:
     found = available_client()
     if found is None:
-        return  # waiters read the database at least once a second
+        return  # waiters and streams re-read the database on their own
     client, guard = found
     try:
-        client.publish(channel(job_id), b"1")
+        client.publish(name, b"1")
     except redis.RedisError as exc:
-        guard.failed(f"publishing the end of {job_id}", exc)
+        guard.failed(f"publishing {what}", exc)
     else:
         guard.succeeded()
 
 
 _FINISHED = "gpujobs.finished_jobs"  # session.info key: jobs that reached a final status in this transaction
+_CHANGED = "gpujobs.changed_jobs"  # session.info key: jobs whose timeline or progress changed in this transaction
 
 
 def after_commit(session: Session, job_id: str) -> None:
     """Publish the end of ``job_id`` once the session's transaction commits (never for a rollback)."""
     session.info.setdefault(_FINISHED, set()).add(job_id)
+
+
+def changed_after_commit(session: Session, job_id: str) -> None:
+    """Tell ``job_id``'s event streams, once the transaction commits, that its timeline or progress changed.
+
+    Only a set in the session until then: no statement, and one Redis publish per commit at most."""
+    session.info.setdefault(_CHANGED, set()).add(job_id)
 
 
 def install() -> None:
@@ -158,12 +180,16 @@ def install() -> None:
 
 
 def _publish(session: Session) -> None:
-    for job_id in sorted(session.info.pop(_FINISHED, ())):
+    finished = session.info.pop(_FINISHED, set())
+    for job_id in sorted(finished):
         job_finished(job_id)
+    for job_id in sorted(session.info.pop(_CHANGED, set()) - finished):  # a finish wakes streams too
+        job_changed(job_id)
 
 
 def _forget(session: Session) -> None:
     session.info.pop(_FINISHED, None)
+    session.info.pop(_CHANGED, None)
 
 
 def reset_clients() -> None:

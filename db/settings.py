@@ -5,10 +5,12 @@ Every field's default is documented here and in the README's configuration table
 
 from __future__ import annotations
 
+import ipaddress
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -139,6 +141,30 @@ class Settings(BaseSettings):
     max_waits_per_tenant: int = Field(
         200, ge=1, description="Concurrent `Prefer: wait` requests one tenant may hold per API process; more: 429."
     )
+    max_streams_per_key: int = Field(
+        100,
+        ge=1,
+        description="Concurrent job event streams (`/v1/jobs/{id}/events`) one API key may hold per API "
+        "process; more: 429.",
+    )
+    max_streams_per_tenant: int = Field(
+        300, ge=1, description="Concurrent job event streams one tenant may hold per API process; more: 429."
+    )
+    sse_keepalive_seconds: float = Field(
+        15.0, gt=0, le=300, description="How often an idle job event stream sends a `: keep-alive` comment."
+    )
+    sse_recheck_seconds: float = Field(
+        5.0,
+        gt=0,
+        le=300,
+        description="How often an event stream re-reads its job while the API process has no Redis subscription "
+        "(the fallback of the Redis wake-up); with Redis up it re-reads at each keep-alive as well.",
+    )
+    sse_max_seconds: float = Field(
+        3600.0,
+        gt=0,
+        description="How long one event stream stays open; then it ends and the client resumes with `Last-Event-ID`.",
+    )
     auth_failure_limit: int = Field(
         20,
         ge=0,
@@ -173,15 +199,27 @@ class Settings(BaseSettings):
     )
     metrics_token: str | None = Field(
         None,
-        description="When set, `GET /metrics` needs `Authorization: Bearer <token>`; unset, it is open "
+        description="When set, `GET /metrics` and `GET /metrics/cluster` need `Authorization: Bearer <token>`; "
+        "unset, they are open "
         "(keep it off the public internet).",
     )
     metrics_window_seconds: float = Field(
         3600.0,
         ge=60,
         le=7 * 86400,
-        description="The `/metrics` histograms count jobs that started (queue wait) or finished (run time) "
-        "within this window; lost workers are those silent past `worker_lost_seconds` but heard from within it.",
+        description="`/metrics/cluster` counts as lost the workers silent past `worker_lost_seconds` but heard "
+        "from within this window (older ones are gone, not lost).",
+    )
+    worker_metrics_port: int = Field(
+        0,
+        ge=0,
+        le=65535,
+        description="Each worker process serves its own Prometheus `/metrics` (jobs finished, queue wait and run "
+        "time, webhooks, model cache, GPU) on this port; 0 is off. One port per worker process on a host.",
+    )
+    worker_metrics_host: str = Field(
+        "0.0.0.0",
+        description="The address a worker's `/metrics` listens on (with `worker_metrics_port`).",
     )
 
     # --- jobs and workers -----------------------------------------------------
@@ -191,8 +229,26 @@ class Settings(BaseSettings):
     )
     max_attempts: int = Field(3, ge=1, le=100, description="Runs of a job before a lost worker fails it.")
     job_deadline_seconds: float = Field(3600.0, gt=0, description="Default time a job may run (per type override).")
-    dispatch_grace_seconds: float = Field(
-        5.0, ge=0, description="Age after which a queued job whose message was never sent is dispatched."
+    dispatch_buffer: int = Field(
+        1,
+        ge=0,
+        le=1000,
+        description="Messages the scheduler keeps in each queue beyond its live workers' free slots, so a slot that "
+        "frees finds its next job waiting in the broker; the rest of the backlog waits in the database.",
+    )
+    dispatch_slots_cache_seconds: float = Field(
+        1.0,
+        ge=0,
+        le=60,
+        description="How long each process reuses the live workers' slots it read for the scheduler's passes "
+        "(one statement less per submit and job end); 0 reads them on every pass.",
+    )
+    fair_share_window_seconds: float = Field(
+        600.0,
+        gt=0,
+        le=7 * 86400,
+        description="The scheduler shares each queue between tenants by the GPU-seconds they used in this recent "
+        "window (weighted), giving the next slot to the tenant that used least.",
     )
     redispatch_seconds: float = Field(
         900.0, gt=0, description="Age after which a still-queued job's message is presumed lost and sent again."
@@ -204,6 +260,22 @@ class Settings(BaseSettings):
     )
     reconcile_interval_seconds: float = Field(5.0, gt=0, description="Period of the reconciler on beat.")
     worker_concurrency: int = Field(2, ge=1, le=64, description="Jobs one worker process runs at once (threads).")
+    worker_task_events: bool = Field(
+        False,
+        description="Workers send Celery task events from their start. Off, they send none (three broker writes "
+        "less per job) until a monitor asks: Flower does every few seconds, by remote control.",
+    )
+
+    log_format: Literal["text", "json"] = Field(
+        "text",
+        description="How every process logs to stderr: `text` for people, `json` for one JSON object a line "
+        "(timestamp, level, logger, role, request and job ids) for log shippers.",
+    )
+    trace_file: Path | None = Field(
+        None,
+        description="Also write every finished trace span, one JSON object a line, to this file (tests and "
+        "debugging; needs the `otel` extra). Tracing is off unless this or OTEL_EXPORTER_OTLP_ENDPOINT is set.",
+    )
 
     heartbeat_seconds: float = Field(5.0, gt=0, description="How often each worker process records its heartbeat.")
     worker_lost_seconds: float = Field(30.0, gt=0, description="A worker silent this long is shown as lost.")
@@ -215,6 +287,99 @@ class Settings(BaseSettings):
         "then hands each one still running back to the queue at its next step (a fine-tune checkpoints first); "
         "0 hands them back at once. Keep it below the orchestrator's grace period (Kubernetes: 30 s by default).",
     )
+
+    # --- scheduling, quotas and retention (defaults; admins override per tenant) ----
+    tenant_weight: float = Field(
+        1.0,
+        gt=0,
+        le=1000,
+        description="Fair-share weight of a tenant without its own (twice the weight, twice the GPU time).",
+    )
+    quota_max_queued_jobs: int = Field(
+        10_000, ge=0, description="Most queued jobs one tenant may hold; past it a submit is a 429 (0: no limit)."
+    )
+    quota_max_running_jobs: int = Field(
+        0, ge=0, description="Most jobs of one tenant running at once on each queue (0: no limit)."
+    )
+    quota_submits_per_minute: int = Field(
+        0, ge=0, description="Job submits per minute per tenant, all its keys together (0: no limit)."
+    )
+    quota_max_retained_bytes: int = Field(
+        0,
+        ge=0,
+        description="Most bytes of job outputs one tenant keeps stored; past it a submit is a 429 (0: no limit).",
+    )
+    artifact_ttl: int = Field(
+        0,
+        ge=0,
+        description="Seconds a finished job's outputs are kept (`GPUJOBS_ARTIFACT_TTL`); then they are deleted from "
+        "storage and the job says `expired` (0: kept forever).",
+    )
+    job_retention: int = Field(
+        0,
+        ge=0,
+        description="Seconds a finished job is kept (`GPUJOBS_JOB_RETENTION`, counted from its end); then its row, "
+        "events, artifacts, webhook deliveries and stored outputs are deleted (0: kept forever). A job a model "
+        "was made by is kept while the model exists.",
+    )
+    retention_interval_seconds: float = Field(
+        60.0, gt=0, le=86400, description="Period of the beat task that expires outputs and purges old jobs."
+    )
+    retention_batch_size: int = Field(
+        500,
+        ge=1,
+        le=1000,
+        description="Artifacts expired, or jobs purged, per transaction of the retention task (a short one each).",
+    )
+    retention_max_batches: int = Field(
+        20, ge=1, le=10_000, description="Most batches of each kind one run of the retention task does."
+    )
+
+    # --- image inputs by URL or data URI (docs/api.md "Image inputs") ------------
+    input_url_allow_http: bool = Field(
+        False, description="Let image inputs be fetched from `http://` URLs; off, only `https://` URLs are fetched."
+    )
+    input_url_allow_private: bool = Field(
+        False,
+        description="Let image input URLs reach loopback, private, link-local and other non-public addresses "
+        "(tests, single-machine setups). Separate from `GPUJOBS_WEBHOOK_ALLOW_PRIVATE`; off by default.",
+    )
+    input_url_allowed_networks: list[str] = Field(
+        [],
+        description="Networks (CIDR) that image input URLs may reach although they are not public, e.g. "
+        '`["10.1.2.0/24"]` for an internal image store; every other non-public address stays refused.',
+    )
+    input_url_timeout_seconds: float = Field(
+        15.0,
+        gt=0,
+        le=300,
+        description="Time the input URLs of one submit may take together: connecting, TLS, redirects and every "
+        "byte of the bodies. A server that is slower is cut off at this (a 422).",
+    )
+    input_url_max_redirects: int = Field(
+        3, ge=0, le=10, description="Redirects an input URL may take; each target is checked again by the guard."
+    )
+    input_max_bytes: int = Field(
+        0,
+        ge=0,
+        description="Largest image fetched from an input URL or decoded from a data URI; 0 means the upload "
+        "limit (`GPUJOBS_MAX_BODY_BYTES`).",
+    )
+
+    @field_validator("input_url_allowed_networks")
+    @classmethod
+    def _networks(cls, value: list[str]) -> list[str]:
+        for network in value:
+            try:
+                ipaddress.ip_network(network, strict=False)
+            except ValueError:
+                raise ValueError(f"{network!r} is not a network (write it as 10.1.2.0/24 or 10.1.2.3)") from None
+        return value
+
+    @property
+    def input_max_bytes_in_effect(self) -> int:
+        """The input size limit: ``input_max_bytes``, or the upload limit when that is 0."""
+        return self.input_max_bytes or self.max_body_bytes
 
     # --- webhooks -------------------------------------------------------------
     webhook_allow_private: bool = Field(
@@ -245,6 +410,36 @@ class Settings(BaseSettings):
     )
     webhook_sweep_seconds: float = Field(
         5.0, gt=0, description="Period of the beat task that sends due webhook deliveries and retries."
+    )
+    webhook_sender_threads: int = Field(
+        16,
+        ge=1,
+        le=256,
+        description="Threads of each `webhooks` worker process that make delivery attempts (beside Celery's own: "
+        "a slow receiver holds one of these, never a worker slot).",
+    )
+    webhook_endpoint_concurrency: int = Field(
+        4,
+        ge=1,
+        le=64,
+        description="Most attempts in flight at once to one endpoint (a tenant's scheme://host:port), across all "
+        "webhooks workers; its other due deliveries wait for a free slot.",
+    )
+    webhook_breaker_failures: int = Field(
+        5,
+        ge=1,
+        le=1000,
+        description="Consecutive failures (no answer, 5xx or 429) after which an endpoint's circuit breaker opens: "
+        "its deliveries are deferred, not attempted.",
+    )
+    webhook_breaker_open_seconds: float = Field(
+        30.0,
+        gt=0,
+        description="How long a circuit breaker stays open the first time; then one probe attempt is made "
+        "(half-open). Each failed probe doubles the wait.",
+    )
+    webhook_breaker_max_open_seconds: float = Field(
+        900.0, gt=0, description="Longest time a circuit breaker stays open before its next probe."
     )
 
     # --- models ---------------------------------------------------------------

@@ -21,16 +21,31 @@ when a lease runs out.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any, cast
 
-from sqlalchemy import ColumnElement, CursorResult, Table, and_, delete, func, insert, literal, select, update
+from sqlalchemy import (
+    ColumnElement,
+    CursorResult,
+    Interval,
+    Table,
+    and_,
+    bindparam,
+    delete,
+    func,
+    insert,
+    literal,
+    select,
+    type_coerce,
+    update,
+)
 from sqlalchemy.orm import Session
 
 from db import clock, notify, webhooks
-from db.models import Artifact, EventKind, Job, JobEvent, JobStatus, Model, WebhookEvent, new_id
+from db.models import Artifact, EventKind, Job, JobEvent, JobStatus, Model, UTCDateTime, WebhookEvent, new_id
 from db.settings import Settings
 
 # The tables behind the models, for Core statements (the hot paths skip the ORM's unit of work).
@@ -70,6 +85,8 @@ def record_event(
     session.execute(
         insert(EVENTS).values(job_id=job_id, kind=kind.value, attempt=attempt, message=message, data=data, at=when)
     )
+    if kind is not EventKind.QUEUED:  # nobody streams a job before its first event: the submit publishes nothing
+        notify.changed_after_commit(session, job_id)
 
 
 def _update(session: Session, job_id: str, *conditions: Any, **values: Any) -> bool:
@@ -79,10 +96,11 @@ def _update(session: Session, job_id: str, *conditions: Any, **values: Any) -> b
     return result.rowcount == 1
 
 
-def _finished(session: Session, job_id: str) -> None:
+def _finished(session: Session, job_id: str, target: tuple[Any, Any] | None = None) -> None:
     """The job reached its final status: record its ``completed`` webhook, if it has one, in the same
-    transaction, and wake whoever waits for it (``Prefer: wait``) once that transaction commits."""
-    webhooks.job_event(session, job_id, WebhookEvent.COMPLETED)
+    transaction, and wake whoever waits for it (``Prefer: wait``) once that transaction commits.
+    ``target``: the job's webhook and filter, when the caller's UPDATE returned them."""
+    webhooks.job_event(session, job_id, WebhookEvent.COMPLETED, target)
     notify.after_commit(session, job_id)
 
 
@@ -93,8 +111,8 @@ def _running(attempt: int) -> tuple[Any, ...]:
 def create(session: Session, job: Job) -> Job:
     """Insert a new queued job and its first event (the caller commits, then dispatches).
 
-    ``created_at`` (unless given) is the database's time; a job given a ``dispatched_at`` (the API marks it
-    sent up front) is marked sent at that same time, so the reconciler measures its age on one clock.
+    ``created_at`` (unless given) is the database's time; the job waits (``dispatched_at`` NULL) until a
+    dispatch pass sends it (``worker.dispatcher``); one given a ``dispatched_at`` is marked sent at that time.
     """
     # A Core INSERT, not the ORM unit of work: submission is the API's hot path.
     job.id = job.id or new_id("job")
@@ -112,32 +130,82 @@ def create(session: Session, job: Job) -> Job:
     columns.setdefault("created_at", when)
     if "dispatched_at" in columns:
         columns["dispatched_at"] = when
-    inserted = session.execute(insert(JOBS).values(**columns).returning(JOBS.c.created_at, JOBS.c.dispatched_at))
-    job.created_at, job.dispatched_at = inserted.one()
+    row = insert(JOBS).values(**columns).returning(JOBS.c.id, JOBS.c.created_at, JOBS.c.dispatched_at)
+    if session.get_bind().dialect.name == "postgresql":
+        # One round trip for the job and its first event: the INSERT of the job as a data-modifying CTE,
+        # the event's INSERT … SELECT reading its id and created_at.
+        job_row = row.cte("new_job")
+        queued = select(job_row.c.id, literal(EventKind.QUEUED.value), literal(0), job_row.c.created_at)
+        both = (
+            insert(EVENTS)
+            .from_select(["job_id", "kind", "attempt", "at"], queued)
+            .returning(EVENTS.c.at, select(job_row.c.dispatched_at).scalar_subquery())
+        )
+        job.created_at, job.dispatched_at = session.execute(both).one()
+        return job
+    _, job.created_at, job.dispatched_at = session.execute(row).one()
     record_event(session, job.id, EventKind.QUEUED, 0, at=job.created_at)
     return job
 
 
-def claim(session: Session, job_id: str, worker_id: str, lease_seconds: float) -> Claim | None:
-    """queued → running, with a lease. ``None`` if another worker has it or it is no longer queued."""
-    job = session.scalars(
-        update(Job)
-        .where(Job.id == job_id, Job.status == JobStatus.QUEUED.value)
+@functools.cache
+def _claim_on_postgres() -> Any:
+    """PostgreSQL's claim in one statement, built once (bind parameters ``job_id``, ``worker_id``, ``lease``,
+    ``message``): the UPDATE as a data-modifying CTE returning the row, a second CTE inserting the claimed
+    event from that row (nothing when the job was not queued), the row selected as a ``Job``. Building a
+    CTE over every column costs more CPU than the round trip it saves, so it is not rebuilt per claim."""
+    now = type_coerce(func.now(), UTCDateTime())
+    taken = (
+        update(JOBS)
+        .where(JOBS.c.id == bindparam("job_id"), JOBS.c.status == JobStatus.QUEUED.value)
         .values(
             status=JobStatus.RUNNING.value,
-            attempts=Job.attempts + 1,
-            worker_id=worker_id,
-            lease_expires_at=clock.now(session, lease_seconds),
-            started_at=clock.now(session),
+            attempts=JOBS.c.attempts + 1,
+            worker_id=bindparam("worker_id"),
+            lease_expires_at=type_coerce(func.now() + bindparam("lease", type_=Interval()), UTCDateTime()),
+            started_at=now,
             progress={},
         )
-        .returning(Job),  # the whole row: the runner needs no second read
-        execution_options={"synchronize_session": False, "populate_existing": True},
-    ).first()
+        .returning(*JOBS.c)
+        .cte("claimed")
+    )
+    message = bindparam("message", type_=EVENTS.c.message.type)
+    event = select(taken.c.id, literal(EventKind.CLAIMED.value), taken.c.attempts, message, taken.c.started_at)
+    recorded = insert(EVENTS).from_select(["job_id", "kind", "attempt", "message", "at"], event).cte("claimed_event")
+    return select(Job).from_statement(select(taken).add_cte(recorded))
+
+
+def claim(session: Session, job_id: str, worker_id: str, lease_seconds: float) -> Claim | None:
+    """queued → running, with a lease. ``None`` if another worker has it or it is no longer queued."""
+    message = f"claimed by {worker_id}"
+    options = {"populate_existing": True}
+    postgres = session.get_bind().dialect.name == "postgresql"
+    if postgres:  # one round trip: the UPDATE and the event's INSERT
+        lease = timedelta(seconds=lease_seconds)
+        params = {"job_id": job_id, "worker_id": worker_id, "lease": lease, "message": message}
+        job = session.scalars(_claim_on_postgres(), params, execution_options=options).first()
+    else:
+        job = session.scalars(
+            update(Job)
+            .where(Job.id == job_id, Job.status == JobStatus.QUEUED.value)
+            .values(
+                status=JobStatus.RUNNING.value,
+                attempts=Job.attempts + 1,
+                worker_id=worker_id,
+                lease_expires_at=clock.now(session, lease_seconds),
+                started_at=clock.now(session),
+                progress={},
+            )
+            .returning(Job),  # the whole row: the runner needs no second read
+            execution_options={"synchronize_session": False, **options},
+        ).first()
     if job is None:
         return None
     attempt = job.attempts
-    record_event(session, job_id, EventKind.CLAIMED, attempt, f"claimed by {worker_id}", at=job.started_at)
+    if postgres:
+        notify.changed_after_commit(session, job_id)  # as record_event does
+    else:
+        record_event(session, job_id, EventKind.CLAIMED, attempt, message, at=job.started_at)
     # A job starts once, however often it is run; the claimed row tells whether it wants to hear it.
     if attempt == 1 and job.webhook and WebhookEvent.START.value in (job.webhook_events_filter or []):
         webhooks.job_event(session, job_id, WebhookEvent.START)
@@ -160,6 +228,8 @@ def renew_lease(
     ).first()
     if row is None:
         return LeaseState(owned=False, cancel_requested=False)
+    if progress is not None:
+        notify.changed_after_commit(session, job_id)  # the job's event streams send the new progress
     return LeaseState(owned=True, cancel_requested=row[0] is not None)
 
 
@@ -190,7 +260,10 @@ def record_attempt_event(
         clock.now(session),
     ).where(fence)
     columns = ["job_id", "kind", "attempt", "message", "data", "at"]
-    return session.execute(insert(EVENTS).from_select(columns, row).returning(EVENTS.c.id)).first() is not None
+    recorded = session.execute(insert(EVENTS).from_select(columns, row).returning(EVENTS.c.id)).first() is not None
+    if recorded:
+        notify.changed_after_commit(session, job_id)
+    return recorded
 
 
 def progress_milestone(session: Session, job_id: str, attempt: int, message: str, data: dict[str, Any]) -> bool:
@@ -212,31 +285,40 @@ def succeed(
     Fenced by the attempt like every worker transition: the artifact rows are replaced only together with the
     status change, so a stale attempt can never change what a finished job's artifacts point to (and each
     attempt stores under its own keys, ``jobs/<id>/<attempt>/…``, so neither can it change the objects)."""
-    now = clock.db_now(session)
-    done = _update(
-        session,
-        job_id,
-        *_running(attempt),
-        status=JobStatus.SUCCEEDED.value,
-        output=output,
-        progress=progress,
-        finished_at=now,
-        lease_expires_at=None,
-    )
-    if done:
-        if artifacts:
-            # An earlier attempt may have stored objects under the same names: this run's are the job's.
+    finished = session.execute(
+        update(JOBS)
+        .where(Job.id == job_id, *_running(attempt))
+        .values(
+            status=JobStatus.SUCCEEDED.value,
+            output=output,
+            progress=progress,
+            finished_at=clock.now(session),
+            lease_expires_at=None,
+        )
+        # The time of its rows and events, and whom to tell: no second round trip to read them.
+        .returning(JOBS.c.finished_at, JOBS.c.webhook, JOBS.c.webhook_events_filter)
+    ).first()
+    if finished is None:
+        return False
+    now = finished[0]
+    events: list[dict[str, Any]] = [{"kind": EventKind.SUCCEEDED.value, "message": None, "data": None}]
+    if artifacts:
+        if attempt > 1:  # rows are written by a success only, so a first attempt has none to replace
             session.execute(delete(ARTIFACTS).where(Artifact.job_id == job_id))
-            session.execute(insert(ARTIFACTS), [{**a, "job_id": job_id, "created_at": now} for a in artifacts])
-            names = [a["name"] for a in artifacts]
-            record_event(
-                session, job_id, EventKind.STORED, attempt, f"{len(names)} artifact(s) stored", {"names": names}, at=now
-            )
-        if models:
-            session.execute(insert(MODELS), [{**m, "job_id": job_id, "created_at": now} for m in models])
-        record_event(session, job_id, EventKind.SUCCEEDED, attempt, at=now)
-        _finished(session, job_id)
-    return done
+        session.execute(insert(ARTIFACTS), [{**a, "job_id": job_id, "created_at": now} for a in artifacts])
+        names = [a["name"] for a in artifacts]
+        stored = {
+            "kind": EventKind.STORED.value,
+            "message": f"{len(names)} artifact(s) stored",
+            "data": {"names": names},
+        }
+        events.insert(0, stored)
+    if models:
+        session.execute(insert(MODELS), [{**m, "job_id": job_id, "created_at": now} for m in models])
+    # One INSERT for the transition's events (stored, then succeeded), in timeline order.
+    session.execute(insert(EVENTS).values([{**e, "job_id": job_id, "attempt": attempt, "at": now} for e in events]))
+    _finished(session, job_id, (finished[1], finished[2]))
+    return True
 
 
 def fail(session: Session, job_id: str, attempt: int, code: str, message: str, traceback: str | None = None) -> bool:
@@ -263,11 +345,9 @@ def request_cancel(session: Session, job_id: str) -> JobStatus:
 
     Returns the status the job has afterwards; raises ``TransitionError`` if it had already finished.
     """
-    now = clock.now(session)
-    if _update(session, job_id, Job.status == JobStatus.QUEUED.value, status=JobStatus.CANCELED.value, finished_at=now):
-        record_event(session, job_id, EventKind.CANCELED, _attempts(session, job_id), "canceled before it ran", at=now)
-        _finished(session, job_id)
+    if cancel_queued(session, job_id):
         return JobStatus.CANCELED
+    now = clock.now(session)
     if _update(
         session,
         job_id,
@@ -281,6 +361,18 @@ def request_cancel(session: Session, job_id: str) -> JobStatus:
     if JobStatus(status).finished:
         raise TransitionError(f"it has already finished ({status})")
     return JobStatus(status)  # running, cancel already requested
+
+
+def cancel_queued(session: Session, job_id: str, message: str = "canceled before it ran") -> bool:
+    """queued → canceled (a job that has started is left alone): single cancels and the bulk cancel."""
+    now = clock.now(session)
+    done = _update(
+        session, job_id, Job.status == JobStatus.QUEUED.value, status=JobStatus.CANCELED.value, finished_at=now
+    )
+    if done:
+        record_event(session, job_id, EventKind.CANCELED, _attempts(session, job_id), message, at=now)
+        _finished(session, job_id)
+    return done
 
 
 def cancel(
@@ -349,8 +441,8 @@ def retry(session: Session, job_id: str, attempts: int, by: str) -> bool:
     The last run's error, traceback, output and progress are cleared from the row; the
     ``retried`` event keeps the error and traceback, so the timeline still says why it failed.
     ``max_attempts`` becomes the attempts used so far plus ``attempts``: the new run has the
-    same budget against lost workers as a new job. ``dispatched_at`` is cleared: the caller sends
-    it (``claim_dispatch`` in this transaction, commit, send), or else the reconciler does.
+    same budget against lost workers as a new job. ``dispatched_at`` is cleared: the job waits for the
+    scheduler (the caller runs a dispatch pass after the commit).
     The events (and with them the previous traceback) are shown to operators only.
     """
     before = session.execute(select(Job.status, Job.attempts, Job.error, Job.traceback).where(Job.id == job_id)).first()
@@ -427,32 +519,72 @@ def next_lease_expiry(session: Session, within_seconds: float) -> Expiry | None:
     return None if found[0] is None else Expiry(at=found[0], now=found[1])
 
 
-def _needs_dispatch(session: Session, settings: Settings, idle_queues: Collection[str]) -> Any:
-    """Queued and never sent (after ``dispatch_grace_seconds``), or sent but its message is presumed lost:
-    long ago (``redispatch_seconds``), or a while ago (``lost_message_seconds``) while its queue in the broker
-    is empty (so no message waits for it). Ages on the database's clock."""
-    grace, lost_message = settings.dispatch_grace_seconds, settings.lost_message_seconds
-    never_sent = and_(Job.dispatched_at.is_(None), Job.created_at < clock.now(session, -grace))
+def mark_dispatched(
+    session: Session, job_ids: Sequence[str], by: str | None = None, silent: Collection[str] = ()
+) -> set[str]:
+    """Take the right to send these waiting jobs (queued, never sent): the scheduler's pick, one UPDATE.
+
+    With ``by``, each job marked but those in ``silent`` (the one whose submit runs the pass) also gets its
+    ``dispatched`` event here, in the same transaction (one multi-row INSERT, at the mark's time): before
+    the message is sent, so that it precedes the worker's ``claimed`` on the timeline, and with no
+    transaction of its own. A send that fails takes it back (``undo_dispatch``).
+
+    Returns the ids marked; one that another pass sent, or that was canceled meanwhile, is left out."""
+    if not job_ids:
+        return set()
+    marked = session.execute(
+        update(JOBS)
+        .where(Job.id.in_(list(job_ids)), Job.status == JobStatus.QUEUED.value, Job.dispatched_at.is_(None))
+        .values(dispatched_at=clock.now(session))
+        .returning(JOBS.c.id, JOBS.c.attempts, JOBS.c.dispatched_at)
+    ).all()
+    if by is not None:
+        message = f"dispatched by {by}"
+        events = [
+            {"job_id": job_id, "kind": EventKind.DISPATCHED.value, "attempt": attempts, "message": message, "at": at}
+            for job_id, attempts, at in marked
+            if job_id not in silent
+        ]
+        if events:
+            session.execute(insert(EVENTS).values(events))
+    return {row[0] for row in marked}
+
+
+def _lost_message(session: Session, settings: Settings, idle_queues: Collection[str]) -> Any:
+    """Queued and sent, but its message is presumed lost: sent long ago (``redispatch_seconds``), or a while
+    ago (``lost_message_seconds``) while its queue in the broker is empty (so no message waits for it).
+    Ages on the database's clock. (A job never sent waits for the scheduler: ``worker.dispatcher``.)"""
     lost = Job.dispatched_at < clock.now(session, -settings.redispatch_seconds)
-    vanished = and_(Job.dispatched_at < clock.now(session, -lost_message), Job.queue.in_(list(idle_queues)))
-    return and_(Job.status == JobStatus.QUEUED.value, never_sent | lost | vanished)
+    vanished = and_(
+        Job.dispatched_at < clock.now(session, -settings.lost_message_seconds), Job.queue.in_(list(idle_queues))
+    )
+    return and_(Job.status == JobStatus.QUEUED.value, lost | vanished)
 
 
-def undispatched(session: Session, settings: Settings, idle_queues: Collection[str], limit: int = 500) -> list[Job]:
-    """Queued jobs whose message was never sent or was lost (see ``_needs_dispatch``)."""
-    condition = _needs_dispatch(session, settings, idle_queues)
+def lost_messages(session: Session, settings: Settings, idle_queues: Collection[str], limit: int = 500) -> list[Job]:
+    """Queued jobs sent whose message was lost (see ``_lost_message``)."""
+    condition = _lost_message(session, settings, idle_queues)
     return list(session.scalars(select(Job).where(condition).order_by(Job.created_at).limit(limit)))
 
 
-def claim_dispatch(session: Session, job_id: str, settings: Settings, idle_queues: Collection[str]) -> bool:
-    """Take the right to send the job's message, so two reconcilers never both send it."""
-    condition = _needs_dispatch(session, settings, idle_queues)
+def claim_resend(session: Session, job_id: str, settings: Settings, idle_queues: Collection[str]) -> bool:
+    """Take the right to send a lost job's message again, so two reconcilers never both send it."""
+    condition = _lost_message(session, settings, idle_queues)
     return _update(session, job_id, condition, dispatched_at=clock.now(session))
 
 
-def undo_dispatch(session: Session, job_id: str) -> None:
-    """The send failed: leave the job for the next reconcile."""
-    _update(session, job_id, Job.status == JobStatus.QUEUED.value, dispatched_at=None)
+def undo_dispatch(session: Session, *job_ids: str) -> None:
+    """The send failed: the jobs wait again (the next dispatch pass sends them), and the ``dispatched`` event
+    that ``mark_dispatched`` recorded for this send (the one at the job's ``dispatched_at``) is taken back."""
+    sent_at = select(Job.dispatched_at).where(Job.id == JobEvent.job_id).scalar_subquery()
+    session.execute(
+        delete(EVENTS).where(
+            JobEvent.job_id.in_(job_ids), JobEvent.kind == EventKind.DISPATCHED.value, JobEvent.at == sent_at
+        )
+    )
+    session.execute(
+        update(JOBS).where(Job.id.in_(job_ids), Job.status == JobStatus.QUEUED.value).values(dispatched_at=None)
+    )
 
 
 def dispatched_by_reconciler(session: Session, job_id: str) -> None:

@@ -20,8 +20,9 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import event, exists, func, insert, select, update
-from sqlalchemy.orm import Session, aliased
+from sqlalchemy.orm import Session
 
+from db import endpoints
 from db.models import DeliveryStatus, Job, WebhookAttempt, WebhookDelivery, WebhookEvent, WebhookSecret, utcnow
 from db.wire import job_json
 
@@ -87,13 +88,20 @@ def signing_secrets(session: Session, tenant_id: str) -> list[str]:
 # --- recording events ---------------------------------------------------------------------------
 
 
-def job_event(session: Session, job_id: str, kind: WebhookEvent) -> str | None:
+def job_event(
+    session: Session, job_id: str, kind: WebhookEvent, target: tuple[str | None, list[str] | None] | None = None
+) -> str | None:
     """Record a ``start`` or ``completed`` delivery if the job has a webhook that wants this event.
 
-    Called by the state machine inside the transition's transaction; returns the delivery id.
+    Called by the state machine inside the transition's transaction; returns the delivery id. ``target`` is
+    the job's ``(webhook, webhook_events_filter)`` when the transition's UPDATE returned them (no read here).
     """
-    target = session.execute(select(Job.webhook, Job.webhook_events_filter).where(Job.id == job_id)).first()
-    if target is None or not target.webhook or kind.value not in (target.webhook_events_filter or []):
+    if target is None:
+        target = session.execute(select(Job.webhook, Job.webhook_events_filter).where(Job.id == job_id)).first()
+    if target is None:
+        return None
+    webhook, events = target
+    if not webhook or kind.value not in (events or []):
         return None
     sequence = 0
     if kind == WebhookEvent.COMPLETED:  # a job an operator retried completes again: a new event (0, 1, …)
@@ -119,7 +127,8 @@ def progress_event(session: Session, job_id: str) -> str | None:
 def _record(session: Session, job_id: str, kind: WebhookEvent, sequence: int) -> str:
     # The transitions update with synchronize_session=False, so read the row as it is now.
     job = session.get(Job, job_id, populate_existing=True)
-    assert job is not None
+    assert job is not None and job.webhook
+    endpoint = endpoints.ensure(session, job.tenant_id, job.webhook)
     now = utcnow()
     delivery = WebhookDelivery(
         job_id=job_id,
@@ -132,6 +141,7 @@ def _record(session: Session, job_id: str, kind: WebhookEvent, sequence: int) ->
         series_first_attempt=1,
         next_attempt_at=now,
         created_at=now,
+        endpoint_id=endpoint,
     )
     session.add(delivery)
     session.flush()
@@ -165,68 +175,7 @@ def _forget(session: Session) -> None:
     session.info.pop(_PENDING_JOBS, None)
 
 
-# --- sending --------------------------------------------------------------------------------------
-
-
-def due_jobs(session: Session, limit: int = 500) -> list[str]:
-    """Jobs that have a delivery due now (the beat sweep enqueues their sending)."""
-    return list(
-        session.scalars(
-            select(WebhookDelivery.job_id)
-            .where(
-                WebhookDelivery.status == DeliveryStatus.PENDING.value,
-                WebhookDelivery.next_attempt_at <= utcnow(),
-            )
-            .distinct()
-            .limit(limit)
-        )
-    )
-
-
-def claim_next(session: Session, job_id: str, lease_seconds: float) -> WebhookDelivery | None:
-    """Take the job's next due delivery for one attempt, or ``None``.
-
-    The claim moves ``next_attempt_at`` past the attempt's end, so neither a duplicate task nor
-    the sweep sends it meanwhile, and a sender that dies leaves it due again. A delivery waits
-    while an earlier one of the same job has never been tried, so first attempts go out in the
-    order the events happened (retries are not ordered).
-    """
-    now = utcnow()
-    earlier = aliased(WebhookDelivery)
-    blocked = exists().where(
-        earlier.job_id == WebhookDelivery.job_id,
-        earlier.status == DeliveryStatus.PENDING.value,
-        earlier.attempts == 0,
-        earlier.created_at < WebhookDelivery.created_at,
-    )
-    for _ in range(3):  # another sender may take the one we picked; look again
-        candidate = session.scalars(
-            select(WebhookDelivery)
-            .where(
-                WebhookDelivery.job_id == job_id,
-                WebhookDelivery.status == DeliveryStatus.PENDING.value,
-                WebhookDelivery.next_attempt_at <= now,
-                ~blocked,
-            )
-            .order_by(WebhookDelivery.created_at, WebhookDelivery.sequence)
-            .limit(1)
-        ).first()
-        if candidate is None:
-            return None
-        claimed = session.execute(
-            update(WebhookDelivery)
-            .where(
-                WebhookDelivery.id == candidate.id,
-                WebhookDelivery.status == DeliveryStatus.PENDING.value,
-                WebhookDelivery.next_attempt_at <= now,
-            )
-            .values(next_attempt_at=now + timedelta(seconds=lease_seconds))
-            .execution_options(synchronize_session=False)
-        )
-        if claimed.rowcount == 1:  # type: ignore[attr-defined]
-            session.refresh(candidate)
-            return candidate
-    return None
+# --- sending (``db/endpoints.py`` claims the next delivery fairly) ---------------------------------
 
 
 def superseded(session: Session, delivery: WebhookDelivery) -> bool:
@@ -257,6 +206,7 @@ def record_attempt(
         "status": outcome.value,
         "next_attempt_at": next_attempt_at,
         "last_error": error,
+        "claimed_until": None,  # the endpoint's slot is free again
     }
     if outcome == DeliveryStatus.DELIVERED:
         values["delivered_at"] = at + timedelta(seconds=duration_seconds)
@@ -298,11 +248,19 @@ def redeliver(session: Session, delivery_id: str) -> bool:
             series_started_at=now,
             series_first_attempt=WebhookDelivery.attempts + 1,
         )
-        .returning(WebhookDelivery.job_id)
+        .returning(WebhookDelivery.job_id, WebhookDelivery.endpoint_id)
         .execution_options(synchronize_session=False)
     ).first()
     if done is None:
         return False
+    job = session.get(Job, done[0])
+    if done[1] is None and job is not None and job.webhook:  # delivered before endpoints existed (migration 0006)
+        session.execute(
+            update(WebhookDelivery)
+            .where(WebhookDelivery.id == delivery_id)
+            .values(endpoint_id=endpoints.ensure(session, job.tenant_id, job.webhook))
+            .execution_options(synchronize_session=False)
+        )
     session.info.setdefault(_PENDING_JOBS, set()).add(done[0])
     return True
 

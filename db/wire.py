@@ -6,6 +6,7 @@ same transaction as the event, and the webhook worker (which may not import ``ap
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from datetime import datetime
 from typing import Any
 
@@ -21,26 +22,48 @@ def _seconds(start: datetime | None, end: datetime | None) -> float | None:
     return round((end - start).total_seconds(), 3) if start and end else None
 
 
-def with_artifact_urls(value: Any, artifacts: dict[str, str], storage: Storage | None = None) -> Any:
-    """Add a fresh presigned ``url`` to every artifact found in a job's output (``artifacts``: name → key)."""
+def with_artifact_urls(value: Any, artifacts: dict[str, str | None], storage: Storage | None = None) -> Any:
+    """Add a fresh presigned ``url`` and ``expired`` to every artifact found in a job's output.
+
+    ``artifacts``: name → storage key, or None for an artifact that retention expired (its object is gone:
+    ``"url": null, "expired": true``, and no URL is signed)."""
     if isinstance(value, dict):
         if value.get("name") in artifacts and {"content_type", "size", "sha256"} <= value.keys():
-            return {**value, "url": (storage or get_storage()).presigned_url(artifacts[value["name"]])}
+            key = artifacts[value["name"]]
+            if key is None:
+                return {**value, "url": None, "expired": True}
+            return {**value, "url": (storage or get_storage()).presigned_url(key), "expired": False}
         return {k: with_artifact_urls(v, artifacts, storage) for k, v in value.items()}
     if isinstance(value, list):
         return [with_artifact_urls(v, artifacts, storage) for v in value]
     return value
 
 
+def artifact_keys(artifacts: Iterable[Any]) -> dict[str, str | None]:
+    """name → storage key of a job's artifacts (None for an expired one), as ``with_artifact_urls`` takes them.
+
+    ``artifacts``: ``Artifact`` rows, or result rows with their ``name``, ``storage_key`` and ``expired_at``."""
+    return {a.name: None if a.expired_at is not None else a.storage_key for a in artifacts}
+
+
+def outputs_expired_at(artifacts: Iterable[Any]) -> datetime | None:
+    """When retention expired the job's outputs (the latest of its artifacts' expiries), else None."""
+    return max((a.expired_at for a in artifacts if a.expired_at is not None), default=None)
+
+
 def job_json(job: Job, *, urls: bool = True, storage: Storage | None = None) -> dict[str, Any]:
     """The Job; ``urls=False`` leaves out the presigned artifact URLs (for a snapshot kept in the database).
 
-    URLs are presigned by ``storage`` (the process's default storage if not given).
+    ``retry_of`` names the job this one retries and ``retried_as`` the jobs made by retrying it (oldest first).
+    URLs are presigned by ``storage`` (the process's default storage if not given). An expired artifact
+    has ``"url": null, "expired": true``, and ``outputs_expired_at`` says when.
     """
     progress = {"step": 0, "total": None, "fraction": 0.0, "message": None, **(job.progress or {})}
-    output = job.output
+    output, expired_at = job.output, None
     if urls and output is not None and job.status == JobStatus.SUCCEEDED.value:
-        output = with_artifact_urls(output, {a.name: a.storage_key for a in job.artifacts}, storage)
+        # Only a succeeded job has artifacts: any other status costs no artifact query.
+        output = with_artifact_urls(output, artifact_keys(job.artifacts), storage)
+        expired_at = outputs_expired_at(job.artifacts)
     return {
         "id": job.id,
         "type": job.type,
@@ -51,6 +74,7 @@ def job_json(job: Job, *, urls: bool = True, storage: Storage | None = None) -> 
         "error": job.error,
         "progress": progress,
         "attempts": job.attempts,
+        "priority": job.priority,
         "created_at": rfc3339(job.created_at),
         "started_at": rfc3339(job.started_at),
         "finished_at": rfc3339(job.finished_at),
@@ -60,7 +84,14 @@ def job_json(job: Job, *, urls: bool = True, storage: Storage | None = None) -> 
         },
         "webhook": job.webhook,
         "webhook_events_filter": job.webhook_events_filter,
-        "urls": {"self": f"/v1/jobs/{job.id}", "cancel": f"/v1/jobs/{job.id}/cancel"},
+        "outputs_expired_at": rfc3339(expired_at),
+        "retry_of": job.retry_of,
+        "retried_as": [retry.id for retry in job.retries],
+        "urls": {
+            "self": f"/v1/jobs/{job.id}",
+            "cancel": f"/v1/jobs/{job.id}/cancel",
+            "retry": f"/v1/jobs/{job.id}/retry",
+        },
     }
 
 

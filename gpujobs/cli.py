@@ -14,6 +14,7 @@ from pathlib import Path
 import click
 
 from gpujobs import __version__
+from gpujobs.client_cli import register as register_client_commands
 from worker.jobs.spec import Queue
 
 KNOWN_QUEUES = tuple(queue.value for queue in Queue)  # what a worker may serve
@@ -85,6 +86,7 @@ def migrate() -> None:
     import migrations
     from db.settings import get_settings
 
+    _log_as("migrate")
     settings = get_settings()
     _ensure_sqlite_dir(settings.database_url, settings.var_dir)
     migrations.upgrade(settings.database_url)
@@ -124,6 +126,37 @@ def keys_create(name: str, role: str, tenant_id: str | None) -> None:
     click.echo("Store the key now: it is not shown again.", err=True)
 
 
+@keys.command("list")
+def keys_list() -> None:
+    """List every API key (id, name, role, tenant, created, revoked); the keys themselves are never stored."""
+    from gpujobs.admin import key_rows, key_table
+
+    click.echo(key_table(key_rows()))
+
+
+@keys.command("revoke")
+@click.argument("key_id")
+@click.option("--force", is_flag=True, help="Revoke even the last active admin key.")
+def keys_revoke(key_id: str, force: bool) -> None:
+    """Revoke KEY_ID (key_…): every request with it is refused from now on."""
+    from gpujobs.admin import revoke_key
+
+    click.echo(revoke_key(key_id, force))
+
+
+@main.command()
+@click.option("--env", "as_env", is_flag=True, help="Print `export` lines (with the S3 keys) to join the set-up.")
+def info(as_env: bool) -> None:
+    """Where the running `gpujobs up` serves: API, database, broker, S3 endpoint, admin key file.
+
+    For Flower or a second worker: eval "$(gpujobs info --env)"; gpujobs worker"""
+    from db.settings import get_settings
+    from gpujobs.admin import env_lines, info_lines, read_setup
+
+    setup = read_setup(get_settings().var_dir.resolve())
+    click.echo("\n".join(env_lines(setup) if as_env else info_lines(setup)))
+
+
 @main.command()
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
 @click.option("--port", default=8000, show_default=True, type=click.IntRange(1, 65535), help="Port to listen on.")
@@ -151,7 +184,12 @@ def keys_create(name: str, role: str, tenant_id: str | None) -> None:
     type=click.IntRange(1, 256),
     help="Threads per process (gthread only).",
 )
-@click.option("--access-log/--no-access-log", default=False, show_default=True, help="Log every request to stderr.")
+@click.option(
+    "--access-log/--no-access-log",
+    default=True,
+    show_default=True,
+    help="Log every request (with its X-Request-ID), in GPUJOBS_LOG_FORMAT like every other line.",
+)
 def api(
     host: str, port: int, workers: int, worker_class: str, connections: int, threads: int, access_log: bool
 ) -> None:
@@ -200,10 +238,35 @@ def api(
         args += ["--threads", str(threads)]
     if Path("/dev/shm").is_dir():  # worker heartbeats in memory, not on a possibly slow disk
         args += ["--worker-tmp-dir", "/dev/shm"]
+    # gunicorn's own lines and the access log in the format of every gpujobs process (db.logs).
+    args += ["--logger-class", "api.access_log.GunicornLogger"]
     if access_log:
         args += ["--access-logfile", "-"]
+    args += ["--config", "python:api.gunicorn_conf"]
+    os.environ[MULTIPROC_ENV] = str(_metrics_dir(host, port))
     args.append("api.wsgi:app")
     _exec(args)
+
+
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+
+
+def _metrics_dir(host: str, port: int) -> Path:
+    """The API server's multiprocess metric files (``api.instruments``), emptied now: counters start at zero
+    with the server, as Prometheus expects of a restarted target. ``PROMETHEUS_MULTIPROC_DIR`` when set, else
+    one directory per listening address in memory (/dev/shm) or the temp dir, so two servers never mix."""
+    import tempfile
+
+    given = os.environ.get(MULTIPROC_ENV)
+    if given:
+        folder = Path(given)
+    else:
+        base = Path("/dev/shm") if Path("/dev/shm").is_dir() else Path(tempfile.gettempdir())
+        folder = base / f"gpujobs-api-metrics-{os.getuid()}-{host.replace(':', '_')}-{port}"
+    folder.mkdir(parents=True, exist_ok=True)
+    for stale in folder.glob("*.db"):
+        stale.unlink(missing_ok=True)
+    return folder
 
 
 @main.command()
@@ -214,7 +277,7 @@ def api(
     show_default=True,
     help=f"Comma-separated queues to serve, from: {', '.join(KNOWN_QUEUES)}. The default serves them all, as a "
     "one-worker deployment needs; name a subset for specialised pools (GPU workers: gpu,train; a CPU worker: "
-    "webhooks,maintenance), and make sure every queue has a worker somewhere (/metrics gpujobs_queue_stalled).",
+    "webhooks,maintenance), and make sure every queue has a worker somewhere (/metrics/cluster gpujobs_queue_stalled).",
 )
 @click.option(
     "--concurrency",
@@ -248,11 +311,15 @@ def worker(queues: str, concurrency: int | None, name: str | None, loglevel: str
         _require_role("worker")
     from worker.tasks import worker_app
 
+    _log_as("worker", loglevel)
     settings = get_settings()
     concurrency = concurrency or settings.worker_concurrency
     name = name or f"gpujobs-{os.getpid()}"
+    from db import logs
+
     worker_app(settings).worker_main(
         [
+            *(["--quiet"] if logs.is_json() else []),  # no banner: in JSON, every line is an object
             "worker",
             *("-Q", ",".join(names)),
             *("--pool", "threads"),
@@ -275,6 +342,7 @@ def beat(loglevel: str) -> None:
     from db.settings import get_settings
     from worker.tasks import worker_app
 
+    _log_as("beat", loglevel)
     settings = get_settings()
     settings.var_dir.mkdir(parents=True, exist_ok=True)
     schedule = str(settings.var_dir / "celerybeat-schedule")
@@ -354,6 +422,13 @@ def settings_table(settings_class: type) -> str:
 
 
 # --- helpers -------------------------------------------------------------------------------------
+
+
+def _log_as(role: str, level: str = "INFO") -> None:
+    """This process's logging (db.logs): the format GPUJOBS_LOG_FORMAT names, ``role`` on every line."""
+    from db import logs
+
+    logs.configure(role, level)
 
 
 def _render(value: object) -> str:
@@ -461,3 +536,6 @@ def _exec(args: list[str]) -> None:
 
     dispose_engines()
     os.execv(args[0], args)
+
+
+register_client_commands(main)  # submit, jobs, download, events, login: gpujobs/client_cli.py

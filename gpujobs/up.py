@@ -27,6 +27,7 @@ from pathlib import Path
 
 import click
 
+from gpujobs.admin import SETUP_FILE
 from gpujobs.harness.processes import Interrupted, Stack, gpujobs_command, interrupt, on_stop_signals
 from gpujobs.harness.servers import ServiceError, start_redis, start_s3
 from gpujobs.harness.supervisor import STOP_TIMEOUT, Fatal, Supervisor, tail
@@ -43,10 +44,11 @@ POLL_SECONDS = 0.25
 
 def run_up(*, host: str, port: int, demo: bool) -> int:
     """Start, supervise until a signal, stop; returns the exit status."""
+    from db import logs
     from db.settings import get_settings
 
     # Warnings only from libraries (and so no Alembic progress lines): the children keep full logs.
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logs.configure("up", logging.WARNING)
     var_dir = get_settings().var_dir.resolve()
     var_dir.mkdir(parents=True, exist_ok=True)
     supervisor = Supervisor(Stack({}, var_dir / "logs"))
@@ -72,6 +74,7 @@ def run_up(*, host: str, port: int, demo: bool) -> int:
 
         on_stop_signals(hurry)
         supervisor.stop(timeout=_stop_timeout())
+        (var_dir / SETUP_FILE).unlink(missing_ok=True)
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     click.echo("stopped" if status == 0 else "stopped after an error")
@@ -81,6 +84,7 @@ def run_up(*, host: str, port: int, demo: bool) -> int:
 def _start(supervisor: Supervisor, var_dir: Path, host: str, port: int, demo: bool) -> None:
     echo = supervisor.echo
     _check_port_free(host, port)
+    embedded_s3 = "GPUJOBS_S3_ENDPOINT_URL" not in os.environ
     env = _configure(supervisor, var_dir)
     os.environ.update(env)
     stack = supervisor.stack
@@ -114,12 +118,31 @@ def _start(supervisor: Supervisor, var_dir: Path, host: str, port: int, demo: bo
     url = f"http://{_probe_host(host)}:{port}"
     _wait_ready(supervisor, f"{url}/readyz")
     _wait_worker(supervisor)
+    _record_setup(var_dir, url, settings.database_url, settings.s3_bucket, embedded_s3, key_source)
     echo("")
     echo(f"gpujobs is ready at {url}")
     echo(f"  admin key: {admin_key}  ({key_source})")
     echo(f"  API docs:  {url}/docs")
     echo("  try a job: " + _curl_example(url, admin_key))
     echo("Press Ctrl-C to stop.")
+
+
+def _record_setup(var_dir: Path, url: str, database_url: str, bucket: str, embedded_s3: bool, key_source: str) -> None:
+    """Write ``var/up.json`` (private: it names the S3 key file) for ``gpujobs info``; removed on stop."""
+    admin_key_file = var_dir / "admin-key"
+    setup = {
+        "pid": os.getpid(),
+        "api_url": url,
+        "database_url": database_url,
+        "broker_url": os.environ["GPUJOBS_BROKER_URL"],
+        "s3_endpoint_url": os.environ["GPUJOBS_S3_ENDPOINT_URL"],
+        "s3_bucket": bucket,
+        "s3_credentials_file": str(var_dir / "s3-credentials.json") if embedded_s3 else None,
+        "admin_key_file": str(admin_key_file) if "GPUJOBS_ADMIN_KEY" not in key_source else None,
+        "model_catalog": os.environ.get("GPUJOBS_MODEL_CATALOG"),  # --demo's, or the configured one
+        "var_dir": str(var_dir),
+    }
+    _write_private(var_dir / SETUP_FILE, json.dumps(setup, indent=2) + "\n")
 
 
 def _stop_timeout() -> float:

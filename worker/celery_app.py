@@ -11,6 +11,7 @@ import threading
 
 from celery import Celery
 
+from db import tracing
 from db.settings import Settings, get_settings
 from worker.jobs.spec import Queue
 
@@ -18,6 +19,7 @@ RUN_JOB = "gpujobs.run_job"
 RECONCILE = "gpujobs.reconcile"
 SEND_WEBHOOKS = "gpujobs.send_webhooks"
 SWEEP_WEBHOOKS = "gpujobs.sweep_webhooks"
+RETENTION = "gpujobs.retention"
 
 
 def make_celery(settings: Settings) -> Celery:
@@ -38,7 +40,8 @@ def make_celery(settings: Settings) -> Celery:
         broker_connection_retry_on_startup=True,
         task_ignore_result=True,  # state lives in the database, not in a result backend
         result_backend=None,
-        worker_send_task_events=True,  # so Flower works against our workers too
+        # Task events cost three broker writes per job; Flower turns them on by remote control when it runs.
+        worker_send_task_events=settings.worker_task_events,
         # No task-sent events: they would double the API's broker writes; workers' events suffice for Flower.
         task_send_sent_event=False,
         worker_hijack_root_logger=False,
@@ -59,6 +62,15 @@ def make_celery(settings: Settings) -> Celery:
                 "task": SWEEP_WEBHOOKS,
                 "schedule": settings.webhook_sweep_seconds,
                 "options": {"queue": Queue.WEBHOOKS.value, "expires": max(settings.webhook_sweep_seconds * 2, 5)},
+            },
+            # Expired outputs and old jobs (worker/retention.py); does nothing while both are kept forever.
+            "retention": {
+                "task": RETENTION,
+                "schedule": settings.retention_interval_seconds,
+                "options": {
+                    "queue": Queue.MAINTENANCE.value,
+                    "expires": max(settings.retention_interval_seconds * 2, 5),
+                },
             },
         },
     )
@@ -95,7 +107,8 @@ def queue_depths(settings: Settings | None = None) -> dict[str, int]:
 
 def dispatch(job_id: str, queue: str, settings: Settings | None = None) -> None:
     """Send a job id to its queue; raises if the broker does not take it (the reconciler retries)."""
-    producer(settings).send_task(RUN_JOB, args=[job_id], queue=queue, retry=False)
+    with tracing.span("job.dispatch", tracing.job_traceparent(job_id), job_id=job_id, queue=queue):
+        producer(settings).send_task(RUN_JOB, args=[job_id], queue=queue, retry=False)
 
 
 def schedule_reconcile(countdown: float, expires: float, settings: Settings | None = None) -> None:
@@ -106,9 +119,10 @@ def schedule_reconcile(countdown: float, expires: float, settings: Settings | No
 
 
 def send_webhooks(
-    job_id: str, countdown: float | None = None, expires: float | None = None, settings: Settings | None = None
+    hint: str, countdown: float | None = None, expires: float | None = None, settings: Settings | None = None
 ) -> None:
-    """Ask a webhooks worker to send the job's due deliveries (best effort: the beat sweep finds them too)."""
+    """Wake a webhooks worker's senders: due deliveries go, fairly between endpoints (best effort: the beat
+    sweep wakes them too). ``hint`` (the job or endpoint that has one due) only shows in the logs."""
     producer(settings).send_task(
-        SEND_WEBHOOKS, args=[job_id], queue=Queue.WEBHOOKS.value, countdown=countdown, expires=expires, retry=False
+        SEND_WEBHOOKS, args=[hint], queue=Queue.WEBHOOKS.value, countdown=countdown, expires=expires, retry=False
     )

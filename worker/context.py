@@ -9,8 +9,10 @@ transaction records one, at most every ``webhook_progress_seconds``.
 
 Storage is fenced by the attempt: every object an attempt stores is under its own number
 (``jobs/<id>/<attempt>/<name>``, ``jobs/<id>/checkpoints/<attempt>/<name>``), and the attempt checks
-that it still runs the job before and after storing, so a stale attempt (a worker that was frozen
-past its lease) can neither overwrite the winner's objects nor change the timeline of a newer run.
+that it still runs the job before storing and again at its next ``check()`` (or ``should_stop()``, or
+store) after it, so a stale attempt (a worker that was frozen past its lease) can neither overwrite the
+winner's objects nor change the timeline of a newer run, and stops at its next step. A job whose last
+step is a store costs no read after it: its success is a fenced transition of its own.
 A storage outage fails no job at once: an object that cannot be stored is spooled under
 ``<var_dir>/spool/`` and tried again with backoff while the lease is renewed, for up to
 ``storage_retry_window_seconds``; only then does the job fail with ``storage_error``.
@@ -19,6 +21,7 @@ A storage outage fails no job at once: an object that cannot be stored is spoole
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import logging
 import random
 import shutil
@@ -33,7 +36,7 @@ from typing import Any, TypeVar
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from db import transitions, webhooks
+from db import tracing, transitions, webhooks
 from db.models import File, Model
 from db.session import session_scope
 from db.settings import Settings
@@ -141,6 +144,7 @@ class JobContext:
         self._progress_unsent = False  # progress changed since the last progress webhook
         self._last_progress_webhook = float("-inf")
         self._lease_lost = False
+        self._fence_due = False  # an object was stored since the last fenced read: the next check reads
         self._checkpoint_key: str | None = None
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -166,6 +170,8 @@ class JobContext:
     def should_stop(self) -> bool:
         """Whether the run must stop now (canceled, lease lost, past its deadline), for code that must stop
         cleanly before ``check()`` raises (a pipeline's step callback, a training loop)."""
+        if self._fence_due:
+            self._still_owner()
         return self._cancel_requested or self._lease_lost or self._hand_back or self._clock() > self.deadline
 
     @property
@@ -179,8 +185,13 @@ class JobContext:
         self._hand_back = True
         self._wake.set()
 
-    def check(self) -> None:
-        """Raise if the job was canceled, lost its lease or ran past its deadline."""
+    def check(self, fence: bool = True) -> None:
+        """Raise if the job was canceled, lost its lease or ran past its deadline.
+
+        After a store, the first check reads the fence (one statement); ``fence=False`` leaves it to the
+        caller's next fenced transition (the runner's check before the success, which is fenced itself)."""
+        if fence and self._fence_due:
+            self._still_owner()
         if self._cancel_requested:
             raise Canceled()
         if self._lease_lost:
@@ -248,6 +259,7 @@ class JobContext:
         if not owned:
             self._lost()
             self.check()
+        self._fence_due = False  # the checkpoint's record was a fenced write
         previous, self._checkpoint_key = self._checkpoint_key, key
         if previous and previous != key:
             try:
@@ -283,7 +295,8 @@ class JobContext:
         ``models/<new model id>/…``), never one another attempt could write. Raises ``LeaseLost`` if this
         attempt no longer runs the job, ``StorageGaveUp`` if storage failed for the whole retry window.
         """
-        obj = self._store_object(key or f"{self.output_prefix}{name}", data, content_type)
+        with tracing.span("job.upload", artifact=name, bytes=len(data)):
+            obj = self._store_object(key or f"{self.output_prefix}{name}", data, content_type)
         self.stored[name] = {
             "name": name,
             "content_type": content_type,
@@ -294,7 +307,8 @@ class JobContext:
         return Artifact(name=name, content_type=content_type, size=obj.size, sha256=obj.sha256)
 
     def _store_object(self, key: str, data: bytes, content_type: str) -> StoredObject:
-        """Store an object for this attempt: the lease checked before and after, an outage ridden out."""
+        """Store an object for this attempt: the lease checked before (and at the next check after), an outage
+        ridden out."""
         self._ensure_owner()
         storage = get_storage(self.settings)
         try:
@@ -307,7 +321,7 @@ class JobContext:
                 )
             finally:
                 spooled.unlink(missing_ok=True)
-        self._ensure_owner()
+        self._fence_due = True  # read at the next check, store or transition (not here: the job may be done)
         return obj
 
     # --- fencing and outages ------------------------------------------------------------------------------
@@ -316,6 +330,7 @@ class JobContext:
         write that matters is fenced again by its own transition."""
         if self._lease_lost:
             return False
+        self._fence_due = False
         try:
             with self._sessions() as session:
                 owned = transitions.owns(session, self.job_id, self.attempt)
@@ -395,7 +410,11 @@ class JobContext:
             return dict(self._progress)
 
     def start(self) -> None:
-        self._thread = threading.Thread(target=self._control_loop, name=f"control-{self.job_id}", daemon=True)
+        # In a copy of this thread's context: the control thread's log lines carry the job id and attempt too.
+        run = contextvars.copy_context().run
+        self._thread = threading.Thread(
+            target=run, args=(self._control_loop,), name=f"control-{self.job_id}", daemon=True
+        )
         self._thread.start()
 
     def close(self) -> None:

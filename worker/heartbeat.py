@@ -1,7 +1,7 @@
 """Each worker process records who it is and what it holds every few seconds.
 
-Host, pid, queues, device (GPU name and memory), loaded models (with load and batch
-counters), current jobs. The dashboard and ``/metrics`` read it; a worker silent for
+Host, pid, queues, slots (its concurrency: the scheduler's capacity), device (GPU name and memory),
+loaded models (with load and batch counters), current jobs. The dashboard and ``/metrics`` read it; a worker silent for
 longer than ``worker_lost_seconds`` shows as lost. The times are the database's (``db.clock``), as is the
 time they are compared with, so a worker whose host clock is off is neither lost nor alive by mistake.
 """
@@ -63,9 +63,10 @@ def loaded_models() -> dict[str, Any]:
 
 
 class Heartbeat:
-    def __init__(self, worker_id: str, queues: list[str]) -> None:
+    def __init__(self, worker_id: str, queues: list[str], slots: int = 1) -> None:
         self.worker_id = worker_id
         self.queues = queues
+        self.slots = slots  # jobs it runs at once: the scheduler's capacity (``worker.dispatcher``)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="heartbeat", daemon=True)
 
@@ -83,6 +84,7 @@ class Heartbeat:
                 row = WorkerProcess(id=self.worker_id, hostname=socket.gethostname(), pid=os.getpid(), started_at=now)
                 session.add(row)
             row.queues = self.queues
+            row.slots = self.slots
             row.device = device_info()
             row.models = loaded_models()
             row.current_jobs = current

@@ -2,8 +2,9 @@
 
 - running jobs whose lease expired (their worker died) are requeued, or failed once
   they used up ``max_attempts``; a dead job whose cancel was asked is canceled;
-- queued jobs whose message was never sent (the broker refused it) or is presumed lost
-  are dispatched again. A duplicate message is harmless: only one claim can win.
+- queued jobs whose message is presumed lost are sent again (a duplicate message is harmless:
+  only one claim can win), and a dispatch pass runs on each job queue (``worker.dispatcher``), so
+  jobs that wait while a slot is free (a failed send, a requeue, a broker that was down) are sent.
 
 Beat runs it every ``reconcile_interval_seconds``; when a lease that has missed its renewals
 will expire before the next beat, the run also schedules one reconcile for that moment
@@ -21,9 +22,10 @@ import time
 from dataclasses import dataclass, field
 from datetime import datetime
 
-from db import transitions
+from db import counts, gpu_seconds, retained, transitions
 from db.session import session_scope
 from db.settings import Settings, get_settings
+from worker import dispatcher
 from worker.celery_app import dispatch, queue_depths, schedule_reconcile
 
 log = logging.getLogger(__name__)
@@ -86,14 +88,14 @@ def reconcile() -> Report:
         report.next_expiry, report.checked_at, report.checked_monotonic = expiry.at, expiry.now, time.monotonic()
     idle = idle_queues()
     with session_scope() as session:
-        pending = [(job.id, job.queue) for job in transitions.undispatched(session, settings, idle)]
-    for job_id, queue in pending:
+        lost = [(job.id, job.queue) for job in transitions.lost_messages(session, settings, idle)]
+    for job_id, queue in lost:
         with session_scope() as session:
-            if not transitions.claim_dispatch(session, job_id, settings, idle):
-                continue  # another reconciler (or the API) got there first
+            if not transitions.claim_resend(session, job_id, settings, idle):
+                continue  # another reconciler got there first, or a worker claimed it
         try:
             dispatch(job_id, queue)
-        except Exception as exc:  # broker still down: try again on the next beat
+        except Exception as exc:  # broker still down: the job waits, a later pass sends it
             log.warning("could not dispatch %s: %s", job_id, exc)
             with session_scope() as session:
                 transitions.undo_dispatch(session, job_id)
@@ -102,6 +104,16 @@ def reconcile() -> Report:
         with session_scope() as session:
             transitions.dispatched_by_reconciler(session, job_id)
         report.dispatched.append(job_id)
+    # The scheduler's safety net: jobs that wait while a slot is free (a pass that failed, a requeue, a
+    # worker that came back, a broker that was down) are sent now.
+    report.dispatched += dispatcher.dispatch_all(settings=settings, by="the reconciler")
+
+    with session_scope() as session:  # keep the job counts' deltas a few seconds long (db.counts)
+        counts.compact(session)
+    with session_scope() as session:  # and the retained bytes' (db.retained)
+        retained.compact(session)
+    with session_scope() as session:  # and the scheduler's GPU-seconds (db.gpu_seconds), old buckets dropped
+        gpu_seconds.compact(session, settings.fair_share_window_seconds)
 
     if any(report.counts().values()):
         log.info("reconcile: %s", report.counts())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
@@ -14,12 +15,12 @@ from pydantic import ValidationError
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.orm import Session
 
-from db import transitions
+from db import logs, tracing, transitions
 from db.models import Job, JobStatus
 from db.session import session_scope
 from db.settings import get_settings
 from db.storage import StorageError
-from worker import heartbeat
+from worker import dispatcher, heartbeat, metrics
 from worker.celery_app import dispatch
 from worker.context import Canceled, DeadlineExceeded, HandBack, JobContext, JobError, LeaseLost, StorageGaveUp
 from worker.drain import DRAIN
@@ -45,11 +46,20 @@ def worker_id() -> str:
 
 
 def execute(job_id: str) -> str:
-    """Run the job if this worker can claim it; returns what happened (for logs and tests)."""
+    """Run the job if this worker can claim it; returns what happened (for logs and tests).
+
+    Every line logged meanwhile (by this thread and the job's control thread) names the job and, once
+    claimed, the attempt (``db.logs``)."""
+    with logs.bound(job_id=job_id, attempt=None), contextlib.ExitStack() as spans:
+        return _execute(job_id, spans)
+
+
+def _execute(job_id: str, spans: contextlib.ExitStack) -> str:
     settings = get_settings()
     me = worker_id()
     if DRAIN.active:  # a message taken just before the drain began: not this worker's any more
         return _send_back_unclaimed(job_id)
+    claimed_at = tracing.now_ns()
     with session_scope() as session:
         claim = transitions.claim(session, job_id, me, settings.lease_seconds)
     if claim is None:
@@ -57,6 +67,22 @@ def execute(job_id: str) -> str:
         return "not_claimed"
 
     job, attempt = claim.job, claim.attempt
+    logs.attempt.set(attempt)  # until execute's block ends
+    # The attempt's span (until execute returns), a child of the submitting request's: one job, one trace.
+    where = {"job_id": job_id, "attempt": attempt, "type": job.type, "worker": me}
+    spans.enter_context(tracing.span("job.attempt", job.traceparent, claimed_at, **where))
+    with tracing.span("job.claim", start_time=claimed_at):
+        pass
+    began = time.monotonic()
+    if job.started_at is not None:
+        metrics.QUEUE_WAIT.labels(job.type).observe(max((job.started_at - job.created_at).total_seconds(), 0.0))
+
+    def finish(outcome: str, transition: Callable[[Session], bool], code: str = "") -> str:
+        ended = _finish(job_id, outcome, transition, freed=job.queue)
+        if ended == outcome:  # recorded by this attempt (not moved on without it)
+            metrics.job_finished(job.type, job.queue, outcome, code, time.monotonic() - began)
+        return ended
+
     job_type = get_job_type(job.type, settings)
     ctx = JobContext(
         job_id=job_id,
@@ -75,12 +101,15 @@ def execute(job_id: str) -> str:
         if job_type is None:
             raise JobError(f"this worker does not know the job type {job.type!r}", "unknown_type")
         params = job_type.Input.model_validate(job.input)
-        output = job_type.runner()(ctx, params)
-        ctx.check()  # a cancel that arrived during the last step still wins over success
+        with tracing.span("job.inference", type=job.type):
+            output = job_type.runner()(ctx, params)
+        # A cancel that arrived during the last step still wins over success; a store in that step needs no
+        # fenced read here: the success is fenced by its own UPDATE (a stale attempt records nothing).
+        ctx.check(fence=False)
         result = output.model_dump(mode="json")
     except Canceled:
         stopped_at = ctx.snapshot()  # the step it stopped at, not the last one the control thread saved
-        return _finish(job_id, "canceled", lambda s: transitions.cancel(s, job_id, attempt, progress=stopped_at))
+        return finish("canceled", lambda s: transitions.cancel(s, job_id, attempt, progress=stopped_at))
     except HandBack:
         return _hand_back(job_id, attempt, job.queue, ctx.snapshot())
     except LeaseLost:
@@ -88,23 +117,31 @@ def execute(job_id: str) -> str:
         return "lease_lost"
     except DeadlineExceeded:
         message = f"The job ran longer than its deadline of {job.deadline_seconds:g} seconds and was stopped."
-        return _finish(job_id, "failed", lambda s: transitions.fail(s, job_id, attempt, "deadline_exceeded", message))
+        return finish(
+            "failed", lambda s: transitions.fail(s, job_id, attempt, "deadline_exceeded", message), "deadline_exceeded"
+        )
     except ValidationError as exc:
         message = f"The job's input is no longer valid for this worker: {exc.errors()[0]['msg']}"
-        return _finish(job_id, "failed", lambda s: transitions.fail(s, job_id, attempt, "invalid_input", message))
+        return finish(
+            "failed", lambda s: transitions.fail(s, job_id, attempt, "invalid_input", message), "invalid_input"
+        )
     except JobError as exc:
         code, message, tb = exc.code, exc.message, traceback.format_exc()
-        return _finish(job_id, "failed", lambda s: transitions.fail(s, job_id, attempt, code, message, tb))
+        return finish("failed", lambda s: transitions.fail(s, job_id, attempt, code, message, tb), code)
     except StorageError as exc:
         log.exception("job %s: storage failed", job_id)
         message = _storage_message(exc)
         tb = f"{traceback.format_exc()}\n{exc}"
-        return _finish(job_id, "failed", lambda s: transitions.fail(s, job_id, attempt, "storage_error", message, tb))
+        return finish(
+            "failed", lambda s: transitions.fail(s, job_id, attempt, "storage_error", message, tb), "storage_error"
+        )
     except Exception:
         log.exception("job %s failed", job_id)
         message = "The job failed because of an internal error in the worker; operators can see the details."
         tb = traceback.format_exc()
-        return _finish(job_id, "failed", lambda s: transitions.fail(s, job_id, attempt, "internal_error", message, tb))
+        return finish(
+            "failed", lambda s: transitions.fail(s, job_id, attempt, "internal_error", message, tb), "internal_error"
+        )
     finally:
         DRAIN.ended(ctx)
         ctx.close()
@@ -117,7 +154,7 @@ def execute(job_id: str) -> str:
     def succeed(session: Session) -> bool:
         return transitions.succeed(session, job_id, attempt, result, progress, list(ctx.stored.values()), ctx.models)
 
-    return _finish(job_id, "succeeded", succeed)
+    return finish("succeeded", succeed)
 
 
 def _hand_back(job_id: str, attempt: int, queue: str, progress: dict[str, object]) -> str:
@@ -179,7 +216,9 @@ def _storage_message(exc: StorageError) -> str:
     )
 
 
-def _finish(job_id: str, outcome: str, transition: Callable[[Session], bool]) -> str:
+def _finish(job_id: str, outcome: str, transition: Callable[[Session], bool], freed: str | None = None) -> str:
+    """Record how the job ended (retrying while the database is away); then, if the job frees a slot of
+    queue ``freed``, run a dispatch pass on it so the next job is sent at once."""
     # The database may be away at the moment the job ends: try again while this attempt's lease could
     # still hold (the transition is fenced by attempt, so a late success after a requeue changes nothing).
     deadline = time.monotonic() + get_settings().lease_seconds
@@ -199,4 +238,6 @@ def _finish(job_id: str, outcome: str, transition: Callable[[Session], bool]) ->
         log.warning("job %s: could not record %s (the job moved on without this worker)", job_id, outcome)
         return "lease_lost"
     log.info("job %s %s", job_id, outcome)
+    if freed is not None:
+        dispatcher.dispatch_soon(freed)
     return outcome

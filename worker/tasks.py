@@ -14,20 +14,22 @@ from typing import Any
 from celery import Celery
 from celery.signals import (
     celeryd_after_setup,
+    setup_logging,
     worker_process_init,
     worker_ready,
     worker_shutdown,
     worker_shutting_down,
 )
 from celery.worker import WorkController
+from celery.worker.request import Request
 from sqlalchemy import text
 
-from db import notify
+from db import logs, notify, tracing
 from db.session import dispose_engines, get_engine
 from db.settings import Settings, get_settings
 from db.storage import get_storage
-from worker import reconciler, runner, webhooks
-from worker.celery_app import RECONCILE, RUN_JOB, SEND_WEBHOOKS, SWEEP_WEBHOOKS, producer
+from worker import dispatcher, metrics, reconciler, retention, runner, webhooks
+from worker.celery_app import RECONCILE, RETENTION, RUN_JOB, SEND_WEBHOOKS, SWEEP_WEBHOOKS, producer
 from worker.drain import DRAIN
 from worker.heartbeat import Heartbeat
 from worker.hooks import install_hooks
@@ -35,8 +37,34 @@ from worker.hooks import install_hooks
 log = logging.getLogger(__name__)
 
 
+class JobFailed(Exception):
+    """The job ended ``failed``: raised so that Celery, and so Flower, count its task as failed.
+
+    Listed in the task's ``throws``: Celery logs it in one info line, without a traceback (the job's own
+    error is in its row and was logged by the runner)."""
+
+
+class JobRequest(Request):
+    """The run_job task's worker request: a job that ended ``canceled`` is a revoked task in the events.
+
+    Celery would send ``task-succeeded`` for it (the task returned); Flower's state then says SUCCESS for
+    a job nobody ran to the end. The task's return value is the outcome, so the event is swapped here."""
+
+    def send_event(self, type: str, **fields: Any) -> None:
+        # The worker's tracer hands over the return value's repr: "'canceled'".
+        if type == "task-succeeded" and fields.get("result") in (CANCELED, repr(CANCELED)):
+            type, fields = "task-revoked", {"terminated": False, "signum": None, "expired": False}
+        super().send_event(type, **fields)
+
+
+CANCELED = "canceled"  # runner.execute's outcome for a job that ended canceled
+
+
 def run_job(job_id: str) -> str:
-    return runner.execute(job_id)
+    outcome = runner.execute(job_id)
+    if outcome == "failed":
+        raise JobFailed(f"job {job_id} failed (its error: GET /v1/jobs/{job_id})")
+    return outcome
 
 
 def reconcile() -> dict[str, int]:
@@ -45,23 +73,34 @@ def reconcile() -> dict[str, int]:
     return report.counts()
 
 
-def send_webhooks(job_id: str) -> list[str]:
-    return webhooks.send_due(job_id)
+def send_webhooks(hint: str) -> int:
+    """Wake this process's webhook senders (``hint``, a job or endpoint id, only names the cause in logs)."""
+    return webhooks.PUMP.kick()
 
 
 def sweep_webhooks() -> int:
     return len(webhooks.sweep())
 
 
+def expire_and_purge() -> dict[str, int]:
+    return retention.run().counts()
+
+
 def worker_app(settings: Settings | None = None) -> Celery:
     """The Celery app a worker or beat process runs, with its tasks, signals and hooks in place."""
     settings = settings or get_settings()
+    tracing.configure(logs.role(), settings.trace_file)
     app = producer(settings)
     if RUN_JOB not in app.tasks:
-        app.task(name=RUN_JOB, acks_late=True, reject_on_worker_lost=True)(run_job)
-        app.task(name=RECONCILE, ignore_result=True)(reconcile)
-        app.task(name=SEND_WEBHOOKS, ignore_result=True)(send_webhooks)
-        app.task(name=SWEEP_WEBHOOKS, ignore_result=True)(sweep_webhooks)
+        app.task(name=RUN_JOB, acks_late=True, reject_on_worker_lost=True, throws=(JobFailed,), Request=JobRequest)(
+            run_job
+        )
+        # The maintenance tasks run every few seconds: no task events, so Flower's list shows jobs only.
+        routine = {"ignore_result": True, "send_events": False}
+        app.task(name=RECONCILE, **routine)(reconcile)
+        app.task(name=SEND_WEBHOOKS, **routine)(send_webhooks)
+        app.task(name=SWEEP_WEBHOOKS, **routine)(sweep_webhooks)
+        app.task(name=RETENTION, **routine)(expire_and_purge)
     # Celery's worker internals still reach for ``current_app`` in places (as ``celery -A`` would set it).
     app.set_current()
     app.set_default()
@@ -76,14 +115,22 @@ class _Lifecycle:
     def __init__(self) -> None:
         self.heartbeat: Heartbeat | None = None
         self.queues: list[str] = []
+        self.slots = 1
 
     def connect(self) -> None:
         # Celery keeps weak references by default: these are bound methods of a module-level object.
+        # Celery leaves the root logger alone when this signal has a receiver: db.logs sets it up.
+        setup_logging.connect(self.logging, weak=False, dispatch_uid="gpujobs.logging")
         worker_process_init.connect(self.fresh_connections, weak=False, dispatch_uid="gpujobs.fresh")
         celeryd_after_setup.connect(self.remember_queues, weak=False, dispatch_uid="gpujobs.queues")
         worker_ready.connect(self.warm_up, weak=False, dispatch_uid="gpujobs.warm_up")
         worker_shutting_down.connect(self.drain, weak=False, dispatch_uid="gpujobs.drain")
         worker_shutdown.connect(self.goodbye, weak=False, dispatch_uid="gpujobs.goodbye")
+
+    def logging(self, loglevel: int | str | None = None, **_: object) -> None:
+        # `gpujobs worker|beat` configured it already; `celery -A worker.main worker` did not.
+        if not logs.configured():
+            logs.configure("worker", loglevel or "INFO")
 
     def fresh_connections(self, **_: object) -> None:
         # A forked pool child must not share its parent's database sockets.
@@ -92,6 +139,7 @@ class _Lifecycle:
     def remember_queues(self, sender: str, instance: WorkController, **_: object) -> None:
         queues = instance.app.amqp.queues
         self.queues = sorted(queues.consume_from or queues)
+        self.slots = int(instance.concurrency or 1)
         runner.name_worker(sender)
 
     def warm_up(self, **_: object) -> None:
@@ -110,8 +158,11 @@ class _Lifecycle:
             from worker.models.preload import preload
 
             preload(names)
-        self.heartbeat = Heartbeat(runner.worker_id(), self.queues)
+        serve_metrics(get_settings(), self.queues)
+        self.heartbeat = Heartbeat(runner.worker_id(), self.queues, self.slots)
         self.heartbeat.start()
+        # Its slots count from this first heartbeat on: send it what waits for them.
+        dispatcher.dispatch_all([queue for queue in self.queues if queue in dispatcher.JOB_QUEUES])
         hurry_first(signal.SIGQUIT, signal.SIGINT)
 
     def drain(self, sig: str = "SIGTERM", how: str = "Warm", **_: object) -> None:
@@ -135,6 +186,17 @@ class _Lifecycle:
             DRAIN.wait(timeout=2.0)
         if self.heartbeat is not None:
             self.heartbeat.stop()
+
+
+def serve_metrics(settings: Settings, queues: list[str]) -> None:
+    """This worker's own ``/metrics`` on ``worker_metrics_port`` (0: none). A port already taken is logged,
+    not fatal: the worker's jobs matter more than its numbers."""
+    if not settings.worker_metrics_port:
+        return
+    try:
+        metrics.serve(settings.worker_metrics_port, settings.worker_metrics_host, queues)
+    except OSError as exc:
+        log.error("metrics port %d: %s; this worker serves no /metrics", settings.worker_metrics_port, exc)
 
 
 def hurry_first(*signals: signal.Signals) -> None:

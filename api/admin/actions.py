@@ -1,7 +1,8 @@
 """What an operator can do from the dashboard: every action is a POST carrying the session's CSRF token.
 
 The state changes go through the same code as the API: ``transitions.request_cancel`` and
-``transitions.retry`` for jobs, ``webhooks.redeliver`` for deliveries, ``db.keys`` for keys.
+``transitions.retry`` for jobs, ``webhooks.redeliver`` for deliveries, ``db.keys`` for keys,
+``api.tenants`` for a tenant's quota overrides.
 After an action the browser is sent back (303) to the page it came from, with a message.
 """
 
@@ -16,15 +17,17 @@ from werkzeug.wrappers import Response as BaseResponse
 
 from api import config
 from api.admin.blueprint import bp
-from api.admin.pages import keys_page
+from api.admin.pages import keys_page, tenant_page
 from api.admin.session import current_admin
 from api.errors import ApiError
 from api.jobs import request_cancel
 from api.keys import KeyCreate
 from api.presenters import ID
+from api.tenants import parse_update, set_overrides
 from db import keys as key_store
 from db import transitions, webhooks
 from db.models import ApiKey, Job, JobStatus, Tenant, WebhookDelivery
+from db.quotas import FIELDS as QUOTA_FIELDS
 
 log = logging.getLogger(__name__)
 
@@ -55,27 +58,17 @@ def cancel_job(job_id: str) -> BaseResponse:
 
 @bp.post("/jobs/<job_id>/retry")
 def retry_job(job_id: str) -> BaseResponse:
-    from worker.celery_app import dispatch
+    from worker.dispatcher import dispatch_soon
 
     job = _job(job_id)
     settings = config.settings()
     if not transitions.retry(g.db, job_id, settings.max_attempts, _operator()):
         g.db.rollback()
         raise ApiError(409, f"Only a failed or canceled job can be retried; this one is {job.status}.")
-    # Take the send in the same transaction (so the reconciler does not send it too), commit, then send:
-    # if the broker refuses, the send is undone and the reconciler sends it later. No dispatch grace:
-    # that is the time the API has to send a new job itself, and here we are the sender.
-    now_sendable = settings.model_copy(update={"dispatch_grace_seconds": 0.0})
-    sending = transitions.claim_dispatch(g.db, job_id, now_sendable, idle_queues=())
+    # Commit, then let the scheduler send it when its queue has a free slot (else the job waits its turn).
     g.db.commit()
     log.info("%s retried job %s", _operator(), job_id)
-    if sending:
-        try:
-            dispatch(job_id, job.queue, settings)
-        except Exception as exc:
-            log.warning("retried job %s stays queued until the broker is back: %s", job_id, exc)
-            transitions.undo_dispatch(g.db, job_id)
-            g.db.commit()
+    dispatch_soon(job.queue, settings, submitted=job_id)
     flash(f"Retried: the job is queued again for attempt {job.attempts + 1}.", "info")
     return redirect(url_for("admin.job", job_id=job_id), 303)
 
@@ -138,3 +131,31 @@ def revoke_key(key_id: str) -> BaseResponse | tuple[str, int]:
     else:
         flash(f"Revoked {key.name} ({key.id}): it is refused from now on.", "info")
     return redirect(url_for("admin.keys"), 303)
+
+
+@bp.post("/tenants/<tenant_id>/quotas")
+def set_quotas(tenant_id: str) -> BaseResponse | tuple[str, int]:
+    """The tenant page's form: every field at once; an empty one clears its override."""
+    tenant = g.db.get(Tenant, tenant_id) if ID.fullmatch(tenant_id) else None
+    if tenant is None:
+        raise ApiError(404, f"No tenant {tenant_id!r}.")
+    form = {name: request.form.get(name, "").strip() for name in QUOTA_FIELDS}
+    body: dict[str, object] = {}
+    errors = []
+    for name, raw in form.items():
+        try:
+            body[name] = None if raw == "" else float(raw) if name == "weight" else int(raw)
+        except ValueError:
+            errors.append(f"{name}: must be {'a number' if name == 'weight' else 'a whole number'} (or empty)")
+    if not errors:
+        try:
+            changes = parse_update(body, prefix=[])
+        except ApiError as exc:
+            errors = [f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors or []] or [exc.detail]
+    if errors:
+        g.db.rollback()
+        return tenant_page(tenant.id, errors=errors, form=form), 422
+    set_overrides(g.db, tenant.id, changes)
+    log.info("%s set the quotas of tenant %s: %s", _operator(), tenant.id, changes)
+    flash(f"Saved the quotas of {tenant.name}.", "info")
+    return redirect(url_for("admin.tenant", tenant_id=tenant.id), 303)

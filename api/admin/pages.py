@@ -1,25 +1,44 @@
-"""The dashboard's pages: overview, workers, jobs (list and one job), tenants, keys. Read-only."""
+"""The dashboard's pages: overview, workers, jobs (list and one job), tenants (list and one), keys. Read-only."""
 
 from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from datetime import UTC, datetime, timedelta
 from itertools import groupby
 from typing import Any
 
-from flask import g, redirect, render_template, request, url_for
-from sqlalchemy import select
+from flask import Response, g, redirect, render_template, request, url_for
+from sqlalchemy import or_, select
 from sqlalchemy.orm import selectinload
 from werkzeug.wrappers import Response as BaseResponse
 
-from api import config, stats
+from api import config, events, stats
 from api.admin import charts
 from api.admin.blueprint import bp
+from api.admin.session import current_admin
 from api.errors import ApiError, validation_error
 from api.presenters import ID, page_params, paginate
-from db.models import ApiKey, Artifact, File, Job, JobStatus, Tenant, WebhookDelivery, utcnow
+from api.tenants import tenants_json
+from db import endpoints
+from db import usage as tenant_usage
+from db.models import (
+    ApiKey,
+    Artifact,
+    BreakerState,
+    File,
+    Job,
+    JobStatus,
+    Tenant,
+    TenantQuota,
+    WebhookDelivery,
+    WebhookEndpoint,
+    utcnow,
+)
+from db.quotas import FIELDS as QUOTA_FIELDS
+from db.quotas import defaults as quota_defaults
+from db.quotas import effective
 
 WINDOWS = {"1h": 3600, "6h": 6 * 3600, "24h": 86400, "7d": 7 * 86400, "30d": 30 * 86400}
 THROUGHPUT_BARS = 36
@@ -80,7 +99,10 @@ def overview() -> str:
     throughput = stats.throughput(g.db, since, now, bucket_seconds)
     workers = stats.workers(g.db, settings.worker_lost_seconds, now - timedelta(days=1))
     recent_failures = g.db.scalars(
-        select(Job).where(Job.status == JobStatus.FAILED.value).order_by(Job.finished_at.desc()).limit(5)
+        select(Job)
+        .where(Job.status == JobStatus.FAILED.value, Job.finished_at.is_not(None))  # not the NULLs first
+        .order_by(Job.finished_at.desc())
+        .limit(5)
     ).all()
     return render_template(
         "admin/overview.html",
@@ -108,6 +130,12 @@ def overview() -> str:
         alive=sum(1 for w in workers if w.state == "alive"),
         lost=sum(1 for w in workers if w.state == "lost"),
         recent_failures=recent_failures,
+        troubled_endpoints=g.db.scalars(
+            select(WebhookEndpoint)
+            .where(or_(WebhookEndpoint.state != BreakerState.CLOSED.value, WebhookEndpoint.consecutive_failures > 0))
+            .order_by(WebhookEndpoint.changed_at.desc())
+            .limit(20)
+        ).all(),
     )
 
 
@@ -229,7 +257,7 @@ def _tenant_names(ids: set[str]) -> dict[str, str]:
 @dataclass
 class ArtifactView:
     row: Artifact
-    url: str
+    url: str | None  # None: retention deleted the object (``row.expired_at``)
 
     @property
     def is_image(self) -> bool:
@@ -243,13 +271,16 @@ def job(job_id: str) -> str:
     row = g.db.scalars(
         select(Job)
         .where(Job.id == job_id)
-        .options(selectinload(Job.artifacts), selectinload(Job.events))
+        .options(selectinload(Job.artifacts), selectinload(Job.events), selectinload(Job.retries))
         .execution_options(populate_existing=True)
     ).one_or_none()
     if row is None:
         raise ApiError(404, f"No job {job_id!r}.")
     storage = config.storage()
-    artifacts = [ArtifactView(a, storage.presigned_url(a.storage_key)) for a in row.artifacts]
+    artifacts = [
+        ArtifactView(a, None if a.expired_at is not None else storage.presigned_url(a.storage_key))
+        for a in row.artifacts
+    ]
     # The segmentation overlay first: it is what an operator wants to see.
     artifacts.sort(key=lambda a: (not a.is_image, a.row.name != "overlay.png", a.row.name))
     deliveries = g.db.scalars(
@@ -261,6 +292,7 @@ def job(job_id: str) -> str:
     ).all()
     return render_template(
         "admin/job.html",
+        breakers=endpoints.shown(g.db, deliveries, config.settings()),
         job=row,
         tenant=g.db.get(Tenant, row.tenant_id),
         artifacts=artifacts,
@@ -268,6 +300,7 @@ def job(job_id: str) -> str:
         attempts=[(attempt, list(events)) for attempt, events in groupby(row.events, key=lambda e: e.attempt)],
         deliveries=deliveries,
         progress={"step": 0, "total": None, "fraction": 0.0, "message": None, **(row.progress or {})},
+        last_event_id=max((e.id for e in row.events), default=0),  # the page's stream starts after it
         queue_seconds=_seconds(row.created_at, row.started_at),
         run_seconds=_seconds(row.started_at, row.finished_at),
         can_cancel=row.status in (JobStatus.QUEUED.value, JobStatus.RUNNING.value),
@@ -320,19 +353,62 @@ def _abridged(value: Any, depth: int = 0) -> Any:
 # --- tenants and keys ----------------------------------------------------------------------------------------
 
 
+@bp.get("/jobs/<job_id>/events")
+def job_events(job_id: str) -> Response:
+    """The job page's live progress: the job's event stream (``api.events``), under the admin's session and
+    counted under the admin key's stream caps. ``static/admin.js`` reads it with an ``EventSource``."""
+    if not ID.fullmatch(job_id) or g.db.scalar(select(Job.id).where(Job.id == job_id)) is None:
+        raise ApiError(404, f"No job {job_id!r}.")
+    admin = current_admin()
+    return events.stream_response(job_id, None, admin.id, admin.tenant_id, events.last_event_id())
+
+
 @bp.get("/tenants")
 def tenants() -> str:
     period, seconds = _window("period", "24h")
     usage = stats.tenant_usage(g.db, utcnow() - timedelta(seconds=seconds))
+    ids = [t.id for t in usage]
     return render_template(
         "admin/tenants.html",
         usage=usage,
+        quotas=effective(g.db, ids, config.settings()),
+        overridden=_overridden(ids),
+        now_used=tenant_usage.usage(g.db, ids),
         period=period,
         windows=list(WINDOWS),
         gpu_queues=stats.GPU_QUEUES,
         total_gpu_seconds=sum(t.gpu_seconds for t in usage),
         total_jobs=sum(t.total_jobs for t in usage),
     )
+
+
+def _overridden(ids: list[str]) -> dict[str, list[str]]:
+    """Tenant → the names of the quotas an admin set for it."""
+    rows = g.db.scalars(select(TenantQuota).where(TenantQuota.tenant_id.in_(ids))) if ids else []
+    return {row.tenant_id: [name for name in QUOTA_FIELDS if getattr(row, name) is not None] for row in rows}
+
+
+def tenant_page(tenant_id: str, errors: list[str] | None = None, form: dict[str, str] | None = None) -> str:
+    """One tenant: its quotas (effective, overridden, default), what it uses now, and the form to change them."""
+    tenant = g.db.get(Tenant, tenant_id) if ID.fullmatch(tenant_id) else None
+    if tenant is None:
+        raise ApiError(404, f"No tenant {tenant_id!r}.")
+    shown = tenants_json(g.db, [tenant])[0]
+    if form is None:
+        form = {name: "" if value is None else str(value) for name, value in shown["overrides"].items()}
+    return render_template(
+        "admin/tenant.html",
+        tenant=shown,
+        defaults=asdict(quota_defaults(config.settings())),
+        fields=QUOTA_FIELDS,
+        errors=errors or [],
+        form=form,
+    )
+
+
+@bp.get("/tenants/<tenant_id>")
+def tenant(tenant_id: str) -> str:
+    return tenant_page(tenant_id)
 
 
 def keys_page(

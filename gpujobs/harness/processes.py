@@ -271,20 +271,31 @@ class Stack:
         self.wrap = list(wrap)
         self.processes: list[ManagedProcess] = []
 
-    def start(self, name: str, args: list[str]) -> ManagedProcess:
-        """``args`` in this deployment's environment, logging to ``<log_dir>/<name>.log``; stopped by ``stop_all``."""
+    def start(self, name: str, args: list[str], env: dict[str, str] | None = None) -> ManagedProcess:
+        """``args`` in this deployment's environment (plus ``env``), logging to ``<log_dir>/<name>.log``; stopped
+        by ``stop_all``."""
         args = [*self.wrap, *args]
-        process = ManagedProcess.start(name, args, self.log_dir / f"{name}.log", env=self.env, cwd=self.cwd)
+        env = {**self.env, **(env or {})}
+        process = ManagedProcess.start(name, args, self.log_dir / f"{name}.log", env=env, cwd=self.cwd)
         self.processes.append(process)
         STARTED.append(process)
         return process
 
     def start_worker(
-        self, queues: str = "gpu", concurrency: int = 2, name: str | None = None, wait: bool = True
+        self,
+        queues: str = "gpu",
+        concurrency: int = 2,
+        name: str | None = None,
+        wait: bool = True,
+        metrics_port: int | None = None,
     ) -> ManagedProcess:
+        """A worker; with ``metrics_port``, serving its ``/metrics`` there on this stack's host."""
         name = name or f"{self.label}-{queues.replace(',', '-')}-{secrets.token_hex(3)}"
         args = [*gpujobs_command(), "worker", "--queues", queues, "--concurrency", str(concurrency), "--name", name]
-        worker = self.start(f"worker-{name}", args)
+        env = {}
+        if metrics_port is not None:
+            env = {"GPUJOBS_WORKER_METRICS_PORT": str(metrics_port), "GPUJOBS_WORKER_METRICS_HOST": self.host}
+        worker = self.start(f"worker-{name}", args, env)
         worker.node = name
         if wait:
             self.wait_worker_ready(worker)

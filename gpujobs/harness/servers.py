@@ -12,6 +12,7 @@ and at the latest when this process exits or dies, so nothing is left running.
 from __future__ import annotations
 
 import contextlib
+import http.client
 import os
 import random
 import shutil
@@ -297,7 +298,7 @@ def start_s3(
     host: str = LOOPBACK,
     wrap: Sequence[str] = (),
 ) -> EmbeddedS3:
-    """Start ``weed mini`` on ``host`` with every port free, and wait until S3 answers ``list_buckets``.
+    """Start ``weed mini`` on ``host`` with every port free, and wait until it serves S3 (``_launch_s3``).
 
     ``port`` fixes the S3 port (the others are always picked free). Only ``access_key`` /
     ``secret_key`` are accepted. Data (volumes, filer metadata) persists in ``data_dir``.
@@ -327,7 +328,8 @@ def _launch_s3(
     host: str = LOOPBACK,
     wrap: Sequence[str] = (),
 ) -> EmbeddedS3:
-    """``weed mini`` on exactly ``ports``, once S3 answers ``list_buckets``."""
+    """``weed mini`` on exactly ``ports``, once it serves S3: ``list_buckets`` answers and a write is stored
+    (``weed_write_problem``)."""
     from botocore.exceptions import BotoCoreError, ClientError
 
     log_path = data_dir / "weed.log"
@@ -352,17 +354,50 @@ def _launch_s3(
 
     client = server.client()
     deadline = time.monotonic() + S3_START_TIMEOUT
-    last_error: Exception | None = None
+    last_error: object = None
     while time.monotonic() < deadline and proc.poll() is None:
         try:
             client.list_buckets()
-            return server
         except (BotoCoreError, ClientError) as exc:
             last_error = exc
             time.sleep(0.1)
+            continue
+        problem = weed_write_problem(host, ports["filer.port"])
+        if problem is None:
+            return server
+        last_error = f"S3 lists buckets, but a write fails: {problem}"
+        time.sleep(0.1)
     server.stop()
     state = f"exit code {proc.returncode}" if proc.returncode is not None else "still starting"
     raise ServiceError(
         f"weed mini did not serve S3 on {server.endpoint_url} within {S3_START_TIMEOUT:g}s "
         f"({state}; last error: {last_error}); log {log_path}:\n{log_tail(log_path)}"
     )
+
+
+def weed_write_problem(host: str, filer_port: int, timeout: float = 2.0) -> str | None:
+    """Why weed does not store a write yet, or None once a small file PUT to its filer is stored (then
+    deleted).
+
+    S3 answers ``list_buckets`` from the filer's metadata as soon as it listens, but stores nothing
+    until the master assigns the bytes a volume, and after a restart on the same data it may refuse
+    for a while: the volume server's first heartbeat can reach the master before it is raft leader
+    (refused; the next comes 5 s later), and a master that finds volumes in its raft log at its
+    leader change "warms up" for 15 s (three heartbeat periods) before it assigns anything. Every
+    S3 PUT meanwhile times out, so the server is back only when this write goes through.
+    """
+    path = "/.gpujobs-harness/probe"
+    connection = http.client.HTTPConnection(host, filer_port, timeout=timeout)
+    try:
+        connection.request("PUT", path, body=b"ok", headers={"Content-Type": "application/octet-stream"})
+        response = connection.getresponse()
+        response.read()
+        if response.status not in (200, 201):
+            return f"the filer answered {response.status} to a PUT"
+        connection.request("DELETE", path)
+        connection.getresponse().read()
+    except (OSError, http.client.HTTPException) as exc:
+        return f"a PUT to the filer: {exc or type(exc).__name__}"
+    finally:
+        connection.close()
+    return None

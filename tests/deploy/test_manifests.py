@@ -402,9 +402,12 @@ def prometheus(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Prometheus]
             config = yaml.safe_load((DEPLOY / "prometheus" / "prometheus.yml").read_text())
             config["global"] = {"scrape_interval": "1s", "evaluation_interval": "1s"}
             config["rule_files"] = [str(DEPLOY / "prometheus" / "alerts.yml")]
-            (job,) = config["scrape_configs"]
-            job["static_configs"] = [{"targets": [api.base_url.removeprefix("http://")]}]
-            job["authorization"] = {"credentials": METRICS_TOKEN}
+            # The API's own and cluster endpoints; the workers' job is left out (this worker serves no port).
+            config["scrape_configs"] = [j for j in config["scrape_configs"] if j["job_name"] != "gpujobs-workers"]
+            assert {j["metrics_path"] for j in config["scrape_configs"]} == {"/metrics", "/metrics/cluster"}
+            for job in config["scrape_configs"]:
+                job["static_configs"] = [{"targets": [api.base_url.removeprefix("http://")]}]
+                job["authorization"] = {"credentials": METRICS_TOKEN}
             (root / "prometheus.yml").write_text(yaml.safe_dump(config))
             port = free_port()
             args = [
@@ -426,7 +429,7 @@ def test_real_prometheus_scrapes_the_api_and_evaluates_everything(prometheus: Pr
     def scraped() -> bool:
         targets = prometheus.get("/api/v1/targets")["activeTargets"]
         assert targets and all(t["health"] == "up" for t in targets), targets
-        return bool(prometheus.get("/api/v1/query", query="gpujobs_metrics_window_seconds")["result"])
+        return bool(prometheus.get("/api/v1/query", query="gpujobs_broker_up")["result"])
 
     prometheus.wait("the API scraped (with the metrics token)", scraped)
     for where, expr in expressions().items():
@@ -449,10 +452,19 @@ def test_real_prometheus_scrapes_the_api_and_evaluates_everything(prometheus: Pr
 
 
 def test_every_metric_named_is_one_the_api_exports(prometheus: Prometheus) -> None:
-    """A misspelt metric evaluates fine to nothing: each name used must be one the API declares (a
-    histogram's series exist only once a job started, so its ``# TYPE`` line is what counts)."""
-    text = requests.get(prometheus.api_metrics, headers={"Authorization": f"Bearer {METRICS_TOKEN}"}, timeout=10).text
+    """A misspelt metric evaluates fine to nothing: each name used must be one the API or a worker declares
+    (a labelled family's series exist only once used, so its ``# TYPE`` line is what counts)."""
+    from prometheus_client import REGISTRY, generate_latest
+
+    from worker import metrics, nvml  # noqa: F401  (declares the workers' families in this process)
+
+    headers = {"Authorization": f"Bearer {METRICS_TOKEN}"}
+    text = "".join(
+        requests.get(f"{prometheus.api_metrics}{path}", headers=headers, timeout=10).text for path in ("", "/cluster")
+    )
+    text += generate_latest(REGISTRY).decode()  # what a worker's own /metrics declares
     families = dict(re.findall(r"^# TYPE (\S+) (\S+)$", text, re.MULTILINE))
+    families |= dict.fromkeys(nvml.FAMILIES, "gauge")  # a GPU worker's only
     exported = set(families)
     for name, kind in families.items():
         if kind == "histogram":

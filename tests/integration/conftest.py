@@ -42,7 +42,6 @@ TEST_SETTINGS = {
     "GPUJOBS_LEASE_SECONDS": "3",
     "GPUJOBS_CONTROL_POLL_SECONDS": "0.2",
     "GPUJOBS_RECONCILE_INTERVAL_SECONDS": "1",
-    "GPUJOBS_DISPATCH_GRACE_SECONDS": "1",
     "GPUJOBS_LOST_MESSAGE_SECONDS": "2",
     "GPUJOBS_MAX_ATTEMPTS": "2",
     "GPUJOBS_RATE_LIMIT_PER_MINUTE": "1000000",
@@ -400,10 +399,12 @@ SERIAL_MODULES = frozenset(
         "test_lease_clock",
         "test_multihost",
         "test_redis_outage",
+        "test_scheduling",
         "test_stale_attempts",
         "test_storage_outage",
         "test_up_supervision",
         "test_wait_flood",
+        "test_webhooks_fairness",
         "test_worker_failures",
     }
 )

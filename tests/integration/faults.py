@@ -146,7 +146,7 @@ class FaultDeployment:
             "GET file": lambda t: self.call("GET", f"/v1/files/{self.file_id}", t, headers=auth),
             "GET keys": lambda t: self.call("GET", "/v1/keys", t, headers=auth),
             "GET models": lambda t: self.call("GET", "/v1/models", t, headers=auth),
-            "metrics": lambda t: self.call("GET", "/metrics", t),
+            "metrics": lambda t: self.call("GET", "/metrics/cluster", t),
             "admin jobs": lambda t: self.call("GET", "/admin/jobs", t, session=self.admin, headers=json_only),
             "openapi": lambda t: self.call("GET", "/openapi.json", t),
             "readyz": lambda t: self.call("GET", "/readyz", t),

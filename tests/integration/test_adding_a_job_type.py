@@ -70,7 +70,9 @@ def test_a_job_type_from_one_package_runs_end_to_end(toy_stack: str, keys: Any) 
 
     # The API knows the type: it is documented, its model kind's models are listed, bad input is a 422.
     spec = requests.get(f"{base_url}/openapi.json", timeout=10).json()
-    assert "invertInput" in spec["components"]["schemas"] and "invert" in str(spec["paths"]["/v1/jobs"])
+    schemas = spec["components"]["schemas"]
+    assert {"invertInput", "invertOutput", "invertJob", "invertJobCreate"} <= set(schemas)
+    assert "invertJobCreate" in str(schemas["JobCreate"]) and "JobCreate" in str(spec["paths"]["/v1/jobs"]["post"])
     models = requests.get(f"{base_url}/v1/models?kind=base", headers=auth(key), timeout=10).json()["items"]
     assert {"id": "demo-inverter", "task": "inverter"}.items() <= next(
         m for m in models if m["id"] == "demo-inverter"

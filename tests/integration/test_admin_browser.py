@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -250,3 +251,27 @@ def test_cancel_a_queued_job_from_its_page(page, api_server, client, keys, no_gp
     answer = requests.get(f"{api_server}/v1/jobs/{job_id}", headers=auth(admin), timeout=10)
     assert answer.json()["status"] == "canceled"
     assert get_job(client, admin, job_id)["attempts"] == 0  # it never ran
+
+
+def test_a_running_jobs_page_follows_its_event_stream(page, api_server, keys, gpu_worker):
+    """Progress moves between the page's 5 s refreshes: it comes from /admin/jobs/<id>/events (no CSP error)."""
+    admin = keys.admin.secret
+    body = {"type": "diagnostic", "input": {"steps": 40, "sleep_seconds": 20}}  # a step every 0.5 s
+    job_id = requests.post(f"{api_server}/v1/jobs", json=body, headers=auth(admin), timeout=30).json()["id"]
+    deadline = time.monotonic() + 20
+    while requests.get(f"{api_server}/v1/jobs/{job_id}", headers=auth(admin), timeout=10).json()["status"] != "running":
+        assert time.monotonic() < deadline, "the job did not start"
+        time.sleep(0.2)
+    logged_in(page, api_server, admin)
+    streams: list[str] = []
+    page.on("request", lambda request: streams.append(request.url) if "/events" in request.url else None)
+    page.goto(f"{api_server}/admin/jobs/{job_id}")
+    loaded = time.monotonic()
+    first = int(page.get_attribute("#progress progress", "value") or 0)
+    page.wait_for_function(
+        f"() => Number(document.querySelector('#progress progress').value) >= {first + 3}", timeout=4000
+    )
+    assert time.monotonic() - loaded < 4.5  # before the first refresh (5 s): the stream moved it
+    assert streams and f"/admin/jobs/{job_id}/events" in streams[0]
+    requests.post(f"{api_server}/v1/jobs/{job_id}/cancel", headers=auth(admin), timeout=10)
+    page.wait_for_selector(".status-canceled", timeout=15_000)  # the stream's last events refresh the page

@@ -32,7 +32,7 @@ def _cursor(value: object) -> str:
         ({"type": "diagnostic", "input": {"fail": "perhaps"}}, ["body", "input", "fail"]),
         ({"type": "diagnostic", "input": {"stpes": 3}}, ["body", "input", "stpes"]),
         ({"type": "diagnostic", "input": 5}, ["body", "input"]),
-        ({"type": "diagnostic", "input": {}, "priority": 1}, ["body", "priority"]),
+        ({"type": "diagnostic", "input": {}, "priority": 10}, ["body", "priority"]),
         ({"type": "diagnostic", "input": {}, "metadata": [1, 2]}, ["body", "metadata"]),
         ({"type": "diagnostic", "input": {}, "metadata": {"blob": "x" * 20_000}}, ["body", "metadata"]),
         ({"type": "diagnostic", "input": {}, "webhook": "ftp://example.com/x"}, ["body", "webhook"]),

@@ -140,6 +140,11 @@ def test_too_many_requests_for_one_key_is_a_429_with_retry_after(keys):
             refused = response
             break
     assert refused is not None, "no 429 after 11 requests with a limit of 5 a minute"
-    assert_problem(refused, 429)
+    body = assert_problem(refused, 429)
     assert 1 <= int(refused.headers["Retry-After"]) <= 60
+    # The same fields as a tenant's quotas (test_quotas.py): which limit, and the IETF draft's headers.
+    assert body["quota"] == "rate_limit_per_minute" and body["limit"] == 5, body
+    assert refused.headers["RateLimit-Limit"] == "5" and refused.headers["RateLimit-Remaining"] == "0"
+    assert refused.headers["RateLimit-Reset"] == refused.headers["Retry-After"]
+    assert refused.headers["RateLimit-Policy"] == '5;w=60;comment="rate_limit_per_minute"'
     assert client.get("/v1/jobs", headers=auth(calm.secret)).status_code == 200  # the limit is per key

@@ -59,6 +59,12 @@ def test_sixty_wrong_keys_are_throttled_per_address_and_per_prefix_then_the_bloc
         if response.status_code == 429:
             assert_problem(response, 429)
             retry_afters.append(int(response.headers["Retry-After"]))
+            # Every limit's 429 names itself the same way (api/quotas.py too_many).
+            assert response.headers["RateLimit-Limit"] == "20" and response.headers["RateLimit-Remaining"] == "0"
+            assert response.headers["RateLimit-Reset"] == response.headers["Retry-After"]
+            policy = f'20;w={WINDOW};comment="auth_failures_per_address"'
+            assert response.headers["RateLimit-Policy"] == policy
+            assert response.json["quota"] == "auth_failures_per_address"
     assert statuses == [401] * 20 + [429] * 40, statuses
     assert all(1 <= seconds <= WINDOW for seconds in retry_afters), retry_afters
     assert time.time() < window_end, "the burst did not fit in one window: the machine is too slow for this test"
@@ -73,7 +79,9 @@ def test_sixty_wrong_keys_are_throttled_per_address_and_per_prefix_then_the_bloc
     spread = [_address() for _ in range(11)]
     statuses = [_get(client, _wrong_key(prefix), address).status_code for address in spread]
     assert statuses == [401] * 10 + [429], statuses
-    assert _get(client, _wrong_key(prefix), neighbour).status_code == 429
+    by_prefix = _get(client, _wrong_key(prefix), neighbour)
+    assert by_prefix.status_code == 429
+    assert by_prefix.headers["RateLimit-Policy"] == f'10;w={WINDOW};comment="auth_failures_per_key_prefix"'
     assert _get(client, keys.user_b.secret, spread[0]).status_code == 200, "a valid key, another prefix"
     assert _get(client, _wrong_key(), spread[1]).status_code == 401, "another wrong prefix: a plain 401"
 

@@ -139,7 +139,7 @@ def test_the_api_answers_503_while_the_database_is_down_and_200_once_it_is_back(
     page, elapsed = _timed(dashboard, "/admin/jobs", headers=HTML)
     assert page.status_code == 503 and page.mimetype == "text/html", page.get_data(as_text=True)[:500]
     assert page.headers["Retry-After"].isdigit() and elapsed < REQUEST_BOUND
-    for path in ("/v1/jobs", "/v1/keys", "/v1/models", "/metrics", "/v1/jobs/job_AAAAAAAAAAAAAAAAAAAAAA"):
+    for path in ("/v1/jobs", "/v1/keys", "/v1/models", "/metrics/cluster", "/v1/jobs/job_AAAAAAAAAAAAAAAAAAAAAA"):
         response, elapsed = _timed(client, path, headers=headers)
         body = assert_problem(response, 503)
         assert response.headers["Retry-After"].isdigit()

@@ -12,7 +12,7 @@ import pytest
 
 from gpujobs.harness import supervisor
 from gpujobs.harness.processes import Stack, stop_together
-from gpujobs.harness.servers import redis_answers, start_redis
+from gpujobs.harness.servers import redis_answers, start_redis, start_s3
 from gpujobs.harness.supervisor import Fatal, Supervisor
 
 
@@ -114,3 +114,22 @@ def test_the_supervisor_gives_up_on_a_dependency_that_cannot_start_again(tmp_pat
         if squatter is not None:
             squatter.close()
         watch.stop()
+
+
+def test_a_restarted_s3_stores_a_put_as_soon_as_restart_returns(tmp_path):
+    # weed lists buckets at once after a restart, but may refuse writes for 5 s (the volume server's
+    # first heartbeat reached the master before it was leader) or 15 s (the master's warm-up): about
+    # one restart in four before restart() waited for a write. Each PUT here is one try (read
+    # timeout 5 s): a refused write fails the test instead of being retried past the wait.
+    with start_s3(tmp_path / "s3") as s3:
+        client = s3.client()
+        client.create_bucket(Bucket="probe")
+        client.put_object(Bucket="probe", Key="before", Body=b"kept")
+        for attempt in range(3):
+            s3.kill()
+            s3.restart()
+            started = time.monotonic()
+            client.put_object(Bucket="probe", Key=f"after-{attempt}", Body=b"new")
+            took = time.monotonic() - started
+            assert took < 2.0, f"restart {attempt}: the PUT took {took:.1f}s"
+        assert client.get_object(Bucket="probe", Key="before")["Body"].read() == b"kept"

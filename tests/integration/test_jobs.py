@@ -26,7 +26,9 @@ def test_diagnostic_job_runs_and_its_artifact_downloads(client, keys, gpu_worker
     assert created["attempts"] == 0
     assert created["output"] is None and created["error"] is None
     assert created["input"] == {"steps": 3, "sleep_seconds": 0.3, "fail": False}
-    assert created["urls"] == {"self": f"/v1/jobs/{created['id']}", "cancel": f"/v1/jobs/{created['id']}/cancel"}
+    base = f"/v1/jobs/{created['id']}"
+    assert created["urls"] == {"self": base, "cancel": f"{base}/cancel", "retry": f"{base}/retry"}
+    assert created["retry_of"] is None and created["retried_as"] == []
 
     job = wait_for(client, keys.admin.secret, created["id"], "succeeded", timeout=30)
 

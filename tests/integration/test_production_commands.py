@@ -29,7 +29,8 @@ from gpujobs.harness.databases import provision_database, provision_redis
 from gpujobs.harness.ports import free_port
 from gpujobs.harness.processes import ManagedProcess, Stack, gpujobs_command
 from tests.integration import webhook_fixtures
-from tests.integration.conftest import ROOT, embedded_only
+from tests.integration.conftest import embedded_only
+from tests.integration.readme_blocks import sh_block
 
 receiver = webhook_fixtures.receiver
 
@@ -39,12 +40,9 @@ EXPORTED = {"GPUJOBS_DATABASE_URL", "GPUJOBS_BROKER_URL", "GPUJOBS_S3_ENDPOINT_U
 
 def documented_commands() -> tuple[set[str], list[tuple[dict[str, str], list[str]]]]:
     """The variables the README's block exports and its commands: ``(env assignments, argv)`` each."""
-    text = (ROOT / "README.md").read_text()
-    block = re.search(re.escape(SECTION) + r".*?```sh\n(.*?)```", text, re.DOTALL)
-    assert block, f"README.md has no sh block under {SECTION!r}"
     exported: set[str] = set()
     commands = []
-    for line in block.group(1).splitlines():
+    for line in sh_block(SECTION).text.splitlines():
         words = shlex.split(line, comments=True)
         if not words:
             continue
@@ -167,7 +165,7 @@ def _wait_delivered(base_url: str, headers: dict[str, str], job_id: str, timeout
 
 
 def _queue_metrics(base_url: str) -> tuple[dict[str, float], dict[str, float]]:
-    text = requests.get(f"{base_url}/metrics", timeout=10).text
+    text = requests.get(f"{base_url}/metrics/cluster", timeout=10).text
     consumers: dict[str, float] = {}
     stalled: dict[str, float] = {}
     for family in text_string_to_metric_families(text):

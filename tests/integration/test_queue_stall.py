@@ -30,7 +30,7 @@ QUEUES = {"gpu", "train", "webhooks", "maintenance"}
 
 def samples(client: Any, name: str) -> dict[str, float]:
     """``{queue: value}`` of one per-queue metric, from a real scrape."""
-    response = client.get("/metrics")
+    response = client.get("/metrics/cluster")
     assert response.status_code == 200
     found: dict[str, float] = {}
     for family in text_string_to_metric_families(response.get_data(as_text=True)):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shlex
 import signal
 import subprocess
 import time
@@ -15,6 +16,7 @@ from pathlib import Path
 
 import requests
 
+from gpujobs.harness.processes import gpujobs_command
 from tests.integration.up_process import launch_up
 
 ADMIN_KEY = "gpj_test-up-admin-key-0123456789"
@@ -50,6 +52,7 @@ def test_up_runs_a_job_and_ctrl_c_leaves_nothing_running(tmp_path, services):
         output = (tmp_path / "up.log").read_text()
         assert f"http://127.0.0.1:{port}" in output and ADMIN_KEY in output
         assert (var / "gpujobs.db").exists(), "the embedded default is SQLite under var/"
+        _check_info(var, port)
 
         headers = {"Authorization": f"Bearer {ADMIN_KEY}", "Prefer": "wait=30"}
         answer = requests.post(
@@ -94,3 +97,34 @@ def test_up_runs_a_job_and_ctrl_c_leaves_nothing_running(tmp_path, services):
         assert handed_back is not None and handed_back.status == "queued", handed_back and handed_back.status
     time.sleep(0.5)
     assert processes_mentioning(str(var)) == [], "processes left running after Ctrl-C"
+    gone = _info(var)
+    assert gone.returncode == 1 and "no gpujobs up is running" in gone.stderr, gone
+
+
+def _info(var: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GPUJOBS_")} | {"GPUJOBS_VAR_DIR": str(var)}
+    command = [*gpujobs_command(), "info", *args]
+    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=60, check=False)
+
+
+def _check_info(var: Path, port: int) -> None:
+    """`gpujobs info` names the running set-up's parts, and `--env` is enough to reach its broker and S3."""
+    import redis
+
+    from gpujobs.harness.servers import s3_client
+
+    shown = _info(var)
+    assert shown.returncode == 0, shown.stderr
+    info = dict(line.split(":", 1) for line in shown.stdout.splitlines())
+    info = {name: value.strip() for name, value in info.items()}
+    assert info["api"] == f"http://127.0.0.1:{port}"
+    assert info["database"] == f"sqlite:///{var.resolve() / 'gpujobs.db'}"
+    assert info["admin key file"] == "(configured: GPUJOBS_ADMIN_KEY)"  # launch_up sets it
+    assert info["s3 keys file"] == str(var.resolve() / "s3-credentials.json")
+    exported = _info(var, "--env")
+    assert exported.returncode == 0, exported.stderr
+    env = dict(shlex.split(line.removeprefix("export "))[0].split("=", 1) for line in exported.stdout.splitlines())
+    assert env["GPUJOBS_BROKER_URL"] == info["broker"] and env["GPUJOBS_S3_ENDPOINT_URL"] == info["s3 endpoint"]
+    assert redis.Redis.from_url(env["GPUJOBS_BROKER_URL"]).ping()
+    s3 = s3_client(env["GPUJOBS_S3_ENDPOINT_URL"], env["GPUJOBS_S3_ACCESS_KEY"], env["GPUJOBS_S3_SECRET_KEY"])
+    assert s3.head_bucket(Bucket=env["GPUJOBS_S3_BUCKET"])["ResponseMetadata"]["HTTPStatusCode"] == 200

@@ -113,7 +113,8 @@ def test_a_dead_workers_job_is_requeued_as_its_lease_expires_not_at_the_next_bea
     admin = keys.admin.secret
     interval = get_settings().reconcile_interval_seconds
     doomed = start_worker()
-    job = diagnostic(client, admin, steps=30, sleep_seconds=1)
+    # Long enough (10 s) that the kill lands mid-run however slowly this test's polls come back under load.
+    job = diagnostic(client, admin, steps=30, sleep_seconds=10)
     wait_for(client, admin, job["id"], "running", until=lambda j: j["progress"]["step"] >= 1)
     with no_gpu_worker.beat_paused():
         doomed.kill()

@@ -18,6 +18,7 @@ class Received:
     headers: dict[str, str]  # lower-case names
     body: bytes
     at: float  # time.monotonic() when the body was read
+    wall: float = 0.0  # time.time() then (to compare with the API's timestamps)
 
     def json(self) -> Any:
         import json
@@ -31,6 +32,7 @@ class Reply:
     headers: dict[str, str] = field(default_factory=dict)
     body: bytes = b"ok"
     hang: bool = False  # never answer (until the receiver stops)
+    delay: float = 0.0  # seconds to wait before answering
 
 
 class Receiver:
@@ -42,6 +44,8 @@ class Receiver:
 
     def __init__(self, host: str = "127.0.0.1", tls: ssl.SSLContext | None = None) -> None:
         self.received: list[Received] = []
+        self.in_flight: dict[str, int] = {}  # requests being answered now, per path
+        self.most_in_flight: dict[str, int] = {}  # the most at once, per path
         self._scripts: dict[str, list[Reply]] = {}
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)
@@ -55,9 +59,18 @@ class Receiver:
                 length = int(self.headers.get("Content-Length") or 0)
                 body = self.rfile.read(length)
                 reply = receiver._record(self.path, {k.lower(): v for k, v in self.headers.items()}, body)
+                try:
+                    self._answer(reply)
+                finally:
+                    with receiver._lock:
+                        receiver.in_flight[self.path] -= 1
+
+            def _answer(self, reply: Reply) -> None:
                 if reply.hang:
                     receiver._stopping.wait(120)
                     return
+                if reply.delay:
+                    receiver._stopping.wait(reply.delay)
                 self.send_response(reply.status)
                 for name, value in reply.headers.items():
                     self.send_header(name, value)
@@ -99,7 +112,9 @@ class Receiver:
 
     def _record(self, path: str, headers: dict[str, str], body: bytes) -> Reply:
         with self._changed:
-            self.received.append(Received(path, headers, body, time.monotonic()))
+            self.received.append(Received(path, headers, body, time.monotonic(), time.time()))
+            self.in_flight[path] = now = self.in_flight.get(path, 0) + 1
+            self.most_in_flight[path] = max(self.most_in_flight.get(path, 0), now)
             replies = self._scripts.get(path) or [Reply()]
             reply = replies.pop(0) if len(replies) > 1 else replies[0]
             self._changed.notify_all()

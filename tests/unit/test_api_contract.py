@@ -106,24 +106,38 @@ def test_every_component_is_a_valid_2020_12_schema(doc: dict[str, Any]) -> None:
         _validator(doc, name)  # raises on an invalid schema or an unresolvable reference
 
 
+# A valid input of each type, as a job echoes it (the Job schema takes each type's input schema).
+INPUTS = {
+    "text_to_image": {"prompt": "a lighthouse"},
+    "inpainting": {"image": "file_a", "mask": "file_b"},
+    "style_transfer": {"content_image": "file_a", "style_image": "file_b"},
+    "segmentation": {"image": "file_a"},
+    "diagnostic": {},
+}
+
+
 def _job(job_type: str, output: Any, status: str = "succeeded") -> dict[str, Any]:
     return {
         "id": "job_x",
         "type": job_type,
         "status": status,
-        "input": {},
+        "input": INPUTS[job_type],
         "metadata": {},
         "output": output,
         "error": None,
         "progress": {"step": 1, "total": 1, "fraction": 1.0, "message": None},
         "attempts": 1,
+        "priority": 5,
         "created_at": "2026-12-01T10:00:00Z",
         "started_at": "2026-12-01T10:00:01Z",
         "finished_at": "2026-12-01T10:00:02Z",
         "metrics": {"queue_seconds": 1.0, "run_seconds": 1.0},
         "webhook": None,
         "webhook_events_filter": ["completed"],
-        "urls": {"self": "/v1/jobs/job_x", "cancel": "/v1/jobs/job_x/cancel"},
+        "outputs_expired_at": None,
+        "retry_of": None,
+        "retried_as": [],
+        "urls": {"self": "/v1/jobs/job_x", "cancel": "/v1/jobs/job_x/cancel", "retry": "/v1/jobs/job_x/retry"},
     }
 
 
@@ -226,12 +240,17 @@ def test_concurrent_waits_are_capped_per_key_and_per_tenant_with_a_429(app: Any,
     # The key's third wait: 429 (before any job is made, for a submit).
     body = _problem(client.get(f"/v1/jobs/{job_id}", headers=_auth(keys["first"][2], Prefer="wait=4")), 429)
     assert body["detail"].startswith("This API key already holds 2 waiting requests")
+    assert (body["quota"], body["limit"], body["used"]) == ("waits_per_key", 2, 2)
     refused = _submit(client, keys["first"][2], Prefer="wait=4")
     _problem(refused, 429)
     assert 1 <= int(refused.headers["Retry-After"]) <= 4
+    assert refused.headers["RateLimit-Reset"] == refused.headers["Retry-After"]
+    assert refused.headers["RateLimit-Limit"] == "2" and refused.headers["RateLimit-Remaining"] == "0"
+    assert refused.headers["RateLimit-Policy"] == '2;comment="waits_per_key"'
     # The tenant's fourth wait, from its third key: 429 too.
     body = _problem(client.get(f"/v1/jobs/{job_id}", headers=_auth(keys["third"][2], Prefer="wait=4")), 429)
     assert body["detail"].startswith("This tenant already holds 3 waiting requests")
+    assert (body["quota"], body["limit"]) == ("waits_per_tenant", 3)
     # Another tenant, and the same key without waiting, are not held back.
     assert client.get(f"/v1/jobs/{job_id}", headers=_auth(keys["first"][2])).status_code == 200
     admin_wait = client.get(f"/v1/jobs/{job_id}", headers=_auth(keys["admin"][2], Prefer="wait=1"))
@@ -288,9 +307,13 @@ def test_a_waiting_request_holds_no_database_connection_and_wakes_on_the_re_read
 def test_smaller_contract_fixes_schemathesis_found(app: Any, doc: dict[str, Any], sessions: Any) -> None:
     """`input` is required for types whose input has required fields; `/docs` and `/metrics` are text;
     `?status=` and `?type=` (empty) are refused like any value outside their enum."""
+    schemas = doc["components"]["schemas"]
+    assert doc["paths"]["/v1/jobs"]["post"]["requestBody"]["content"]["application/json"]["schema"] == {
+        "$ref": "#/components/schemas/JobCreate"
+    }
     variants = {
-        v["properties"]["type"]["const"]: v
-        for v in doc["paths"]["/v1/jobs"]["post"]["requestBody"]["content"]["application/json"]["schema"]["oneOf"]
+        schemas[v["$ref"].rsplit("/", 1)[1]]["properties"]["type"]["const"]: schemas[v["$ref"].rsplit("/", 1)[1]]
+        for v in schemas["JobCreate"]["oneOf"]
     }
     assert "input" in variants["inpainting"]["required"] and "input" not in variants["diagnostic"]["required"]
     assert list(doc["paths"]["/docs"]["get"]["responses"]["200"]["content"]) == ["text/html"]

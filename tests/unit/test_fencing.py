@@ -20,7 +20,7 @@ from sqlalchemy import select
 from db import transitions
 from db.models import Artifact, EventKind, Job, JobEvent
 from db.settings import Settings
-from db.storage import Storage, StorageError, StorageUnavailable, _storage_error
+from db.storage import Storage, StorageError, StorageUnavailable, StoredObject, _storage_error
 from tests.unit.test_context import Clock, context, expire_lease, running_job
 from worker import checkpoints
 from worker.context import Canceled, LeaseLost, StorageGaveUp
@@ -129,6 +129,38 @@ def test_each_attempt_stores_under_its_own_keys(sessions, database_url):
     ctx = context(database_url, job_id, first, Clock())
     assert ctx.output_prefix == f"jobs/{job_id}/{first}/"
     assert context(database_url, job_id, first + 1, Clock()).output_prefix == f"jobs/{job_id}/{first + 1}/"
+
+
+class Recorded:
+    """Storage that keeps what is put (the fence, not S3, is under test here)."""
+
+    def __init__(self) -> None:
+        self.keys: list[str] = []
+
+    def put(self, key: str, data: bytes, content_type: str) -> StoredObject:
+        self.keys.append(key)
+        return StoredObject(key=key, size=len(data), sha256="0" * 64, content_type=content_type)
+
+
+def test_a_store_is_fenced_before_and_at_the_next_check_not_after(sessions, database_url, monkeypatch):
+    storage = Recorded()
+    monkeypatch.setattr("worker.context.get_storage", lambda _settings: storage)
+    job_id, first = running_job(sessions)
+    ctx = context(database_url, job_id, first, Clock())
+    reads = []
+    owns = transitions.owns
+    monkeypatch.setattr(transitions, "owns", lambda *args: reads.append(args[1:]) or owns(*args))
+    ctx.store("a.json", b"{}", "application/json")
+    assert reads == [(job_id, first)], "one fenced read, before the put"
+    ctx.check(fence=False)  # the runner's check before the success (fenced itself): no read
+    assert len(reads) == 1
+    _second_attempt(sessions, job_id, first)  # the job moved on while the stored attempt went on
+    with pytest.raises(LeaseLost):
+        ctx.check()  # the next step reads the fence and stops
+    assert len(reads) == 2 and storage.keys == [f"jobs/{job_id}/{first}/a.json"]
+    with pytest.raises(LeaseLost):
+        ctx.store("b.json", b"{}", "application/json")
+    assert storage.keys == [f"jobs/{job_id}/{first}/a.json"], "nothing more stored by the stale attempt"
 
 
 # --- riding out an outage ----------------------------------------------------------------------------

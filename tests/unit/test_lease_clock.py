@@ -139,17 +139,16 @@ def test_a_skewed_reconciler_measures_the_wait_for_the_next_expiry_on_the_databa
 
 @pytest.mark.parametrize("offset", [-HOUR, HOUR], ids=["hosts-behind", "hosts-ahead"])
 def test_dispatch_ages_are_measured_on_the_database_clock(db, new_job, offset: float) -> None:
-    settings = Settings(dispatch_grace_seconds=0.5, redispatch_seconds=900, lost_message_seconds=30)
-    with host_clock(offset):  # the API's host: a job created, and marked sent, by a skewed clock
-        never_sent, sent = new_job(), new_job(dispatched_at=models.utcnow())
+    settings = Settings(redispatch_seconds=900, lost_message_seconds=30)
+    with host_clock(offset):  # the API's host: a job marked sent by a skewed clock
+        sent = new_job(dispatched_at=models.utcnow())
     with host_clock(-offset):  # the reconciler's host, skewed the other way
-        assert transitions.undispatched(db, settings, idle_queues=["gpu"]) == [], "nothing is that old yet"
-    db.execute(update(Job).values(created_at=clock.now(db, -1.0)).where(Job.id == never_sent))
+        assert transitions.lost_messages(db, settings, idle_queues=["gpu"]) == [], "nothing is that old yet"
     db.execute(update(Job).values(dispatched_at=clock.now(db, -31.0)).where(Job.id == sent))
     db.commit()
     with host_clock(-offset):
-        assert [job.id for job in transitions.undispatched(db, settings, idle_queues=[])] == [never_sent]
-        assert {job.id for job in transitions.undispatched(db, settings, idle_queues=["gpu"])} == {never_sent, sent}
+        assert transitions.lost_messages(db, settings, idle_queues=[]) == []
+        assert [job.id for job in transitions.lost_messages(db, settings, idle_queues=["gpu"])] == [sent]
 
 
 def test_heartbeats_and_the_lost_worker_check_use_the_database_clock(database_url: str) -> None:

@@ -18,6 +18,7 @@ import annotated_types
 import pytest
 
 from db.settings import Settings
+from worker.jobs.spec import IMAGE_PATTERN
 
 HTTP_METHODS = {"get", "put", "post", "delete", "options", "head", "patch", "trace"}
 JSON_TYPES = {"object", "array", "string", "number", "integer", "boolean", "null"}
@@ -28,6 +29,8 @@ class Built:
     doc: dict[str, Any]
     served: dict[str, Any]
     docs_html: str
+    docs_headers: dict[str, str]
+    assets: dict[str, tuple[int, str]]  # path → (status, mimetype) of what /docs loads
     rules: list[tuple[str, set[str], bool]]  # (rule, methods, documented)
     registry: dict[str, Any]
 
@@ -54,12 +57,24 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Built]:
         from worker.jobs import job_types
 
         app = api.create_app(Settings())
+
+        # A documented view under /replicate/ (that blueprint copies Replicate's API): the document leaves it out.
+        @openapi.document("Replicate's own", public=True)
+        def replicate_predictions() -> str:
+            return ""
+
+        app.add_url_rule("/replicate/v1/predictions", view_func=replicate_predictions, methods=["POST"])
         doc = openapi.build(app)
         client = app.test_client()
         served = client.get("/openapi.json")
         assert served.status_code == 200 and served.mimetype == "application/json"
         docs = client.get("/docs")
         assert docs.status_code == 200
+        html = docs.get_data(as_text=True)
+        assets = {}
+        for src in re.findall(r'(?:src|href)="([^"]+)"', html):
+            answer = client.get(src)
+            assets[src] = (answer.status_code, answer.mimetype)
         rules = [
             (
                 rule.rule,
@@ -69,7 +84,13 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Built]:
             for rule in app.url_map.iter_rules()
         ]
         yield Built(
-            doc, served.get_json(), docs.get_data(as_text=True), rules, job_types(app.config["GPUJOBS_SETTINGS"])
+            doc,
+            served.get_json(),
+            html,
+            dict(docs.headers),
+            assets,
+            rules,
+            job_types(app.config["GPUJOBS_SETTINGS"]),
         )
     finally:
         Image.MAX_IMAGE_PIXELS = pixels
@@ -334,7 +355,7 @@ def test_each_input_schema_carries_its_fields_bounds(built: Built) -> None:
         ("segmentationInput", "threshold", {"minimum": 0, "maximum": 1, "default": 0.5}),
         ("segmentationInput", "mask_threshold", {"minimum": 0, "maximum": 1, "default": 0.5}),
         ("segmentationInput", "overlap_mask_area_threshold", {"minimum": 0, "maximum": 1, "default": 0.8}),
-        ("segmentationInput", "image", {"pattern": "^file_[A-Za-z0-9_-]{1,64}$", "type": "string"}),
+        ("segmentationInput", "image", {"pattern": IMAGE_PATTERN, "type": "string"}),  # a file id, URL or data URI
         ("text_to_imageInput", "num_inference_steps", {"minimum": 1, "maximum": 150}),
         ("text_to_imageInput", "num_outputs", {"minimum": 1, "maximum": 4, "default": 1}),
         ("text_to_imageInput", "width", {"minimum": 8, "multipleOf": 8, "default": 512}),
@@ -354,36 +375,194 @@ def test_catalog_model_fields_say_which_kind_they_name(built: Built) -> None:
     assert schemas["text_to_imageInput"]["properties"]["model"]["x-gpujobs-catalog-kind"] == "diffusion"
 
 
+def _resolve(doc: dict[str, Any], schema: dict[str, Any]) -> dict[str, Any]:
+    return pointer(doc, schema["$ref"]) if "$ref" in schema else schema
+
+
+def validator(doc: dict[str, Any], schema: dict[str, Any]) -> Any:
+    """A JSON Schema 2020-12 validator of ``schema`` whose ``#/components/...`` references resolve in ``doc``."""
+    import jsonschema
+
+    return jsonschema.Draft202012Validator({"components": doc["components"], "allOf": [schema]})
+
+
 def test_creating_a_job_takes_each_types_input_by_discriminator(built: Built) -> None:
     body = built.doc["paths"]["/v1/jobs"]["post"]["requestBody"]
     assert body["required"] is True
-    schema = body["content"]["application/json"]["schema"]
-    assert schema["discriminator"] == {"propertyName": "type"}
-    variants = {v["properties"]["type"]["const"]: v for v in schema["oneOf"]}
-    assert sorted(variants) == sorted(built.registry)
-    for name, variant in variants.items():
+    schema = _resolve(built.doc, body["content"]["application/json"]["schema"])
+    names = sorted(built.registry)
+    assert schema["discriminator"] == {
+        "propertyName": "type",
+        "mapping": {name: f"#/components/schemas/{name}JobCreate" for name in names},
+    }
+    assert schema["oneOf"] == [{"$ref": f"#/components/schemas/{name}JobCreate"} for name in names]
+    for name in names:
+        variant = built.doc["components"]["schemas"][f"{name}JobCreate"]
+        assert variant["properties"]["type"] == {"type": "string", "const": name}
         assert variant["properties"]["input"] == {"$ref": f"#/components/schemas/{name}Input"}
         assert "type" in variant["required"] and variant["additionalProperties"] is False
     headers = {p["name"] for p in built.doc["paths"]["/v1/jobs"]["post"]["parameters"] if p["in"] == "header"}
     assert headers == {"Prefer", "Idempotency-Key"}
 
 
-def test_the_job_schema_names_every_type_and_output(built: Built) -> None:
-    job = built.doc["components"]["schemas"]["Job"]
-    assert job["properties"]["type"]["enum"] == sorted(built.registry)
-    # anyOf: the three generation types share one output shape, which a oneOf would refuse.
-    outputs = [branch.get("$ref") for branch in job["properties"]["output"]["anyOf"]]
-    assert outputs == [f"#/components/schemas/{name}Output" for name in sorted(built.registry)] + [None]
-    # ... and each type's output is bound to its type.
-    bound = {branch["if"]["properties"]["type"]["const"]: branch["then"] for branch in job["allOf"]}
-    assert sorted(bound) == sorted(built.registry)
-    for name, then in bound.items():
-        assert then["properties"]["output"]["anyOf"] == [
+def test_a_job_is_one_of_the_per_type_jobs_chosen_by_its_type(built: Built) -> None:
+    schemas = built.doc["components"]["schemas"]
+    names = sorted(built.registry)
+    job = schemas["Job"]
+    assert job["oneOf"] == [{"$ref": f"#/components/schemas/{name}Job"} for name in names]
+    assert job["discriminator"]["propertyName"] == "type"
+    assert job["discriminator"]["mapping"] == {name: f"#/components/schemas/{name}Job" for name in names}
+    for name in names:
+        common, own = schemas[f"{name}Job"]["allOf"]
+        assert common == {"$ref": "#/components/schemas/JobCommon"}
+        assert own["properties"]["type"]["const"] == name
+        assert own["properties"]["input"] == {"$ref": f"#/components/schemas/{name}Input"}
+        assert own["properties"]["output"]["anyOf"] == [
             {"$ref": f"#/components/schemas/{name}Output"},
             {"type": "null"},
         ]
+        assert set(own["required"]) == {"type", "input", "output"}
+
+    # A validator takes each job as exactly its own type: a diagnostic job with a segmentation output is refused.
+    from api.openapi import examples
+
+    check = validator(built.doc, {"$ref": "#/components/schemas/Job"})
+    check.validate(examples.DIAGNOSTIC_SUCCEEDED)
+    check.validate(examples.TEXT_TO_IMAGE_QUEUED)
+    wrong = {**examples.DIAGNOSTIC_SUCCEEDED, "output": {"width": 1, "height": 1, "instances": []}}
+    assert not check.is_valid(wrong)
+    assert not check.is_valid({**examples.DIAGNOSTIC_SUCCEEDED, "type": "no_such_type"})
+    missing = dict(examples.DIAGNOSTIC_SUCCEEDED)
+    del missing["retried_as"]
+    assert not check.is_valid(missing), "every field the server always sends is required"
 
 
-def test_the_html_reference_lists_every_job_type(built: Built) -> None:
-    for name in built.registry:
-        assert name in built.docs_html
+def _response_schemas(doc: dict[str, Any]) -> Iterator[tuple[str, dict[str, Any]]]:
+    for path, item in doc["paths"].items():
+        for method, op in item.items():
+            for code, response in op["responses"].items():
+                for media, content in response.get("content", {}).items():
+                    yield f"{method.upper()} {path} {code} {media}", content["schema"]
+
+
+def test_every_object_a_response_can_hold_lists_what_is_required(built: Built) -> None:
+    """Generators type a field outside ``required`` as optional: each answer's object says what it always has.
+
+    The per-type ``input`` is left out of the walk: it is the request's schema (what a client may leave out),
+    reused for the input the job echoes back."""
+    doc = built.doc
+    seen: set[str] = set()
+    checked = 0
+    todo = [(where, schema) for where, schema in _response_schemas(doc)]
+    while todo:
+        where, schema = todo.pop()
+        for path, node in walk(schema, where):
+            if not isinstance(node, dict):
+                continue
+            if "/properties/input" in path and path.endswith("/properties/input"):
+                continue
+            ref = node.get("$ref")
+            if isinstance(ref, str) and ref not in seen and not ref.endswith("Input"):
+                seen.add(ref)
+                todo.append((ref, pointer(doc, ref)))
+            if node.get("type") == "object" and "properties" in node and "/properties/input/" not in path:
+                assert "required" in node, f"{path}: an object without `required`"
+                checked += 1
+    assert checked > 40, checked
+    assert {"#/components/schemas/JobCommon", "#/components/schemas/Artifact", "#/components/schemas/LoraModel"} <= seen
+
+
+def test_nullable_fields_are_typed_as_such(built: Built) -> None:
+    schemas = built.doc["components"]["schemas"]
+    common = schemas["JobCommon"]["properties"]
+    for field in ("started_at", "finished_at", "outputs_expired_at", "retry_of", "webhook"):
+        assert "null" in common[field]["type"], field
+    assert {"type": "null"} in common["error"]["anyOf"]
+    assert schemas["Artifact"]["properties"]["url"]["anyOf"][1] == {"type": "null"}
+
+
+def test_the_document_passes_openapi_spec_validator(built: Built) -> None:
+    from openapi_spec_validator import validate
+
+    validate(json.loads(json.dumps(built.doc)))
+
+
+OPERATIONS = {
+    "GET /healthz": ("operations", "healthz"),
+    "GET /readyz": ("operations", "readyz"),
+    "GET /metrics": ("operations", "get_metrics"),
+    "GET /metrics/cluster": ("operations", "cluster_metrics"),
+    "GET /openapi.json": ("operations", "get_openapi_document"),
+    "GET /docs": ("operations", "get_docs"),
+    "POST /v1/files": ("files", "upload_file"),
+    "GET /v1/files/{file_id}": ("files", "get_file"),
+    "GET /v1/files/{file_id}/content": ("files", "download_file"),
+    "POST /v1/jobs": ("jobs", "create_job"),
+    "GET /v1/jobs": ("jobs", "list_jobs"),
+    "GET /v1/jobs/{job_id}": ("jobs", "get_job"),
+    "POST /v1/jobs/{job_id}/cancel": ("jobs", "cancel_job"),
+    "POST /v1/jobs/{job_id}/retry": ("jobs", "retry_job"),
+    "POST /v1/jobs/cancel": ("jobs", "cancel_jobs"),
+    "GET /v1/jobs/{job_id}/events": ("jobs", "get_job_events"),
+    "GET /v1/jobs/{job_id}/webhooks": ("webhooks", "list_webhook_deliveries"),
+    "POST /v1/jobs/{job_id}/webhooks/{delivery_id}/redeliver": ("webhooks", "redeliver_webhook"),
+    "GET /v1/webhooks/secret": ("webhooks", "get_webhook_secret"),
+    "POST /v1/webhooks/secret/rotate": ("webhooks", "rotate_webhook_secret"),
+    "GET /v1/models": ("models", "list_models"),
+    "GET /v1/models/{model_id}": ("models", "get_model"),
+    "DELETE /v1/models/{model_id}": ("models", "delete_model"),
+    "POST /v1/keys": ("keys", "create_key"),
+    "GET /v1/keys": ("keys", "list_keys"),
+    "DELETE /v1/keys/{key_id}": ("keys", "revoke_key"),
+    "GET /v1/tenants": ("tenants", "list_tenants"),
+    "GET /v1/tenants/{tenant_id}": ("tenants", "get_tenant"),
+    "PUT /v1/tenants/{tenant_id}/quotas": ("tenants", "set_tenant_quotas"),
+}
+
+
+def test_operation_ids_and_tags_are_stable(built: Built) -> None:
+    """A generated client's module and function names come from these: renaming one breaks its users' code."""
+    found = {
+        f"{method.upper()} {path}": (op["tags"][0], op["operationId"])
+        for path, item in built.doc["paths"].items()
+        for method, op in item.items()
+    }
+    assert found == OPERATIONS
+    tags = [tag["name"] for tag in built.doc["tags"]]
+    assert set(tags) == {tag for tag, _ in OPERATIONS.values()} and all(t["description"] for t in built.doc["tags"])
+
+
+def test_paths_under_replicate_are_left_out(built: Built) -> None:
+    assert any(rule.startswith("/replicate/") for rule, _, documented in built.rules if documented)
+    assert not [path for path in built.doc["paths"] if path.startswith("/replicate")]
+
+
+def test_every_example_matches_its_schema(built: Built) -> None:
+    count = 0
+    for path, node in walk(built.doc["paths"], "#/paths"):
+        if isinstance(node, dict) and "examples" in node and "schema" in node:
+            check = validator(built.doc, node["schema"])
+            for name, example in node["examples"].items():
+                errors = [e.message for e in check.iter_errors(example["value"])]
+                assert not errors, f"{path}/examples/{name}: {errors[:3]}"
+                assert example["summary"]
+                count += 1
+    assert count >= 10
+    create = built.doc["paths"]["/v1/jobs"]["post"]
+    assert {"text_to_image", "segmentation", "diagnostic"} <= set(
+        create["requestBody"]["content"]["application/json"]["examples"]
+    )
+    assert create["responses"]["202"]["content"]["application/json"]["examples"]
+
+
+def test_the_docs_page_is_swagger_ui_from_this_origin_with_no_inline_script(built: Built) -> None:
+    html = built.docs_html
+    assert "<style" not in html and " style=" not in html
+    scripts = re.findall(r"<script([^>]*)>(.*?)</script>", html, re.S)
+    assert len(scripts) == 2 and all('src="/docs/' in attrs and not body.strip() for attrs, body in scripts)
+    policy = built.docs_headers["Content-Security-Policy"]
+    assert "default-src 'self'" in policy and "script-src 'self';" in policy and "unsafe" not in policy
+    assert built.assets["/docs/swagger-ui/swagger-ui-bundle.js"] == (200, "text/javascript")
+    assert built.assets["/docs/swagger-ui/swagger-ui.css"] == (200, "text/css")
+    assert built.assets["/docs/static/docs.js"] == (200, "text/javascript")
+    assert all(status == 200 for status, _ in built.assets.values()), built.assets

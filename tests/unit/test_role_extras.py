@@ -37,7 +37,7 @@ def test_the_base_install_and_the_api_extra_pull_no_ml_stack() -> None:
     assert not names(project["dependencies"]) & heavy
     assert not names(project["optional-dependencies"]["api"]) & heavy
     assert heavy - {"numpy", "scipy"} <= names(project["optional-dependencies"]["worker"])
-    assert project["optional-dependencies"]["all"] == ["gpujobs[api,worker,embedded]"]
+    assert project["optional-dependencies"]["all"] == ["gpujobs[api,worker,embedded,otel]"]
     # Every distribution a role checks for comes from its extra (or the base install).
     extras = project["optional-dependencies"]
     for command, (extra, _) in cli.ROLE_EXTRAS.items():

@@ -148,7 +148,7 @@ def test_out_of_bounds_values_are_refused_naming_the_setting(
         ("GPUJOBS_MAX_WAIT_SECONDS", "0"),
         ("GPUJOBS_MODEL_MEMORY_MB", "0"),  # 0: the automatic budget
         ("GPUJOBS_LORA_CACHE_SIZE", "0"),  # 0: no adapter stays loaded
-        ("GPUJOBS_DISPATCH_GRACE_SECONDS", "0"),
+        ("GPUJOBS_DISPATCH_BUFFER", "0"),
         ("GPUJOBS_SEGMENTATION_IMAGE_SIZE", "64"),
         ("GPUJOBS_SEGMENTATION_IMAGE_SIZE", "2048"),
         ("GPUJOBS_PRESIGN_EXPIRY_SECONDS", "604800"),

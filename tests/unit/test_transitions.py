@@ -16,9 +16,9 @@ from datetime import timedelta
 from typing import Any
 
 import pytest
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 
-from db import transitions
+from db import clock, transitions
 from db.models import Artifact, Job, JobEvent, JobStatus, Tenant, WebhookDelivery, utcnow
 from db.settings import Settings
 from db.transitions import LeaseState, TransitionError
@@ -290,6 +290,10 @@ def test_succeed_stores_output_artifacts_and_models(db, new_job, tenant_id: str)
     assert [tuple(r) for r in stored] == [("out.png", "k/out.png")]
     assert events(db, job_id)[-2:] == [("stored", 1), ("succeeded", 1)]
     assert event_messages(db, job_id)[-2] == "1 artifact(s) stored"
+    # The rows and events of the success carry its finished_at (returned by its UPDATE).
+    ended = select(JobEvent.at).where(JobEvent.job_id == job_id, JobEvent.kind.in_(["stored", "succeeded"]))
+    assert db.scalars(ended).all() == [job["finished_at"]] * 2
+    assert db.scalars(select(Artifact.created_at).where(Artifact.job_id == job_id)).all() == [job["finished_at"]]
     from db.models import Model
 
     assert db.get(Model, "mdl_unit").job_id == job_id
@@ -468,16 +472,43 @@ def test_a_rolled_back_transition_leaves_nothing(db, new_job) -> None:
     assert deliveries(db, job_id) == []
 
 
-def test_dispatch_is_claimed_once_and_can_be_undone(db, new_job) -> None:
-    settings = Settings(dispatch_grace_seconds=0, redispatch_seconds=900, lost_message_seconds=30)
-    job_id = new_job(created_at=utcnow() - timedelta(seconds=1))
-    assert [j.id for j in transitions.undispatched(db, settings, idle_queues=[])] == [job_id]
-    assert transitions.claim_dispatch(db, job_id, settings, idle_queues=[])
-    assert not transitions.claim_dispatch(db, job_id, settings, idle_queues=[]), "sent just now: not again"
+def test_a_waiting_job_is_marked_sent_once_and_can_be_undone(db, new_job) -> None:
+    job_id = new_job()
+    assert transitions.mark_dispatched(db, [job_id]) == {job_id}
+    assert transitions.mark_dispatched(db, [job_id]) == set(), "sent just now: not again"
     db.commit()
-    assert transitions.undispatched(db, settings, idle_queues=[]) == []
     transitions.undo_dispatch(db, job_id)
-    assert transitions.claim_dispatch(db, job_id, settings, idle_queues=[])
+    assert transitions.mark_dispatched(db, [job_id, "job_unknown"]) == {job_id}
+    db.commit()
+
+
+def test_a_marked_job_gets_its_dispatched_event_and_a_failed_send_takes_it_back(db, new_job) -> None:
+    sent, submitted = new_job(), new_job()
+    assert transitions.mark_dispatched(db, [sent, submitted], "a test", silent=[submitted]) == {sent, submitted}
+    db.commit()
+    assert events(db, sent) == [("queued", 0), ("dispatched", 0)]
+    assert events(db, submitted) == [("queued", 0)], "the submitted job's own pass records no event"
+    transitions.undo_dispatch(db, sent)
+    db.commit()
+    assert events(db, sent) == [("queued", 0)], "the send failed: not dispatched after all"
+    assert transitions.mark_dispatched(db, [sent], "a second pass") == {sent}
+    db.commit()
+    assert events(db, sent) == [("queued", 0), ("dispatched", 0)]
+
+
+def test_a_lost_message_is_resent_once_and_can_be_undone(db, new_job) -> None:
+    settings = Settings(redispatch_seconds=900, lost_message_seconds=30)
+    job_id = new_job(dispatched_at=utcnow())
+    db.execute(update(Job).values(dispatched_at=clock.now(db, -31.0)).where(Job.id == job_id))
+    db.commit()
+    assert transitions.lost_messages(db, settings, idle_queues=[]) == [], "its queue still holds messages"
+    assert [j.id for j in transitions.lost_messages(db, settings, idle_queues=["gpu"])] == [job_id]
+    assert transitions.claim_resend(db, job_id, settings, idle_queues=["gpu"])
+    assert not transitions.claim_resend(db, job_id, settings, idle_queues=["gpu"]), "sent just now: not again"
+    db.commit()
+    assert transitions.lost_messages(db, settings, idle_queues=["gpu"]) == []
+    transitions.undo_dispatch(db, job_id)
+    assert transitions.lost_messages(db, settings, idle_queues=["gpu"]) == [], "never sent: the scheduler's"
     db.commit()
 
 
@@ -598,9 +629,13 @@ def test_a_cancel_racing_a_claim_is_never_lost(sessions, db, new_job) -> None:
             assert events(db, job_id) == [("queued", 0), ("claimed", 1), ("cancel_requested", 1)]
 
 
-def test_two_reconcilers_dispatch_a_job_once(sessions, db, new_job) -> None:
-    settings = Settings(dispatch_grace_seconds=0)
-    job_id = new_job(created_at=utcnow() - timedelta(seconds=1))
-    results = race(sessions, *[lambda s: transitions.claim_dispatch(s, job_id, settings, [])] * 2)
+def test_two_reconcilers_resend_a_lost_message_once(sessions, db, new_job) -> None:
+    settings = Settings(redispatch_seconds=900, lost_message_seconds=30)
+    job_id = new_job(dispatched_at=utcnow())
+    db.execute(update(Job).values(dispatched_at=clock.now(db, -31.0)).where(Job.id == job_id))
+    db.commit()
+    results = race(sessions, *[lambda s: transitions.claim_resend(s, job_id, settings, ["gpu"])] * 2)
     assert sorted(results) == [False, True]
-    assert db.scalar(select(func.count()).select_from(Job).where(Job.dispatched_at.is_not(None))) == 1
+    assert (
+        db.scalar(select(func.count()).select_from(Job).where(Job.dispatched_at > utcnow() - timedelta(seconds=5))) == 1
+    )

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import enum
 import importlib
+import re
 import typing
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 
 class Queue(str, enum.Enum):
@@ -45,18 +46,35 @@ class JobError(Exception):
 
 FILE_KIND = "x-gpujobs-file"
 
+FILE_ID_PATTERN = r"^file_[A-Za-z0-9_-]{1,64}$"
+# An image field also takes an http(s) URL or a data: URI; the API turns either into a file of the
+# tenant at submit (``api.remote_inputs``), so a stored job's input, and what a worker reads, is a file id.
+IMAGE_PATTERN = r"^(file_[A-Za-z0-9_-]{1,64}|[Hh][Tt][Tt][Pp][Ss]?://\S+|[Dd][Aa][Tt][Aa]:\S+)$"
+
+_IMAGE = re.compile(IMAGE_PATTERN)
+
+
+def _image_value(value: str) -> str:
+    """The pattern's check, with a message that says what is accepted (pydantic's would quote the regex)."""
+    if not _IMAGE.match(value):
+        raise ValueError("must be a file id (file_…), an https:// URL or a data: URI (data:image/png;base64,…)")
+    return value
+
+
 ImageFile = Annotated[
     str,
     Field(
-        pattern=r"^file_[A-Za-z0-9_-]{1,64}$",
-        description="The id of an uploaded image (`POST /v1/files`).",
-        json_schema_extra={FILE_KIND: "input"},
+        description="An image: the id of an uploaded file (`POST /v1/files`), an `https://` URL (fetched at "
+        "submit) or a `data:image/…;base64,…` URI. A URL or data URI becomes a file of the tenant, and the "
+        "job's `input` shows that file's id.",
+        json_schema_extra={FILE_KIND: "input", "pattern": IMAGE_PATTERN},
     ),
+    AfterValidator(_image_value),
 ]
 DatasetFile = Annotated[
     str,
     Field(
-        pattern=r"^file_[A-Za-z0-9_-]{1,64}$",
+        pattern=FILE_ID_PATTERN,
         description="The id of an uploaded zip (`POST /v1/files` with `purpose=dataset`).",
         json_schema_extra={FILE_KIND: "dataset"},
     ),
@@ -145,7 +163,12 @@ class Artifact(BaseModel):
     content_type: str
     size: int = Field(description="Bytes.")
     sha256: str = Field(description="Hex SHA-256 of the stored bytes.")
-    url: str | None = Field(None, description="Presigned download URL (expires).")
+    url: str | None = Field(
+        None, description="Presigned download URL (expires); null once retention deleted the object (`expired`)."
+    )
+    expired: bool = Field(
+        False, description="True once retention deleted the stored object (`GPUJOBS_ARTIFACT_TTL`): no URL any more."
+    )
 
 
 def resolve(path: str) -> Any:

@@ -16,7 +16,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from db import tracing
 from db.settings import Settings, get_settings
+from worker import metrics
 from worker.jobs.spec import JobError, ModelKind, resolve
 from worker.models.catalog import CatalogError, ModelEntry, load_catalog
 
@@ -183,6 +185,7 @@ class ModelCache:
             if slot is not None:
                 self._slots.move_to_end(key)
                 self.stats.setdefault(key, ModelStats()).hits += 1
+                metrics.MODEL_CACHE_HITS.labels(metrics.model_name(key)).inc()
                 return slot.value
         if on_miss is not None:
             on_miss()
@@ -191,12 +194,14 @@ class ModelCache:
                 if key in self._slots:  # loaded by the thread we waited for
                     self._slots.move_to_end(key)
                     self.stats.setdefault(key, ModelStats()).hits += 1
+                    metrics.MODEL_CACHE_HITS.labels(metrics.model_name(key)).inc()
                     return self._slots[key].value
             started = time.perf_counter()
             folder = self.local_folder(entry)
             device, dtype = self._resolved()
             try:
-                value = loader(entry, folder, device, dtype)
+                with tracing.span("model.load", model=entry.name, device=device):
+                    value = loader(entry, folder, device, dtype)
             except JobError:
                 raise
             except (OSError, ValueError, KeyError) as exc:
@@ -210,6 +215,8 @@ class ModelCache:
                 stats.loads += 1
                 stats.load_seconds += elapsed
                 stats.bytes = size
+            metrics.MODEL_LOADS.labels(metrics.model_name(key)).inc()
+            metrics.MODEL_LOAD_SECONDS.labels(metrics.model_name(key)).inc(elapsed)
             log.info("loaded model %s (%s) on %s in %.2f s, %.1f MB", key, entry.source, device, elapsed, size / 2**20)
             return value
 
@@ -231,6 +238,7 @@ class ModelCache:
                 return
             slot = self._slots.pop(name)
             self.stats[name].bytes = 0
+            metrics.MODEL_CACHE_EVICTIONS.labels(metrics.model_name(name)).inc()
             log.info("evicted model %s (%.1f MB) to stay within %.0f MB", name, slot.bytes / 2**20, budget / 2**20)
             del slot
             self._release_memory()

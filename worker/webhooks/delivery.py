@@ -1,6 +1,9 @@
-"""Sending a job's deliveries: claim one, sign it, check where it goes, POST it, record and schedule.
+"""Sending deliveries: claim one fairly, sign it, check where it goes, POST it, record and schedule.
 
-No database session is held during the HTTP request. The outcome of an attempt:
+``claim`` takes the next due delivery of the endpoint served longest ago (``db/endpoints.py``:
+fair turns, a concurrency limit per endpoint, the circuit breaker); ``send`` makes its attempt on
+one of the process's sender threads (``pump.py``). No database session is held during the HTTP
+request. The outcome of an attempt:
 
 - any 2xx: delivered;
 - 410 Gone, or a URL the SSRF guard refuses: failed, not retried;
@@ -19,15 +22,17 @@ import random
 import time
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import Any
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from db import webhooks
+from db import endpoints, tracing, webhooks
 from db.models import Artifact, DeliveryStatus, Job, WebhookDelivery, WebhookEvent, utcnow
 from db.session import session_scope
 from db.settings import Settings, get_settings
-from db.wire import rfc3339, with_artifact_urls
+from db.wire import artifact_keys, outputs_expired_at, rfc3339, with_artifact_urls
+from worker import metrics
 from worker.webhooks import guard, signing
 from worker.webhooks.sender import Answer, SendError, post
 
@@ -36,8 +41,6 @@ log = logging.getLogger(__name__)
 # A retry due this soon is also enqueued with a countdown (faster than waiting for the sweep);
 # later ones are left to the sweep, so no message waits for hours in a worker's memory.
 COUNTDOWN_LIMIT_SECONDS = 60.0
-# A task sends at most this many deliveries of one job in a row before leaving the rest to the sweep.
-MAX_PER_TASK = 50
 
 
 @dataclass(frozen=True)
@@ -51,78 +54,133 @@ class Attempt:
     refused: bool = False
 
 
-def send_due(job_id: str) -> list[str]:
-    """Send the job's due deliveries one after another; returns each one's outcome (for logs and tests)."""
-    settings = get_settings()
-    lease_seconds = settings.webhook_timeout_seconds + 30
-    outcomes: list[str] = []
-    for _ in range(MAX_PER_TASK):
-        with session_scope() as session:
-            delivery = webhooks.claim_next(session, job_id, lease_seconds)
-            if delivery is None:
-                break
-            job = session.get(Job, job_id)
-            assert job is not None and job.webhook
-            url = job.webhook
-            secrets = webhooks.signing_secrets(session, job.tenant_id)
-            body = render(session, delivery, job)
-        attempt = _attempt(url, delivery.id, secrets, body, settings)
-        outcome, next_attempt_at, error = judge(delivery, attempt, settings)
-        if outcome == DeliveryStatus.PENDING and delivery.event == WebhookEvent.PROGRESS.value:
-            with session_scope() as session:
-                if webhooks.superseded(session, delivery):
-                    outcome, next_attempt_at = DeliveryStatus.GAVE_UP, None
-                    error = f"{error}; not retried: the job has a later event"
-        with session_scope() as session:
-            recorded = webhooks.record_attempt(
-                session,
-                delivery,
-                number=delivery.attempts + 1,
-                at=attempt.at,
-                duration_seconds=attempt.duration_seconds,
-                status_code=attempt.answer.status if attempt.answer else None,
-                response_excerpt=attempt.answer.excerpt if attempt.answer else None,
-                error=error,
-                outcome=outcome,
-                next_attempt_at=next_attempt_at,
-            )
-        if not recorded:
-            log.warning("delivery %s: attempt %d was recorded by another sender", delivery.id, delivery.attempts + 1)
-            continue
-        log.info(
-            "webhook %s (job %s, %s) attempt %d: %s%s",
-            delivery.id,
-            job_id,
-            delivery.event,
-            delivery.attempts + 1,
-            outcome.value,
-            f" ({error})" if error else "",
+@dataclass(frozen=True)
+class Claimed:
+    """A delivery taken for one attempt, with all the attempt needs (read in the claim's transaction)."""
+
+    delivery: WebhookDelivery
+    url: str
+    secrets: list[str]
+    body: bytes
+    traceparent: str | None = None  # the job's (db.tracing): the delivery's span joins the job's trace
+
+
+def claim(settings: Settings) -> Claimed | None:
+    """Take the next due delivery, fairly between endpoints (``db.endpoints.claim``), and render it."""
+    with session_scope() as session:
+        delivery = endpoints.claim(session, settings, lease_seconds(settings))
+        if delivery is None:
+            return None
+        job = session.get(Job, delivery.job_id)
+        assert job is not None and job.webhook
+        return Claimed(
+            delivery,
+            job.webhook,
+            webhooks.signing_secrets(session, job.tenant_id),
+            render(session, delivery, job),
+            job.traceparent,
         )
-        outcomes.append(outcome.value)
-        if next_attempt_at is not None:
-            _enqueue_soon(job_id, next_attempt_at)
-    return outcomes
 
 
-def sweep(limit: int = 500) -> list[str]:
-    """On beat: enqueue the sending of every job that has a delivery due (first tries the broker lost, retries)."""
+def lease_seconds(settings: Settings) -> float:
+    """How long a claim holds its delivery (and its endpoint's slot): the attempt's timeout and a margin."""
+    return settings.webhook_timeout_seconds + 30
+
+
+def send(claimed: Claimed, settings: Settings) -> str:
+    """Make one attempt of a claimed delivery, record it and what the endpoint's breaker makes of it."""
+    delivery = claimed.delivery
+    where: dict[str, Any] = {"job_id": delivery.job_id, "delivery": delivery.id, "event": delivery.event}
+    with tracing.span("webhook.deliver", claimed.traceparent, **where):
+        attempt = _attempt(claimed.url, delivery.id, claimed.secrets, claimed.body, settings)
+    outcome, next_attempt_at, error = judge(delivery, attempt, settings)
+    if outcome == DeliveryStatus.PENDING and delivery.event == WebhookEvent.PROGRESS.value:
+        with session_scope() as session:
+            if webhooks.superseded(session, delivery):
+                outcome, next_attempt_at = DeliveryStatus.GAVE_UP, None
+                error = f"{error}; not retried: the job has a later event"
+    opened = None
+    with session_scope() as session:
+        recorded = webhooks.record_attempt(
+            session,
+            delivery,
+            number=delivery.attempts + 1,
+            at=attempt.at,
+            duration_seconds=attempt.duration_seconds,
+            status_code=attempt.answer.status if attempt.answer else None,
+            response_excerpt=attempt.answer.excerpt if attempt.answer else None,
+            error=error,
+            outcome=outcome,
+            next_attempt_at=next_attempt_at,
+        )
+        failed = endpoint_failure(attempt)
+        if recorded and failed is not None and delivery.endpoint_id is not None:
+            opened = endpoints.record_outcome(session, delivery.endpoint_id, failed, error, settings)
+    if not recorded:
+        log.warning("delivery %s: attempt %d was recorded by another sender", delivery.id, delivery.attempts + 1)
+        return "superseded"
+    metrics.webhook_attempt(attempt.answer.status if attempt.answer else None)
+    log.info(
+        "webhook %s (job %s, %s) attempt %d: %s%s",
+        delivery.id,
+        delivery.job_id,
+        delivery.event,
+        delivery.attempts + 1,
+        outcome.value,
+        f" ({error})" if error else "",
+    )
+    if opened is not None and opened.open_until is not None:
+        log.warning(
+            "webhook endpoint %s: circuit breaker open until %s after %d failures in a row",
+            delivery.endpoint_id,
+            opened.open_until.isoformat(),
+            opened.consecutive_failures,
+        )
+        _enqueue_soon(delivery.job_id, opened.open_until)  # the half-open probe, on time
+    elif next_attempt_at is not None:
+        _enqueue_soon(delivery.job_id, next_attempt_at)
+    return outcome.value
+
+
+def endpoint_failure(attempt: Attempt) -> bool | None:
+    """What the attempt says of the endpoint's health: failed (no answer, 5xx, 429), fine, or nothing (refused)."""
+    if attempt.refused:
+        return None
+    if attempt.answer is None:
+        return True
+    return attempt.answer.status >= 500 or attempt.answer.status == 429
+
+
+def sweep(limit: int = 100) -> list[str]:
+    """On beat: wake senders for every endpoint with a delivery due (first tries the broker lost, retries, probes).
+
+    This worker's senders start at once; one wake-up message per such endpoint lets other webhooks
+    workers help."""
     from worker.celery_app import send_webhooks
+    from worker.webhooks.pump import PUMP
 
     with session_scope() as session:
-        job_ids = webhooks.due_jobs(session, limit)
-    # A backlog makes the next sweeps find the same jobs again: their older messages expire unrun.
+        due = endpoints.due_endpoints(session, limit)
+    if not due:
+        return due
+    PUMP.kick()
+    # A backlog makes the next sweeps find the same endpoints again: their older messages expire unrun.
     expires = max(get_settings().webhook_sweep_seconds * 2, 5)
-    for job_id in job_ids:
-        send_webhooks(job_id, expires=expires)
-    return job_ids
+    for endpoint in due:
+        send_webhooks(endpoint, expires=expires)
+    return due
 
 
 def render(session: Session, delivery: WebhookDelivery, job: Job) -> bytes:
     """``{"type": "job.<event>", "timestamp", "data": Job}``: the job as it was at the event, with fresh URLs."""
     data = dict(delivery.payload)
     if data.get("status") == "succeeded" and data.get("output") is not None:
-        rows = session.execute(select(Artifact.name, Artifact.storage_key).where(Artifact.job_id == job.id)).all()
-        data["output"] = with_artifact_urls(data["output"], {name: key for name, key in rows})
+        # Expired since the event? Then the body says so (``url`` null, ``outputs_expired_at``), signing nothing.
+        rows = session.execute(
+            select(Artifact.name, Artifact.storage_key, Artifact.expired_at).where(Artifact.job_id == job.id)
+        ).all()
+        data["output"] = with_artifact_urls(data["output"], artifact_keys(rows))
+        data["outputs_expired_at"] = rfc3339(outputs_expired_at(rows))
     envelope = {"type": f"job.{delivery.event}", "timestamp": rfc3339(delivery.created_at), "data": data}
     return json.dumps(envelope, separators=(",", ":"), ensure_ascii=False).encode()
 
@@ -203,6 +261,7 @@ def _span(seconds: float) -> str:
 
 
 def _enqueue_soon(job_id: str, next_attempt_at: datetime) -> None:
+    """A wake-up for the senders when the retry is due (any due delivery goes then, fairly)."""
     delay = (next_attempt_at - utcnow()).total_seconds()
     if delay > COUNTDOWN_LIMIT_SECONDS:
         return

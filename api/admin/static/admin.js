@@ -1,5 +1,6 @@
 // gpujobs admin: live refresh without a library. Every few seconds the page is fetched again and
-// the element marked data-live is swapped for the fresh one (forms being typed into are left alone).
+// the element marked data-live is swapped for the fresh one (forms being typed into are left alone);
+// a running job's page also follows the job's event stream for its progress.
 (function () {
   "use strict";
   // Selects marked data-autosubmit (time windows) apply at once; their Show button stays for no-JS use.
@@ -54,4 +55,29 @@
   }
 
   var timer = window.setInterval(refresh, seconds * 1000);
+
+  // A running job's page follows its event stream (GET /admin/jobs/<id>/events): each `progress` event
+  // redraws the progress at once; a timeline event (claimed, stored, succeeded…) refreshes the page.
+  var progress = document.querySelector("[data-events]");
+  if (!progress || !window.EventSource) { return; }
+  var stream = new EventSource(progress.getAttribute("data-events"));
+  stream.addEventListener("progress", function (event) {
+    var shown = document.getElementById("progress");
+    var now = JSON.parse(event.data).progress || {};
+    if (!shown || !toggle.checked) { return; }
+    shown.textContent = "";
+    if (now.total) {
+      var bar = document.createElement("progress");
+      bar.max = now.total;
+      bar.value = now.step || 0;
+      shown.appendChild(bar);
+      shown.appendChild(document.createTextNode(" " + (now.step || 0) + " / " + now.total));
+    } else {
+      shown.appendChild(document.createTextNode(String(now.step || 0)));
+    }
+    if (now.message) { shown.appendChild(document.createTextNode(" · " + now.message)); }
+  });
+  ["claimed", "milestone", "stored", "succeeded", "failed", "canceled", "cancel_requested", "requeued"].forEach(
+    function (name) { stream.addEventListener(name, refresh); });
+  stream.addEventListener("job", function () { stream.close(); refresh(); });
 })();

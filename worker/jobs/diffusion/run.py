@@ -22,6 +22,7 @@ import torch
 from PIL import Image, ImageOps, PngImagePlugin, UnidentifiedImageError
 
 from db.settings import get_settings
+from worker import metrics
 from worker.context import JobContext
 from worker.jobs.diffusion import lora
 from worker.jobs.diffusion.pipeline import Denoised, Family, StepHook, adain, decode, denoise, encode
@@ -210,6 +211,7 @@ def _store(
 ) -> Output:
     ctx.check()
     get_cache().count(family.key, "images", len(seeds))
+    metrics.BATCH_SIZE.labels(metrics.model_name(family.key)).observe(len(seeds))
     ctx.progress(steps, steps, "storing")
     height, width = pixels.shape[1:3]
     record = {

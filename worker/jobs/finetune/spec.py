@@ -46,7 +46,11 @@ def _resolution_bound(value: int) -> int:
 class Input(JobInput):
     images: Annotated[
         list[ImageFile] | None,
-        Field(min_length=1, max_length=100_000, description="Training images (file ids); or give `dataset`."),
+        Field(
+            min_length=1,
+            max_length=100_000,
+            description="Training images (file ids, https:// URLs or data: URIs); or give `dataset` (a file id).",
+        ),
         AfterValidator(_image_count),
     ] = None
     captions: list[Caption] | None = Field(

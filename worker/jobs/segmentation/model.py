@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from worker import metrics
 from worker.jobs.segmentation.spec import SEGMENTATION
 from worker.jobs.spec import JobError
 from worker.models.cache import ModelCache
@@ -124,6 +125,7 @@ class Batcher:
             outputs = seg.model(pixel_values=pixel_values.to(seg.device, seg.dtype))
         self.cache.count(seg.key, "forward_passes")
         self.cache.count(seg.key, "batched_images", len(pixel_values))
+        metrics.BATCH_SIZE.labels(metrics.model_name(seg.key)).observe(len(pixel_values))
         classes = outputs.class_queries_logits.float()
         masks = outputs.masks_queries_logits.float()
         return [(classes[i], masks[i]) for i in range(len(pixel_values))]
