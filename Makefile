@@ -32,7 +32,7 @@ up: $(STAMP)
 test: $(STAMP) chromium faketime nftables prometheus check
 	@status=0; \
 	$(BIN)/pytest tests/unit $(PYTEST_ARGS) || status=1; \
-	$(BIN)/pytest tests/integration -m "not serial" -n $(TEST_PROCESSES) --dist loadfile $(PYTEST_ARGS) || status=1; \
+	$(BIN)/pytest tests/integration -m "not serial" -n $(TEST_PROCESSES) --dist loadfile --no-loadscope-reorder $(PYTEST_ARGS) || status=1; \
 	$(BIN)/pytest tests/integration -m serial $(PYTEST_ARGS) || status=1; \
 	exit $$status
 

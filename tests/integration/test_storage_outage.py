@@ -5,7 +5,7 @@ session's database, broker and reconciler; the session's S3 is never touched. S3
 restarted on the same data folder and port) or frozen (SIGSTOP, then SIGCONT) while diagnostic jobs
 are about to store their outputs.
 
-The outage lasts ``GPUJOBS_TEST_S3_OUTAGE_SECONDS`` (12 s by default, to keep CI short). The same tests
+The outage lasts ``GPUJOBS_TEST_S3_OUTAGE_SECONDS`` (8 s by default, to keep CI short). The same tests
 pass with the issue's 60 s outage:
 ``GPUJOBS_TEST_S3_OUTAGE_SECONDS=60 pytest tests/integration/test_storage_outage.py``.
 """
@@ -23,7 +23,7 @@ from tests.integration.storage_faults import Workers, assert_artifacts_match_sto
 private_s3 = storage_faults.private_s3
 fault_workers = storage_faults.fault_workers
 
-OUTAGE_SECONDS = float(os.environ.get("GPUJOBS_TEST_S3_OUTAGE_SECONDS", "12"))
+OUTAGE_SECONDS = float(os.environ.get("GPUJOBS_TEST_S3_OUTAGE_SECONDS", "8"))
 JOBS = 3
 
 

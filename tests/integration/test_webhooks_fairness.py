@@ -19,7 +19,8 @@ from tests.integration.webhook_receiver import Reply
 receiver = webhook_fixtures.receiver
 webhooks_worker = webhook_fixtures.webhooks_worker
 
-SLOW_SECONDS = 8.0
+SLOW_SECONDS = 6.0
+SLOW_JOBS = 12  # three rounds of the endpoint's limit of 4: a backlog that outlasts the quick job
 
 
 def test_claims_take_turns_over_endpoints_hold_the_limit_and_free_an_expired_slot(client, no_gpu_worker):
@@ -109,7 +110,7 @@ def test_a_slow_receiver_of_one_tenant_does_not_delay_another_tenants_webhook(
     for _ in range(2):
         webhooks_worker(webhook_timeout_seconds="15", webhook_endpoint_concurrency="4")
     receiver.script("/slow", Reply(delay=SLOW_SECONDS))
-    slow_jobs = [job_with_webhook(client, slow_tenant, receiver.url("/slow"), steps=1) for _ in range(20)]
+    slow_jobs = [job_with_webhook(client, slow_tenant, receiver.url("/slow"), steps=1) for _ in range(SLOW_JOBS)]
     for job in slow_jobs:
         wait_for(client, slow_tenant, job["id"], "succeeded", timeout=60)
     receiver.wait_for("/slow", lambda found: len(found) >= 4, 30)  # the slow endpoint's slots are all taken
@@ -119,7 +120,7 @@ def test_a_slow_receiver_of_one_tenant_does_not_delay_another_tenants_webhook(
     [request] = receiver.wait_for("/quick", lambda found: len(found) >= 1, 30)
     delay = request.wall - parse_time(done["finished_at"]).timestamp()
     assert delay <= 5.0, f"the other tenant's webhook came {delay:.2f} s after its job ended"
-    assert len(receiver.at("/slow")) < 20, "the slow tenant's backlog should still be waiting"
+    assert len(receiver.at("/slow")) < SLOW_JOBS, "the slow tenant's backlog should still be waiting"
 
     # A delivery waiting for the slow endpoint says why.
     deadline = time.monotonic() + 10
@@ -132,11 +133,11 @@ def test_a_slow_receiver_of_one_tenant_does_not_delay_another_tenants_webhook(
     assert endpoint["origin"] == f"http://127.0.0.1:{receiver.port}" and endpoint["breaker"] == "closed"
 
     # Every slow delivery arrives in the end, never more than 4 at once at the receiver.
-    receiver.wait_for("/slow", lambda found: len(found) >= 20, 20 / 4 * SLOW_SECONDS + 30)
+    receiver.wait_for("/slow", lambda found: len(found) >= SLOW_JOBS, SLOW_JOBS / 4 * SLOW_SECONDS + 30)
     for job in slow_jobs:
         wait_deliveries(client, slow_tenant, job["id"], lambda ds: ds and ds[0]["status"] == "delivered", 30)
     assert receiver.most_in_flight["/slow"] == 4, receiver.most_in_flight
-    assert len(receiver.at("/slow")) == 20
+    assert len(receiver.at("/slow")) == SLOW_JOBS
 
 
 def test_the_breaker_opens_after_repeated_failures_defers_then_half_opens_and_closes(
