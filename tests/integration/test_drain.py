@@ -59,9 +59,10 @@ def _running_on(client: Any, key: str, job_id: str, worker: ManagedProcess) -> N
 
 
 def _busy(client: Any, key: str, start: Any, drain_seconds: float) -> tuple[ManagedProcess, dict[str, Any]]:
-    """A worker with that drain window, running a 30 s diagnostic job (0.5 s steps)."""
+    """A worker with that drain window, running a 12 s diagnostic job (0.5 s steps): longer than any test
+    here takes to hand it back, short enough that its second attempt elsewhere costs CI little."""
     worker = start(drain_seconds=drain_seconds)
-    job = diagnostic(client, key, steps=60, sleep_seconds=30)
+    job = diagnostic(client, key, steps=24, sleep_seconds=12)
     _running_on(client, key, job["id"], worker)
     return worker, job
 

@@ -9,7 +9,7 @@ The API is a deployment of its own (no worker: the jobs it is sent stay queued a
 them), with `Prefer: wait` capped at 1 s so that waits do not eat the time budget. The run
 authenticates with a throw-away admin key (``schemathesis_hooks.py``), so revoking it ends nothing.
 
-Bounded: ``--max-time`` (``GPUJOBS_TEST_SCHEMATHESIS_SECONDS``, default 150 s) and
+Bounded: ``--max-time`` (``GPUJOBS_TEST_SCHEMATHESIS_SECONDS``, default 100 s, to keep CI short) and
 ``--max-examples`` per operation; a fixed seed makes a failure reproducible.
 """
 
@@ -25,7 +25,7 @@ from typing import Any
 from tests.integration.private_api import private_api
 
 ROOT = Path(__file__).resolve().parents[2]
-SECONDS = int(os.environ.get("GPUJOBS_TEST_SCHEMATHESIS_SECONDS", "150"))
+SECONDS = int(os.environ.get("GPUJOBS_TEST_SCHEMATHESIS_SECONDS", "100"))
 MAX_EXAMPLES = 25
 SEED = 13
 
