@@ -155,7 +155,7 @@ def test_the_api_answers_503_while_the_database_is_down_and_200_once_it_is_back(
 
         assert "db" not in g
     response, elapsed = _timed(client, "/healthz")
-    assert response.status_code == 200 and elapsed < 0.1
+    assert response.status_code == 200 and elapsed < 0.5  # no database call: not the bounds of seconds
     response, elapsed = _timed(client, "/readyz")
     body = assert_problem(response, 503)
     assert elapsed < 2.0
@@ -167,4 +167,4 @@ def test_the_api_answers_503_while_the_database_is_down_and_200_once_it_is_back(
     response = client.get("/v1/jobs", headers=headers)
     # The first request after the return succeeds: stale pooled connections fail their ping and are replaced.
     assert response.status_code == 200, response.get_data(as_text=True)
-    assert time.monotonic() - returned < 1.0
+    assert time.monotonic() - returned < 1.5  # not a 2 s statement bound spent on a stale connection

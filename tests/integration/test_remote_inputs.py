@@ -419,7 +419,8 @@ def test_under_gevent_a_slow_url_holds_only_its_own_request_and_the_readme_examp
             body = {"type": "segmentation", "input": {"image": plain.url("/img/teal.png")}}  # http:// allowed here
             other = requests.post(f"{api.base_url}/v1/jobs", json=body, headers=auth(key), timeout=10)
             assert other.status_code == 202 and other.json()["input"]["image"].startswith("file_"), other.text
-            assert time.monotonic() - started < 1.5 and "response" not in slow
+            # Answered while /slow is still being fetched (it gives up at 3 s): not queued behind it.
+            assert time.monotonic() - started < 2.5 and "response" not in slow
 
             thread.join(15)
             assert_problem(slow["response"], 422, loc=["body", "input", "image"])
