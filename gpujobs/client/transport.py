@@ -98,7 +98,7 @@ class Transport:
             except (urllib3.exceptions.HTTPError, OSError) as exc:
                 if attempt >= self.max_retries:
                     raise ConnectionFailed(f"{method} {url}: no answer after {attempt + 1} tries: {exc}") from exc
-                self.sleep(self.backoff(attempt))
+                self._wait(self.backoff(attempt))
                 attempt += 1
                 continue
             if response.status < 400:
@@ -106,8 +106,15 @@ class Transport:
             error = from_response(response.status, response.data, response.headers.get("Retry-After"))
             if response.status not in RETRY_STATUSES or attempt >= self.max_retries:
                 raise error
-            self.sleep(self.retry_delay(error, attempt))
+            self._wait(self.retry_delay(error, attempt))
             attempt += 1
+
+    def _wait(self, seconds: float) -> None:
+        """Sleep before a retry, then let go of the idle pooled connections: after a wait of seconds the
+        server may have closed them (gunicorn's keep-alive is 2 s), and a request sent on one just as it
+        closes is reset, which would spend a retry on nothing. The next request opens a fresh one."""
+        self.sleep(seconds)
+        self.pool.clear()
 
     def retry_delay(self, error: GpujobsError, attempt: int) -> float:
         """How long to wait before resending after a 429/503: its ``Retry-After``; raises it when that is too long."""
