@@ -11,7 +11,7 @@ import logging
 import signal
 from typing import Any
 
-from celery import Celery
+from celery import Celery, bootsteps
 from celery.signals import (
     celeryd_after_setup,
     setup_logging,
@@ -60,6 +60,27 @@ class JobRequest(Request):
 CANCELED = "canceled"  # runner.execute's outcome for a job that ended canceled
 
 
+class UnbufferedTaskEvents(bootsteps.StartStopStep):
+    """Task events are published when they happen, not buffered: Celery 5.6 loses buffered ones.
+
+    With an event loop, the consumer's event dispatcher buffers ``task-*`` events and asks the loop to
+    flush them. Our pools are threads, so the task's own events are appended from a pool thread while
+    the loop thread flushes: ``flush`` publishes the list and then empties it, dropping what a thread
+    appended in between, and the flush request is added to the hub's ready set without its lock, so it
+    can be lost too (celery/celery#10434; the first half is fixed after 5.6.3, the second is not).
+    Flower then shows a finished job as RECEIVED or STARTED forever. ``publish`` holds the dispatcher's
+    mutex, so unbuffered sends from any thread are safe; task events are off unless a monitor enables
+    them, so the extra broker writes cost nothing by default. Runs after the Events step at every
+    consumer (re)start, which builds a new dispatcher."""
+
+    requires = ("celery.worker.consumer.events:Events",)
+
+    def start(self, c: Any) -> None:
+        if c.event_dispatcher is not None:
+            c.event_dispatcher.buffer_group = frozenset()
+            c.event_dispatcher.on_send_buffered = None
+
+
 def run_job(job_id: str) -> str:
     outcome = runner.execute(job_id)
     if outcome == "failed":
@@ -101,6 +122,8 @@ def worker_app(settings: Settings | None = None) -> Celery:
         app.task(name=SEND_WEBHOOKS, **routine)(send_webhooks)
         app.task(name=SWEEP_WEBHOOKS, **routine)(sweep_webhooks)
         app.task(name=RETENTION, **routine)(expire_and_purge)
+    if UnbufferedTaskEvents not in app.steps["consumer"]:
+        app.steps["consumer"].add(UnbufferedTaskEvents)
     # Celery's worker internals still reach for ``current_app`` in places (as ``celery -A`` would set it).
     app.set_current()
     app.set_default()
