@@ -1,6 +1,7 @@
 """Each worker process records who it is and what it holds every few seconds.
 
-Host, pid, queues, slots (its concurrency: the scheduler's capacity), device (GPU name and memory),
+Host, pid, queues, slots (its concurrency: the scheduler's capacity), device (GPU name, memory and
+utilisation, read from NVML where the host has it),
 loaded models (with load and batch counters), current jobs. The dashboard and ``/metrics`` read it; a worker silent for
 longer than ``worker_lost_seconds`` shows as lost. The times are the database's (``db.clock``), as is the
 time they are compared with, so a worker whose host clock is off is neither lost nor alive by mistake.
@@ -19,6 +20,7 @@ from db.clock import db_now
 from db.models import WorkerProcess
 from db.session import session_scope
 from db.settings import get_settings
+from worker import nvml
 
 log = logging.getLogger(__name__)
 
@@ -36,9 +38,27 @@ def job_ended(job_id: str) -> None:
         _running.discard(job_id)
 
 
+_NO_NVML = object()
+_nvml: Any = None  # the pynvml module once loaded, or _NO_NVML on a host without it
+
+
+def _nvml_module() -> Any | None:
+    global _nvml
+    if _nvml is None:
+        _nvml = nvml.load() or _NO_NVML
+    return None if _nvml is _NO_NVML else _nvml
+
+
 def device_info() -> dict[str, Any]:
-    """The accelerator, without importing torch if no job has (the API-like diagnostic worker stays light)."""
+    """The accelerator: from NVML on a GPU host (the whole device: other processes' memory too, and its
+    utilisation; no CUDA context needed), else from torch without importing it if no job has (the
+    API-like diagnostic worker stays light). ``memory_allocated_mb`` is this process's own share."""
     torch = sys.modules.get("torch")
+    library = _nvml_module()
+    if library is not None and (summary := nvml.device_summary(library)) is not None:
+        if torch is not None and hasattr(torch, "cuda") and torch.cuda.is_initialized():
+            summary["memory_allocated_mb"] = round(torch.cuda.memory_allocated() / 2**20)
+        return summary
     if torch is None or not hasattr(torch, "cuda"):  # not imported yet, or being imported by a job
         return {"type": "unknown", "note": "torch not loaded yet"}
     if not torch.cuda.is_available():

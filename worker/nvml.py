@@ -78,6 +78,32 @@ class GpuCollector:
         yield from (util, used, total)
 
 
+def device_summary(nvml: Any) -> dict[str, Any] | None:
+    """The worker's GPU as its heartbeat records it: the first visible device, as NVML sees it.
+
+    None when NVML cannot read it (the heartbeat then falls back to torch)."""
+    try:
+        indices = visible_indices(nvml.nvmlDeviceGetCount())
+        if not indices:
+            return None
+        handle = nvml.nvmlDeviceGetHandleByIndex(indices[0])
+        name = nvml.nvmlDeviceGetName(handle)
+        memory = nvml.nvmlDeviceGetMemoryInfo(handle)
+        utilization = nvml.nvmlDeviceGetUtilizationRates(handle).gpu
+    except Exception as exc:  # a device that fell off the bus
+        log.warning("NVML read failed: %s", exc)
+        return None
+    return {
+        "type": "cuda",
+        "source": "nvml",
+        "index": indices[0],
+        "name": name.decode() if isinstance(name, bytes) else str(name),
+        "memory_used_mb": round(memory.used / 2**20),
+        "memory_total_mb": round(memory.total / 2**20),
+        "utilization_percent": int(utilization),
+    }
+
+
 def register(registry: Any) -> bool:
     """Add the GPU gauges to ``registry`` when NVML answers; whether it did."""
     if id(registry) in _registered:

@@ -144,3 +144,43 @@ def test_server_processes_sum_the_parent_and_its_children() -> None:
     assert found["process_cpu_seconds"].samples[0].value > 0
     assert found["process_resident_memory_bytes"].samples[0].value > 0
     assert found["gpujobs_api_processes"].samples[0].value >= 1
+
+
+@pytest.fixture
+def heartbeat_nvml(monkeypatch: pytest.MonkeyPatch) -> Any:
+    """``worker.heartbeat`` with its NVML handle forgotten, so it loads whatever ``pynvml`` is now."""
+    from worker import heartbeat
+
+    monkeypatch.setattr(heartbeat, "_nvml", None)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    return heartbeat
+
+
+def test_a_gpu_workers_heartbeat_reads_its_device_from_nvml(
+    heartbeat_nvml: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setitem(sys.modules, "pynvml", FakeNvml())
+    assert heartbeat_nvml.device_info() == {
+        "type": "cuda",
+        "source": "nvml",
+        "index": 0,
+        "name": "NVIDIA H200",
+        "memory_used_mb": 1024,
+        "memory_total_mb": 141 * 1024,
+        "utilization_percent": 37,
+    }
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "1")  # the worker's GPU is the first one it may see
+    device = heartbeat_nvml.device_info()
+    assert (device["index"], device["memory_used_mb"], device["utilization_percent"]) == (1, 8192, 80)
+
+
+def test_without_nvml_or_when_it_fails_the_heartbeat_falls_back_to_torch(
+    heartbeat_nvml: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import torch
+
+    monkeypatch.setitem(sys.modules, "pynvml", None)
+    assert heartbeat_nvml.device_info() == {"type": "cpu"}  # this host has no GPU
+    monkeypatch.setattr(heartbeat_nvml, "_nvml", None)
+    monkeypatch.setitem(sys.modules, "pynvml", FakeNvml(fail_read=True))
+    assert heartbeat_nvml.device_info() == {"type": "cpu"} and not torch.cuda.is_available()
