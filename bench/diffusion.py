@@ -23,6 +23,9 @@ Measured, one client, the same prompt, size, steps, guidance, sampler (``euler``
   ``run_seconds`` (claim → success, from the API) are shown beside it.
 - the pixels of the job's PNG against the raw call's image for the same seed (expected identical).
 
+``--concurrency N`` (service mode) adds: N jobs one after another, then N submitted at once (the worker
+runs with N slots), images/s of each and their ratio: what concurrent clients get from one GPU.
+
 ``--in-process`` leaves the service out: the worker's own ``text_to_image`` (model cache, per-run
 scheduler, step callback, decode, PNG encoding) runs in this process with an in-memory context,
 on the same loaded modules as the raw call, to tell the job code's cost from the queue's.
@@ -206,6 +209,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--size", type=int, help="image side (default: 256 on CPU, 512 on CUDA)")
     parser.add_argument("--steps", type=int, help="denoising steps (default: 4 on CPU, 25 on CUDA)")
     parser.add_argument(
+        "--concurrency", type=int, default=0, help="also time N jobs one at a time against N at once (service mode)"
+    )
+    parser.add_argument(
         "--in-process",
         action="store_true",
         help="no API, queue or S3: the worker's text_to_image code in this process, on the raw call's modules",
@@ -267,7 +273,8 @@ def measure_service(args: argparse.Namespace, deployment: Deployment, settings: 
     deployment.start_services(database_url=args.database_url)
     key = deployment.prepare("gpujobs-bench-diffusion", settings, "diffusion benchmark")
     assert deployment.stack is not None
-    worker = deployment.stack.start_worker("gpu", concurrency=1, name="bench-diffusion", wait=False)
+    slots = max(1, args.concurrency)
+    worker = deployment.stack.start_worker("gpu", concurrency=slots, name="bench-diffusion", wait=False)
     _, base = deployment.start_api()
     deployment.stack.wait_worker_ready(worker)
     client = JobsClient(base, key)
@@ -290,6 +297,37 @@ def measure_service(args: argparse.Namespace, deployment: Deployment, settings: 
         **rounds(args, pipe, job),
         "cold_job_s": round(cold_seconds, 3),
         "cold_run_s": cold_job["metrics"]["run_seconds"],
+        "concurrency": concurrent(client, args) if args.concurrency > 1 else None,
+    }
+
+
+def concurrent(client: JobsClient, args: argparse.Namespace) -> dict[str, Any]:
+    """``--concurrency`` jobs one after another, then the same number submitted at once."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    count = args.concurrency
+    seeds = [3000 + i for i in range(count)]
+
+    def one(seed: int) -> float:
+        return run_job(client, args.size, args.steps, seed)[0]
+
+    started = time.perf_counter()
+    for seed in seeds:
+        one(seed)
+    alone = time.perf_counter() - started
+    started = time.perf_counter()
+    with ThreadPoolExecutor(max_workers=count) as pool:
+        latencies = list(pool.map(one, seeds))
+    together = time.perf_counter() - started
+    log(f"{count} jobs one at a time: {alone:.2f} s; at once: {together:.2f} s")
+    return {
+        "jobs": count,
+        "one_at_a_time_s": round(alone, 3),
+        "at_once_s": round(together, 3),
+        "images_per_s_one_at_a_time": round(count / alone, 4),
+        "images_per_s_at_once": round(count / together, 4),
+        "at_once_over_one_at_a_time": round(alone / together, 4),
+        "at_once_latency_median_s": round(median(latencies), 3),
     }
 
 
@@ -429,6 +467,12 @@ def report(r: dict[str, Any]) -> None:
     print(f"{'job minus raw, paired by round':36}{r['overhead_median_s']:>9.3f}s")
     cold_over_warm = r["cold_job_s"] / r["job_median_s"]
     print(f"{'cold job (first, loads the model)':36}{r['cold_job_s']:>9.3f}s   ({cold_over_warm:.2f}× warm)")
+    if r.get("concurrency"):
+        c = r["concurrency"]
+        print(
+            f"{c['jobs']} jobs at once: {c['images_per_s_at_once']:.3f} images/s against "
+            f"{c['images_per_s_one_at_a_time']:.3f} one at a time ({c['at_once_over_one_at_a_time']:.2f}×)"
+        )
     same = "identical" if r["pixels_identical"] else f"differ by up to {r['max_pixel_difference']}/255"
     print(f"job PNG vs raw image, same seed: {same}; {r['samples']} rounds")
     before, after = r["load_average_1m"]

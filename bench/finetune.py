@@ -27,12 +27,14 @@ Measured:
   file is made), so ``--steps`` steps with everything gpujobs does per step (progress, cancel and
   deadline checks, the lease thread) and any checkpoint it stores. The job's own steps/s (its
   progress, which counts step 1 too) is shown beside it.
-- **resume**: a second fine-tune checkpoints every ``--resume-checkpoint-every`` steps; after its
-  first checkpoint the worker running it is SIGKILLed, and the other, warm worker takes it over once
-  its lease (``--lease`` s) expires and the reconciler (beat's default period, plus the follow-up
-  it schedules for a lease about to expire) requeues it. From the job's events: kill → lease expiry
-  (the job's ``lease_expires_at``) → requeued → claimed → resumed (checkpoint restored) → its next
-  step done, with the parts in between.
+- **resume**: a second fine-tune of ``--resume-steps`` steps checkpoints every
+  ``--resume-checkpoint-every`` steps; after its first checkpoint the worker running it is SIGKILLed,
+  and the other, warm worker takes it over once its lease (``--lease`` s) expires and the reconciler
+  (beat's default period, plus the follow-up it schedules for a lease about to expire) requeues it.
+  From the job's events: kill → lease expiry (the job's ``lease_expires_at``) → requeued → claimed →
+  resumed (checkpoint restored) → its next step done, with the parts in between. Then the same input
+  runs uninterrupted, and the two LoRA files are compared tensor by tensor (bit-exact, or the largest
+  difference).
 - **LoRA switching**: on the full UNet in this process, loading + unloading the job's LoRA (what a
   generation worker would pay per job without an adapter cache) against switching a loaded one on
   and off, and UNet forward passes with no adapter, a loaded one switched off, and on.
@@ -233,6 +235,9 @@ def main(argv: list[str] | None = None) -> int:
         "--checkpoint-every", type=int, default=100, help="the measured job's checkpoints (default 100)"
     )
     parser.add_argument("--resume-checkpoint-every", type=int, default=2, help="the resume job's checkpoints")
+    parser.add_argument(
+        "--resume-steps", type=int, default=100, help="the resume job's steps, long enough to be killed mid-run"
+    )
     parser.add_argument("--lease", type=float, default=10.0, help="GPUJOBS_LEASE_SECONDS (default 10)")
     parser.add_argument(
         "--control-poll",
@@ -439,7 +444,8 @@ def measure_resume(
 ) -> dict[str, Any]:
     every = args.resume_checkpoint_every
     log(f"resume: a fine-tune checkpointing every {every} steps; its worker is killed after the first checkpoint")
-    job = client.submit(finetune({**common, "steps": 10_000, "checkpoint_every": every}))
+    params = {**common, "steps": args.resume_steps, "checkpoint_every": every}
+    job = client.submit(finetune(params))
     checkpoint = wait_event(deployment.database_url, job["id"], "checkpoint")
     claimed = wait_event(deployment.database_url, job["id"], "claimed", attempt=1)
     victim = next(name for name in workers if f"claimed by {name}@" in claimed["message"])
@@ -454,8 +460,15 @@ def measure_resume(
     deadline = time.monotonic() + JOB_TIMEOUT
     while time.monotonic() < deadline and not _milestone(deployment.database_url, job["id"], 2, "training"):
         time.sleep(0.5)
-    client.cancel(job["id"])
-    client.finish(client.get(job["id"]), JOB_TIMEOUT)
+    done = client.finish(client.get(job["id"]), JOB_TIMEOUT)
+    if done["status"] != "succeeded":
+        raise RuntimeError(f"the resumed fine-tune ended {done['status']}: {done.get('error')}")
+    log("resume: the same input, never interrupted, for the weights")
+    straight = client.finish(client.submit(finetune(params)), JOB_TIMEOUT)
+    if straight["status"] != "succeeded":
+        raise RuntimeError(f"the uninterrupted fine-tune ended {straight['status']}: {straight.get('error')}")
+    equal, difference = compare_lora(download(straight["output"]["weights"]), download(done["output"]["weights"]))
+    log(f"resume: weights {'equal bit for bit' if equal else f'differ by up to {difference:g}'}")
     second = [e for e in events(deployment.database_url, job["id"]) if e["attempt"] == 2]
     at = {e["kind"]: e["at"] for e in second if e["kind"] != "progress"}
     at |= {e["message"]: e["at"] for e in second if e["kind"] == "progress"}
@@ -479,7 +492,30 @@ def measure_resume(
         "unet_and_checkpoint_s": since(at["loading the UNet"], at["resumed"]),
         "checkpoint_load_s": resumed["data"]["load_seconds"],
         "resumed_to_next_step_s": since(at["resumed"], at["training"]),
+        "steps": params["steps"],
+        "resumed_from": done["output"]["resumed_from"],
+        "weights_equal": equal,
+        "max_abs_difference": difference,
+        "loss_curves_equal": straight["output"]["loss"] == done["output"]["loss"],
     }
+
+
+def download(artifact: dict[str, Any]) -> bytes:
+    response = requests.get(artifact["url"], timeout=60)
+    response.raise_for_status()
+    return response.content
+
+
+def compare_lora(a: bytes, b: bytes) -> tuple[bool, float]:
+    """Whether two LoRA files hold the same tensors bit for bit, and the largest difference between them."""
+    import torch
+    from safetensors.torch import load
+
+    first, second = load(a), load(b)
+    if first.keys() != second.keys():
+        return False, float("inf")
+    difference = max(((first[k].float() - second[k].float()).abs().max().item() for k in first), default=0.0)
+    return all(torch.equal(first[k], second[k]) for k in first), difference
 
 
 def _milestone(database_url: str, job_id: str, attempt: int, message: str) -> bool:
@@ -538,6 +574,11 @@ def report(r: dict[str, Any]) -> None:
             f"downloaded) {s['encoding_s']:.2f} s, UNet copy + checkpoint {s['unet_and_checkpoint_s']:.2f} s "
             f"(checkpoint fetched and restored in {s['checkpoint_load_s']:.2f} s), one step "
             f"{s['resumed_to_next_step_s']:.2f} s"
+        )
+        same = "equal bit for bit" if s["weights_equal"] else f"differ by up to {s['max_abs_difference']:g}"
+        print(
+            f"    resumed at step {s['resumed_from']} of {s['steps']}: its weights and an uninterrupted run's are "
+            f"{same}; loss curves {'equal' if s['loss_curves_equal'] else 'differ'}"
         )
         budget = s["lease_seconds"] + s["checkpoint_load_s"]
         print(f"    aim: resumed within lease + checkpoint load = {budget:.2f} s → {s['kill_to_resumed_s']:.2f} s")

@@ -8,7 +8,8 @@
 #      (the compose, Kubernetes, alert-rule and dashboard checks);
 #   3. deploy/docker/build.sh: the debootstrap base, the wheelhouses, gpujobs-api and gpujobs-worker;
 #   4. pytest tests/deploy/test_images.py: migrate, api, a worker and beat as containers, two model jobs
-#      over HTTP (and test_apt_mirror.py, test_wheelhouse.py: the scripts build.sh uses).
+#      over HTTP (and test_apt_mirror.py, test_wheelhouse.py: the scripts build.sh uses; test_gpu_bundle.py:
+#      `python -m bench.gpu bundle`, which needs PyPI like the builds).
 #
 # Environment: BIN (the venv's bin folder; default .venv/bin), HADOLINT_BIN (a hadolint already installed
 # elsewhere), PYTEST_ARGS, and build.sh's TORCH and TAG.
@@ -64,5 +65,5 @@ make deploy-lint BIN="$BIN"
 PIP="$BIN/pip" deploy/docker/build.sh
 # shellcheck disable=SC2086  # PYTEST_ARGS is a list of options
 "$BIN/pytest" -p no:cacheprovider -s tests/deploy/test_apt_mirror.py tests/deploy/test_wheelhouse.py \
-    tests/deploy/test_images.py ${PYTEST_ARGS:-}
+    tests/deploy/test_gpu_bundle.py tests/deploy/test_images.py ${PYTEST_ARGS:-}
 note "passed in $((SECONDS - started)) s"

@@ -1,0 +1,48 @@
+"""`python -m bench.gpu run --quick`: the GPU script and the three benchmarks it drives, at toy sizes here.
+
+The full run is for a GPU machine (docs/gpu.md); nothing in this suite may need one. ``--quick`` runs
+the same parts, through the same command lines, on the CPU with the demo Stable Diffusion, so none of
+``bench.gpu``, ``bench.diffusion``, ``bench.segmentation`` or ``bench.finetune`` can rot unseen. The
+figures mean nothing at these sizes; what must hold at any size is asserted: every part ends well, the
+job's image is the raw call's pixel for pixel (same seed, CPU), the concurrent round ran every job, and
+a fine-tune killed after a checkpoint and resumed elsewhere ends with the uninterrupted run's weights.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+ENV = {k: v for k, v in os.environ.items() if not k.startswith("GPUJOBS_")}  # as from a shell: its own services
+
+
+def test_the_quick_run_drives_every_part_and_writes_the_summary(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    env = {**ENV, "PYTHONPATH": str(REPO) + os.pathsep + ENV.get("PYTHONPATH", "")}
+    command = [sys.executable, "-m", "bench.gpu", "run", "--quick", "--out", str(out), "--models", str(tmp_path)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env, cwd=REPO)
+    assert done.returncode == 0, done.stderr[-4000:]
+
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["quick"] is True and summary["device"] == "cpu"
+    parts = summary["parts"]
+    assert set(parts) == {"diffusion", "segmentation", "finetune"}
+    assert all(part["exit"] == 0 and "figures" in part for part in parts.values()), parts
+
+    diffusion = parts["diffusion"]["figures"]
+    assert diffusion["mode"] == "service" and diffusion["pixels_identical"] is True
+    assert diffusion["job_median_s"] > 0 and diffusion["raw_median_s"] > 0
+    assert diffusion["concurrency"]["jobs"] == 2 and diffusion["concurrency"]["at_once_s"] > 0
+
+    resume = parts["finetune"]["figures"]["resume"]
+    assert resume["resumed_from"] >= 2 and resume["resumed_from"] < resume["steps"]
+    assert resume["weights_equal"] is True and resume["max_abs_difference"] == 0
+    assert resume["loss_curves_equal"] is True
+
+    table = (out / "summary.md").read_text()
+    assert "| text-to-image end to end / raw call, eager |" in table and "| finetune | 0 |" in table
+    assert table in done.stdout
