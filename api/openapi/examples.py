@@ -69,6 +69,8 @@ TEXT_TO_IMAGE_QUEUED: dict[str, Any] = {
         "num_outputs": 1,
         "loras": [],
         "model": None,
+        "output_format": "png",
+        "output_quality": None,
     },
     "output": None,
     "progress": {"step": 0, "total": None, "fraction": 0.0, "message": None},

@@ -62,17 +62,23 @@ def run_job(client: Any, key: str, job_type: str, status: str = "succeeded", **p
     return job
 
 
-def download(artifact: dict[str, Any]) -> tuple[np.ndarray, dict[str, Any]]:
-    """An output PNG's pixels and its `parameters` text chunk (checked against the artifact's sha256)."""
+def fetch(artifact: dict[str, Any]) -> bytes:
+    """An output's bytes, through its presigned URL (checked against the artifact's size and sha256)."""
     import hashlib
-
-    from PIL import Image
 
     response = requests.get(artifact["url"], timeout=10)
     assert response.status_code == 200
     assert hashlib.sha256(response.content).hexdigest() == artifact["sha256"]
     assert len(response.content) == artifact["size"]
-    with Image.open(io.BytesIO(response.content)) as image:
+    assert response.headers["Content-Type"] == artifact["content_type"]
+    return response.content
+
+
+def download(artifact: dict[str, Any]) -> tuple[np.ndarray, dict[str, Any]]:
+    """An output PNG's pixels and its `parameters` text chunk."""
+    from PIL import Image
+
+    with Image.open(io.BytesIO(fetch(artifact))) as image:
         assert image.format == "PNG" and image.mode == "RGB"
         return np.asarray(image), json.loads(image.text["parameters"])
 

@@ -26,6 +26,7 @@ from tests.integration.client import assert_problem, auth, events, submit, wait_
 from tests.integration.generation import (
     JOB_TIMEOUT,
     download,
+    fetch,
     mask_png,
     picture,
     pixels_of,
@@ -240,6 +241,194 @@ def test_style_transfer_defaults_and_an_empty_prompt(client, users, sd_worker):
     assert parameters["strength"] == 0.6 and parameters["style_strength"] == 0.7
     assert parameters["seed"] == job["output"]["seed"] + 1
     assert job["progress"]["total"] == 3  # 5 steps × strength 0.6
+
+
+# --- output formats -----------------------------------------------------------------------------------
+
+# What a PNG's `parameters` chunk held before WebP and JPEG output existed: PNG jobs keep it as it was.
+PNG_PARAMETERS = {
+    "type", "prompt", "negative_prompt", "width", "height", "num_inference_steps", "guidance_scale", "scheduler",
+    "seed", "num_outputs", "loras", "model",
+}  # fmt: skip
+
+
+def exif_parameters(image: Any) -> dict[str, Any]:
+    """The generation parameters of a WebP or JPEG: JSON in the EXIF UserComment, after its ASCII code."""
+    import json
+
+    from PIL import ExifTags
+
+    comment = image.getexif().get_ifd(ExifTags.IFD.Exif)[ExifTags.Base.UserComment]
+    assert comment[:8] == b"ASCII\0\0\0", comment[:8]
+    return json.loads(comment[8:].decode("ascii"))
+
+
+def test_png_stays_the_default_and_webp_and_jpeg_are_the_same_picture_with_exif_parameters(client, users, sd_worker):
+    from PIL import Image
+
+    key = users.me.secret
+    params = {"prompt": "a windmill", "width": 64, "height": 48, "num_inference_steps": 3, "seed": 31}
+    default = run_job(client, key, "text_to_image", **params)
+    explicit = run_job(client, key, "text_to_image", output_format="png", **params)
+    assert default["input"]["output_format"] == "png" and default["input"]["output_quality"] is None
+    png, = default["output"]["images"]  # fmt: skip
+    assert png["name"] == "image-0.png" and png["content_type"] == "image/png"
+    assert explicit["output"]["images"][0]["sha256"] == png["sha256"], "`png` named or not: the same bytes"
+    reference, parameters = download(png)
+    assert set(parameters) == PNG_PARAMETERS, "a PNG's parameters chunk must stay as it was"
+
+    webp = run_job(client, key, "text_to_image", output_format="webp", num_outputs=2, **params)
+    jpeg = run_job(client, key, "text_to_image", output_format="jpeg", output_quality=75, **params)
+    for job, extension, content_type, pil_format, quality in (
+        (webp, "webp", "image/webp", "WEBP", 90),
+        (jpeg, "jpg", "image/jpeg", "JPEG", 75),
+    ):
+        images = job["output"]["images"]
+        assert [a["name"] for a in images] == [f"image-{i}.{extension}" for i in range(len(images))]
+        for index, artifact in enumerate(images):
+            assert artifact["content_type"] == content_type
+            with Image.open(io.BytesIO(fetch(artifact))) as image:
+                assert image.format == pil_format and image.size == (64, 48)
+                pixels, found = np.asarray(image.convert("RGB")), exif_parameters(image)
+            assert set(found) == PNG_PARAMETERS | {"output_format", "output_quality"}
+            assert found["seed"] == 31 + index and found["output_quality"] == quality
+            assert found["output_format"] == job["input"]["output_format"] and found["prompt"] == "a windmill"
+            if index == 0:  # the same seed as the PNG: exactly the PNG's pixels, encoded at that quality
+                encoded = io.BytesIO()
+                Image.fromarray(reference).save(encoded, pil_format, quality=quality)
+                assert np.array_equal(pixels, np.asarray(Image.open(encoded).convert("RGB")))
+        assert len(images) == job["input"]["num_outputs"]
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        ({"output_format": "gif"}, "'png', 'webp' or 'jpeg'"),
+        ({"output_format": "JPEG"}, "'png', 'webp' or 'jpeg'"),
+        ({"output_format": "webp", "output_quality": 0}, "greater than or equal to 1"),
+        ({"output_format": "webp", "output_quality": 101}, "less than or equal to 100"),
+        ({"output_format": "jpeg", "output_quality": "high"}, "valid integer"),
+        ({"output_format": "jpeg", "output_quality": 80.0}, "valid integer"),
+        ({"output_format": "jpeg", "output_quality": 80.5}, "valid integer"),
+        ({"output_quality": 80}, "`png` is lossless"),
+        ({"output_format": "png", "output_quality": 80}, "`png` is lossless"),
+    ],
+)
+def test_a_bad_output_format_or_quality_is_a_422_naming_it_and_makes_no_job(client, users, files, extra, message):
+    from sqlalchemy import func, select
+
+    from db.models import Job
+    from db.session import session_scope
+
+    def jobs() -> int:
+        with session_scope() as session:
+            return session.scalar(select(func.count()).select_from(Job).where(Job.tenant_id == users.me.tenant))
+
+    before = jobs()
+    for job_type, needs in (
+        ("text_to_image", TEXT),
+        ("inpainting", {"image": files["image"], "mask": files["image"]}),
+        ("style_transfer", {"content_image": files["image"], "style_image": files["image"]}),
+    ):
+        response = submit(client, users.me.secret, {"type": job_type, "input": {**needs, **extra}})
+        field = "output_format" if "output_format" in extra and "output_quality" not in extra else "output_quality"
+        body = assert_problem(response, 422, ["input", field])
+        assert any(message in error["msg"] for error in body["errors"]), body["errors"]
+    assert jobs() == before
+
+
+@pytest.fixture
+def claimed_job(users) -> Any:
+    """``claim(input, lock)``: a ``text_to_image`` job of ``users.me`` claimed by this process, and a context for it
+    whose ``progress`` and ``store`` note whether ``lock`` was free (the job is run here, not by a worker)."""
+    import threading
+
+    from db import transitions
+    from db.models import Job
+    from db.session import session_scope
+    from db.settings import get_settings
+    from worker.context import JobContext
+
+    contexts = []
+
+    class Watching(JobContext):
+        lock: Any = None
+        seen: list[tuple[str, bool, str]]
+
+        def _note(self, what: str) -> None:
+            free = self.lock.acquire(blocking=False)  # what the next job's turn would do
+            if free:
+                self.lock.release()
+            self.seen.append((what, free, threading.current_thread().name))
+
+        def progress(self, step: int, total: int | None = None, message: str | None = None, **extra: Any) -> None:
+            if message in ("decoding", "storing"):
+                self._note(message)
+            super().progress(step, total, message, **extra)
+
+        def store(self, name: str, data: bytes, content_type: str, key: str | None = None) -> Any:
+            self._note(name)
+            return super().store(name, data, content_type, key)
+
+    def claim(params: dict[str, Any], lock: Any) -> Watching:
+        with session_scope() as session:
+            job = transitions.create(
+                session,
+                Job(tenant_id=users.me.tenant, type="text_to_image", queue="gpu", input=params, max_attempts=1,
+                    deadline_seconds=120),
+            )  # fmt: skip
+            claimed = transitions.claim(session, job.id, "in-process@test", lease_seconds=get_settings().lease_seconds)
+            assert claimed is not None
+        ctx = Watching(
+            job_id=job.id, attempt=claimed.attempt, tenant_id=users.me.tenant, worker_id="in-process@test",
+            deadline_seconds=120, settings=get_settings(),
+        )  # fmt: skip
+        ctx.lock, ctx.seen = lock, []
+        ctx.start()  # renews the lease, as a worker does
+        contexts.append(ctx)
+        return ctx
+
+    yield claim
+    for ctx in contexts:
+        ctx.close()
+        with session_scope() as session:  # ended like a job that failed, so no reconciler picks it up again
+            transitions.fail(session, ctx.job_id, ctx.attempt, "test", "run in the test")
+
+
+def test_a_job_gives_the_model_back_before_it_encodes_and_uploads_and_leaves_no_thread(claimed_job):
+    """In this process, on the real model cache, storage and database: while a job's images are encoded and
+    uploaded, the family's lock is free for the next job's turn; a batch's encoder threads are gone at the end,
+    and an image that cannot be encoded fails the job with ``encoding_failed``, storing nothing."""
+    import threading
+
+    from worker.jobs.diffusion import run
+    from worker.jobs.diffusion.spec import DIFFUSION, TextToImageInput
+    from worker.jobs.spec import JobError
+    from worker.models.cache import get_cache
+
+    family = get_cache().load(DIFFUSION, None)
+    params = TextToImageInput(prompt="a kite", **SMALL, seed=3, num_outputs=2, output_format="webp")
+    ctx = claimed_job(params.model_dump(mode="json"), family.lock)
+    output = run.text_to_image(ctx, params)
+
+    assert [a.name for a in output.images] == ["image-0.webp", "image-1.webp"]
+    assert sorted(ctx.stored) == ["image-0.webp", "image-1.webp"]
+    seen = {what: (free, thread) for what, free, thread in ctx.seen}
+    assert seen["decoding"][0] is False, "decoding runs in the job's turn"
+    assert seen["storing"][0] is True, "the lock must be given back before the images are encoded"
+    for name in ("image-0.webp", "image-1.webp"):
+        free, thread = seen[name]
+        assert free, f"{name} was uploaded while the job still held the model's lock"
+        assert thread.startswith(f"encode-{ctx.job_id}"), thread  # encoded and uploaded beside the other image
+    assert not [t for t in threading.enumerate() if t.name.startswith(f"encode-{ctx.job_id}")], "encoder threads left"
+
+    broken = claimed_job(params.model_dump(mode="json"), family.lock)
+    noise = np.zeros((2, 16, 16, 5), np.float32)  # five channels: no image format takes that
+    with pytest.raises(JobError) as failure:
+        run._store(broken, "text_to_image", params, family, noise, [3, 4], 3)
+    assert failure.value.code == "encoding_failed" and "as webp" in failure.value.message, failure.value.message
+    assert broken.stored == {}
+    assert not [t for t in threading.enumerate() if t.name.startswith(f"encode-{broken.job_id}")]
 
 
 # --- cancel -------------------------------------------------------------------------------------------

@@ -375,6 +375,19 @@ def test_catalog_model_fields_say_which_kind_they_name(built: Built) -> None:
     assert schemas["text_to_imageInput"]["properties"]["model"]["x-gpujobs-catalog-kind"] == "diffusion"
 
 
+@pytest.mark.parametrize("schema", ["text_to_imageInput", "inpaintingInput", "style_transferInput"])
+def test_generation_inputs_show_the_output_formats_and_the_quality_bounds(built: Built, schema: str) -> None:
+    properties = built.doc["components"]["schemas"][schema]["properties"]
+    output_format = properties["output_format"]
+    assert output_format["enum"] == ["png", "webp", "jpeg"] and output_format["default"] == "png"
+    quality = properties["output_quality"]
+    assert quality["default"] is None
+    assert [branch for branch in quality["anyOf"] if branch.get("type") == "integer"] == [
+        {"type": "integer", "minimum": 1, "maximum": 100}
+    ]
+    assert "EXIF UserComment" in output_format["description"] and "lossless" in quality["description"]
+
+
 def _resolve(doc: dict[str, Any], schema: dict[str, Any]) -> dict[str, Any]:
     return pointer(doc, schema["$ref"]) if "$ref" in schema else schema
 

@@ -1,14 +1,21 @@
-"""The generation job types on a pipeline family: input files → one pipeline call → PNG artifacts.
+"""The generation job types on a pipeline family: input files → one pipeline call → image artifacts.
 
 Each job resolves its family through the model cache, prepares its images outside the family's
 lock, takes its turn (waiting cancellably), runs one batch of ``num_outputs`` with a
 ``torch.Generator`` per output seeded ``seed + i``, reports every step, stops at the next step on
-cancel or deadline, decodes, and stores its PNGs after giving the lock back. Every PNG carries the
-parameters that made it as JSON in a ``parameters`` tEXt chunk.
+cancel or deadline, and decodes. Then it gives the lock back, and only then encodes and uploads
+its images (``_store``, each image in a thread of its own: the encoders let go of the GIL), so the
+next job of the worker (``worker_concurrency`` ≥ 2) denoises while this one's images are encoded
+and uploaded; the job ends once they are stored.
+
+Images are PNG (``output_format``, default), WebP or JPEG (at ``output_quality``). Each carries the
+parameters that made it as JSON: in a ``parameters`` tEXt chunk (PNG) or in the EXIF UserComment
+(WebP, JPEG; character code ``ASCII``, the JSON being ASCII).
 """
 
 from __future__ import annotations
 
+import contextvars
 import io
 import json
 import secrets
@@ -19,7 +26,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps, PngImagePlugin, UnidentifiedImageError
+from PIL import ExifTags, Image, ImageOps, PngImagePlugin, UnidentifiedImageError
 
 from db.settings import get_settings
 from worker import metrics
@@ -27,19 +34,24 @@ from worker.context import JobContext
 from worker.jobs.diffusion import lora
 from worker.jobs.diffusion.pipeline import Denoised, Family, StepHook, adain, decode, denoise, encode
 from worker.jobs.diffusion.spec import (
+    DEFAULT_OUTPUT_QUALITY,
     DIFFUSION,
     MAX_SEED,
+    OUTPUT_FORMATS,
+    GenerationInput,
     InpaintingInput,
     LoraRef,
     Output,
     StyleTransferInput,
     TextToImageInput,
 )
-from worker.jobs.spec import JobError
+from worker.jobs.spec import Artifact, JobError
 from worker.models.cache import get_cache
 
 PARAMETERS_KEY = "parameters"
 PNG_COMPRESS_LEVEL = 1  # 512² photo-like: 26 ms and +17% bytes vs 123 ms at level 6, Pillow's default
+EXIF_ASCII = b"ASCII\0\0\0"  # a UserComment starts with its character code, 8 bytes
+JPEG_MAX_EXIF = 65_533  # one APP1 segment: the length field (2 bytes) counts itself
 MASK_ASPECT_TOLERANCE = 0.01
 
 
@@ -207,30 +219,51 @@ def _generators(seeds: list[int]) -> list[torch.Generator]:
 
 
 def _store(
-    ctx: JobContext, job_type: str, params: Any, family: Family, pixels: Any, seeds: list[int], steps: int
+    ctx: JobContext,
+    job_type: str,
+    params: GenerationInput,
+    family: Family,
+    pixels: Any,
+    seeds: list[int],
+    steps: int,
 ) -> Output:
+    """Encode and upload the images: called after the family's lock is given back (the next job's turn)."""
     ctx.check()
     get_cache().count(family.key, "images", len(seeds))
     metrics.BATCH_SIZE.labels(metrics.model_name(family.key)).observe(len(seeds))
     ctx.progress(steps, steps, "storing")
     height, width = pixels.shape[1:3]
+    output_format = params.output_format
+    extension, content_type = OUTPUT_FORMATS[output_format]
+    # PNG's record is what it was before WebP and JPEG existed (same bytes for the same job); a lossy image's
+    # also says how it was encoded.
+    encoding = {} if output_format == "png" else {"output_format": output_format, "output_quality": params.quality}
     record = {
         "type": job_type,
-        **params.model_dump(mode="json"),
+        **params.model_dump(mode="json", exclude={"output_format", "output_quality"}),
+        **encoding,
         "model": family.model,
         "width": width,
         "height": height,
     }
 
-    def encode_png(array: Any, seed: int) -> bytes:
-        return png_with_parameters(array, {**record, "seed": seed})
+    def encode_and_store(index: int) -> Artifact:
+        ctx.check()  # a cancel (or a lost lease) seen while the batch's other images were stored: no more uploads
+        try:
+            data = encode_image(pixels[index], {**record, "seed": seeds[index]}, output_format, params.quality)
+        except (OSError, ValueError, TypeError) as exc:
+            raise JobError(f"image {index} could not be encoded as {output_format}: {exc}", "encoding_failed") from exc
+        return ctx.store(f"image-{index}.{extension}", data, content_type)
 
     if len(seeds) == 1:
-        pngs = [encode_png(pixels[0], seeds[0])]
-    else:  # zlib lets go of the GIL: a batch's PNGs compress side by side
-        with ThreadPoolExecutor(max_workers=len(seeds), thread_name_prefix="png") as pool:
-            pngs = list(pool.map(encode_png, pixels, seeds))
-    images = [ctx.store(f"image-{i}.png", data, "image/png") for i, data in enumerate(pngs)]
+        images = [encode_and_store(0)]
+    else:  # zlib, libwebp and libjpeg let go of the GIL: a batch's images encode (and upload) side by side
+        with ThreadPoolExecutor(max_workers=len(seeds), thread_name_prefix=f"encode-{ctx.job_id}") as pool:
+            # Each in a copy of this thread's context: log lines and trace spans stay the job's.
+            futures = [
+                pool.submit(contextvars.copy_context().run, encode_and_store, index) for index in range(len(seeds))
+            ]
+            images = [future.result() for future in futures]  # the first failure, in image order
     return Output(images=images, seed=seeds[0], seeds=seeds)
 
 
@@ -276,11 +309,28 @@ def fit_mask(mask: Image.Image, size: tuple[int, int]) -> Image.Image:
     return mask.resize(size, Image.Resampling.BILINEAR)
 
 
-def png_with_parameters(pixels: Any, parameters: dict[str, Any]) -> bytes:
-    """Float pixels in [0, 1] (H, W, 3) → PNG bytes with ``parameters`` as JSON in a tEXt chunk."""
+def encode_image(
+    pixels: Any, parameters: dict[str, Any], output_format: str = "png", quality: int = DEFAULT_OUTPUT_QUALITY
+) -> bytes:
+    """Float pixels in [0, 1] (H, W, 3) → image bytes with ``parameters`` as JSON: a ``parameters`` tEXt chunk
+    in a PNG, the EXIF UserComment in a WebP or JPEG (a JPEG whose parameters do not fit in its one EXIF segment,
+    64 KB, only with prompts far over the default limit, is stored without them)."""
     array = (np.clip(pixels, 0, 1) * 255).round().astype(np.uint8)
-    info = PngImagePlugin.PngInfo()
-    info.add_text(PARAMETERS_KEY, json.dumps(parameters, ensure_ascii=True, separators=(",", ":")))
+    text = json.dumps(parameters, ensure_ascii=True, separators=(",", ":"))
+    image = Image.fromarray(array)
     buffer = io.BytesIO()
-    Image.fromarray(array).save(buffer, format="PNG", pnginfo=info, compress_level=PNG_COMPRESS_LEVEL)
+    if output_format == "png":
+        info = PngImagePlugin.PngInfo()
+        info.add_text(PARAMETERS_KEY, text)
+        image.save(buffer, format="PNG", pnginfo=info, compress_level=PNG_COMPRESS_LEVEL)
+        return buffer.getvalue()
+    exif = Image.Exif()
+    exif.get_ifd(ExifTags.IFD.Exif)[ExifTags.Base.UserComment] = EXIF_ASCII + text.encode("ascii")
+    metadata = exif.tobytes()
+    if output_format == "jpeg":
+        image.save(buffer, format="JPEG", quality=quality, exif=metadata if len(metadata) <= JPEG_MAX_EXIF else b"")
+    elif output_format == "webp":
+        image.save(buffer, format="WEBP", quality=quality, exif=metadata)
+    else:
+        raise ValueError(f"unknown output format {output_format!r}")
     return buffer.getvalue()

@@ -62,6 +62,11 @@ MAX_SEED = 2**32 - 1
 MAX_OUTPUTS = 4
 MAX_LORAS = 4
 DEADLINE_SECONDS = 900
+# The formats generated images may be stored in: name → (file extension, content type).
+OUTPUT_FORMATS = {"png": ("png", "image/png"), "webp": ("webp", "image/webp"), "jpeg": ("jpg", "image/jpeg")}
+OutputFormatName = Literal["png", "webp", "jpeg"]
+DEFAULT_OUTPUT_FORMAT = "png"
+DEFAULT_OUTPUT_QUALITY = 90
 
 
 # The built-in catalog's public checkpoints (used when GPUJOBS_MODEL_CATALOG is unset), each pinned to a hub
@@ -191,6 +196,23 @@ Seed = Annotated[
     Field(ge=0, le=MAX_SEED, description="Image i uses seed + i; drawn at random when absent (and returned)."),
 ]
 NumOutputs = Annotated[int, Field(ge=1, le=MAX_OUTPUTS, description="Images made in one batch.")]
+OutputFormat = Annotated[
+    OutputFormatName,
+    Field(
+        description="How the images are stored: `png` (lossless; the parameters in a `parameters` text chunk), "
+        "`webp` or `jpeg` (lossy, at `output_quality`; the parameters as JSON in the EXIF UserComment)."
+    ),
+]
+OutputQuality = Annotated[
+    int | None,
+    Field(
+        ge=1,
+        le=100,
+        strict=True,  # an integer, not 90.0 nor "90"
+        description=f"Quality of `webp` and `jpeg` images, 1–100 (default {DEFAULT_OUTPUT_QUALITY}); "
+        "`png` is lossless and takes none.",
+    ),
+]
 Strength = Annotated[float, Field(ge=0, le=1, description="How far to denoise from the input (1: all the way).")]
 
 
@@ -227,7 +249,10 @@ def check_pixels(width: int | None, height: int | None) -> None:
 
 
 class Output(BaseModel):
-    images: list[Artifact] = Field(description="PNGs (`image-<i>.png`); each carries its parameters in a text chunk.")
+    images: list[Artifact] = Field(
+        description="`image-<i>.png` (or `.webp`, `.jpg` as `output_format` asks); each carries its parameters: "
+        "in a PNG text chunk, or in the EXIF UserComment."
+    )
     seed: int = Field(description="The seed of the first image; image i used `seed + i`.")
     seeds: list[int] = Field(description="The seed of each image.")
 
@@ -241,12 +266,26 @@ class GenerationInput(JobInput):
     if TYPE_CHECKING:  # declared by each input, in its own field order
         model: str | None
         loras: list[LoraRef]
+        output_format: str
+        output_quality: int | None
 
     def tenant_model_refs(self) -> list[TenantModelRef]:
         return [
             TenantModelRef(("loras", index, "model"), ref.model, self.model, DIFFUSION.name)
             for index, ref in enumerate(self.loras)
         ]
+
+    @field_validator("output_quality", check_fields=False)  # the field is each input's own
+    @classmethod
+    def _quality_is_for_lossy_formats(cls, quality: int | None, info: ValidationInfo) -> int | None:
+        if quality is not None and info.data.get("output_format") == "png":
+            raise ValueError("applies to `webp` and `jpeg` output only: `png` is lossless")
+        return quality
+
+    @property
+    def quality(self) -> int:
+        """The quality ``webp`` and ``jpeg`` images are encoded at."""
+        return DEFAULT_OUTPUT_QUALITY if self.output_quality is None else self.output_quality
 
 
 class TextToImageInput(GenerationInput):
@@ -261,6 +300,8 @@ class TextToImageInput(GenerationInput):
     num_outputs: NumOutputs = 1
     loras: Loras = Field(default_factory=list)
     model: DiffusionModel = None
+    output_format: OutputFormat = DEFAULT_OUTPUT_FORMAT
+    output_quality: OutputQuality = None
 
     @field_validator("height")
     @classmethod
@@ -286,6 +327,8 @@ class InpaintingInput(GenerationInput):
     num_outputs: NumOutputs = 1
     loras: Loras = Field(default_factory=list)
     model: DiffusionModel = None
+    output_format: OutputFormat = DEFAULT_OUTPUT_FORMAT
+    output_quality: OutputQuality = None
 
     @field_validator("height")
     @classmethod
@@ -318,11 +361,13 @@ class StyleTransferInput(GenerationInput):
     num_outputs: NumOutputs = 1
     loras: Loras = Field(default_factory=list)
     model: DiffusionModel = None
+    output_format: OutputFormat = DEFAULT_OUTPUT_FORMAT
+    output_quality: OutputQuality = None
 
 
 TEXT_TO_IMAGE = JobType(
     name="text_to_image",
-    summary="Stable Diffusion text-to-image: 1–4 PNGs from a prompt, reproducible by seed.",
+    summary="Stable Diffusion text-to-image: 1–4 images (PNG, WebP or JPEG) from a prompt, reproducible by seed.",
     Input=TextToImageInput,
     Output=Output,
     queue=Queue.GPU,
