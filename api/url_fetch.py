@@ -3,36 +3,31 @@
 Every hop (the URL and each redirect's target) is parsed and checked by ``worker.webhooks.guard``
 (scheme, a literal non-public address in any spelling, ``localhost``), its host resolved, and every
 address it resolves to checked; the request then goes to a checked address, with the URL's host
-name for ``Host``, TLS SNI and certificate verification (as ``worker.webhooks.sender`` pins it), so
-a DNS answer that changes in between cannot point it elsewhere. Redirects are followed by hand, at
-most ``max_redirects``, each target checked again. The body is read up to ``max_bytes`` (a
-``Content-Length`` over it is refused before reading) and the server's ``Content-Type`` is ignored:
-the caller runs the image check on the bytes.
+name for ``Host``, TLS SNI and certificate verification (``worker.webhooks.pinned``, which the
+webhook sender uses too), so a DNS answer that changes in between cannot point it elsewhere.
+Redirects are followed by hand, at most ``max_redirects``, each target checked again. The body is
+read up to ``max_bytes`` (a ``Content-Length`` over it is refused before reading) and the server's
+``Content-Type`` is ignored: the caller runs the image check on the bytes.
 
 Time: one deadline covers everything (connecting, TLS, headers, redirects, the whole body). Per-read
 timeouts alone would let a server that sends a byte a second hold a request for hours, so a timer
-shuts down the connection's socket when the deadline passes, which ends whatever read is blocked.
-Under ``gpujobs api``'s gevent workers the standard library is monkey-patched, so the sockets,
-``getaddrinfo`` and the timer all yield to other greenlets while they wait; under gthread the fetch
-holds only its own request's thread.
+(``pinned.Watch``) shuts down the connection's socket when the deadline passes, which ends whatever
+read is blocked. Under ``gpujobs api``'s gevent workers the standard library is monkey-patched, so
+the sockets, ``getaddrinfo`` and the timer all yield to other greenlets while they wait; under
+gthread the fetch holds only its own request's thread.
 """
 
 from __future__ import annotations
 
-import contextlib
 import ipaddress
-import socket
-import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urljoin
 
-import urllib3
-from urllib3.connection import HTTPConnection, HTTPSConnection
-from urllib3.exceptions import ConnectTimeoutError, HTTPError, NewConnectionError, SSLError
+from urllib3.exceptions import HTTPError, SSLError
 
-from worker.webhooks import guard
+from worker.webhooks import guard, pinned
 
 USER_AGENT = "gpujobs-inputs/1"
 REDIRECTS = (301, 302, 303, 307, 308)
@@ -138,54 +133,34 @@ def _get(target: guard.Target, addresses: list[str], policy: Policy, deadline: f
     """One GET to the first address that connects: its status, ``Location`` and (for a 2xx) bounded body."""
     # identity: the bytes as they are (decoding is bounded by the reads anyway, and images do not compress).
     headers = {"Host": target.host_header, "User-Agent": USER_AGENT, "Accept": "image/*", "Accept-Encoding": "identity"}
-    failures: list[str] = []
-    with _Watch(deadline) as watch:
-        for address in addresses:  # the next address only when this one cannot be reached at all
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                break
-            pool = _pool(target, address, remaining, watch)
-            try:
-                response = pool.urlopen(
-                    "GET",
-                    target.path,
-                    headers=headers,
-                    redirect=False,
-                    retries=False,
-                    assert_same_host=False,
-                    preload_content=False,
-                )
-                try:
-                    location = response.headers.get("Location")
-                    if response.status in REDIRECTS or not 200 <= response.status < 300:
-                        return response.status, location, b""
-                    return response.status, location, _body(response, policy, deadline, watch)
-                finally:
-                    response.release_conn()
-            except (NewConnectionError, ConnectTimeoutError) as exc:
-                if watch.expired:
-                    break
-                failures.append(f"{address}: {_reason(exc)}")
-                continue
-            except SSLError as exc:
-                if watch.expired:
-                    break
-                raise FetchError(f"could not be fetched: TLS failed ({_reason(exc)})") from None
-            except (HTTPError, OSError, ValueError) as exc:  # ValueError: http.client's InvalidURL, say
-                if watch.expired or time.monotonic() >= deadline:
-                    break
-                raise FetchError(f"could not be fetched: {_reason(exc)}") from None
-            finally:
-                pool.close()
+    failures: list[tuple[str, BaseException]] = []
+    with pinned.Watch(deadline) as watch:
+
+        def read(response: Any) -> tuple[int, str | None, bytes]:
+            location = response.headers.get("Location")
+            if response.status in REDIRECTS or not 200 <= response.status < 300:
+                return response.status, location, b""
+            return response.status, location, _body(response, policy, deadline, watch)
+
+        try:
+            return pinned.request("GET", target, addresses, headers=headers, deadline=deadline, read=read, watch=watch)
+        except pinned.Unreachable as exc:
+            failures = exc.failures
+        except SSLError as exc:
+            if not watch.expired:
+                raise FetchError(f"could not be fetched: TLS failed ({pinned.reason(exc)})") from None
+        except (HTTPError, OSError, ValueError) as exc:  # ValueError: http.client's InvalidURL, say
+            if not (watch.expired or time.monotonic() >= deadline):
+                raise FetchError(f"could not be fetched: {pinned.reason(exc)}") from None
     if failures and time.monotonic() < deadline:
-        tried = "; ".join(failures)
+        tried = "; ".join(f"{address}: {pinned.reason(exc)}" for address, exc in failures)
         raise FetchError(f"could not be fetched: no connection to {target.host} port {target.port} ({tried})")
     raise FetchError(
         f"took longer than {policy.timeout:g} s to fetch (the limit for a submit's input URLs); give a faster URL"
     )
 
 
-def _body(response: Any, policy: Policy, deadline: float, watch: _Watch) -> bytes:
+def _body(response: Any, policy: Policy, deadline: float, watch: pinned.Watch) -> bytes:
     declared = response.headers.get("Content-Length")
     if declared and declared.strip().isdigit() and int(declared) > policy.max_bytes:
         raise FetchError(f"is {int(declared)} bytes (its Content-Length), more than the limit of {policy.max_bytes}")
@@ -204,98 +179,3 @@ def _body(response: Any, policy: Policy, deadline: float, watch: _Watch) -> byte
     if not size:
         raise FetchError("answered with an empty body, not an image")
     return b"".join(chunks)
-
-
-def _pool(target: guard.Target, address: str, timeout: float, watch: _Watch) -> urllib3.HTTPConnectionPool:
-    limits = urllib3.Timeout(connect=timeout, read=timeout)
-    pool: urllib3.HTTPConnectionPool
-    if target.scheme == "https":
-        pool = urllib3.HTTPSConnectionPool(
-            address,
-            target.port,
-            timeout=limits,
-            retries=False,
-            maxsize=1,
-            cert_reqs="CERT_REQUIRED",
-            server_hostname=target.host,
-            assert_hostname=target.host,
-            watch=watch,
-        )
-        pool.ConnectionCls = _WatchedHTTPSConnection
-    else:
-        pool = urllib3.HTTPConnectionPool(address, target.port, timeout=limits, retries=False, maxsize=1, watch=watch)
-        pool.ConnectionCls = _WatchedHTTPConnection
-    return pool
-
-
-@dataclass
-class _Watch:
-    """Shuts down every socket it was given when the deadline passes, which ends a blocked read at once.
-
-    It holds a duplicate of each socket's descriptor: shutting that down shuts down the one connection
-    (also under TLS, whose wrapper took over the original socket object)."""
-
-    deadline: float
-    expired: bool = False
-    _sockets: list[socket.socket] = field(default_factory=list)
-    _lock: threading.Lock = field(default_factory=threading.Lock)
-    _timer: threading.Timer | None = None
-
-    def __enter__(self) -> _Watch:
-        self._timer = threading.Timer(max(self.deadline - time.monotonic(), 0.0), self._cut)
-        self._timer.daemon = True
-        self._timer.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-        with self._lock:
-            for sock in self._sockets:
-                sock.close()
-            self._sockets.clear()
-
-    def add(self, sock: socket.socket) -> None:
-        with self._lock:
-            copy = sock.dup()
-            self._sockets.append(copy)
-            if self.expired:
-                _shutdown(copy)
-
-    def _cut(self) -> None:
-        with self._lock:
-            self.expired = True
-            for sock in self._sockets:
-                _shutdown(sock)
-
-
-def _shutdown(sock: socket.socket) -> None:
-    with contextlib.suppress(OSError):  # already closed by its reader
-        sock.shutdown(socket.SHUT_RDWR)
-
-
-class _WatchedHTTPConnection(HTTPConnection):
-    """A connection whose socket the deadline's watch can shut (HTTPS is the same, below)."""
-
-    def __init__(self, *args: Any, watch: _Watch, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self._watch = watch
-
-    def _new_conn(self) -> socket.socket:
-        sock = super()._new_conn()
-        self._watch.add(sock)
-        return sock
-
-
-class _WatchedHTTPSConnection(_WatchedHTTPConnection, HTTPSConnection):
-    pass
-
-
-def _reason(exc: BaseException) -> str:
-    """The cause in plain words (``connection refused``), without urllib3's connection repr."""
-    cause = exc.__cause__ or exc.__context__
-    if isinstance(cause, OSError) and cause.strerror:
-        return cause.strerror[:1].lower() + cause.strerror[1:]
-    if isinstance(exc, ConnectTimeoutError):
-        return "timed out"
-    return str(cause or exc)

@@ -14,25 +14,22 @@ from __future__ import annotations
 import contextlib
 import ssl
 import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
 from urllib.parse import parse_qs, urlsplit
+
+from tests.integration.http_server import QuietHandler, ThreadedServer
 
 CHUNK = 64 * 1024
 
 
-class ImageServer:
+class ImageServer(ThreadedServer):
     def __init__(self, host: str = "127.0.0.1", tls: ssl.SSLContext | None = None) -> None:
         self.images: dict[str, bytes] = {}
         self.requests: list[tuple[str, dict[str, str]]] = []
         self.sent: dict[str, int] = {}
-        self._stopping = threading.Event()
         self._lock = threading.Lock()
         server = self
 
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
+        class Handler(QuietHandler):
             def do_GET(self) -> None:
                 path = urlsplit(self.path).path
                 with server._lock:
@@ -87,21 +84,7 @@ class ImageServer:
                 with server._lock:
                     server.sent[path] = server.sent.get(path, 0) + len(data)
 
-            def log_message(self, *args: Any) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer((host, 0), Handler)
-        self.server.daemon_threads = True
-        if tls is not None:
-            self.server.socket = tls.wrap_socket(self.server.socket, server_side=True)
-        self.scheme = "https" if tls is not None else "http"
-        self.host = host
-        self.port = self.server.server_address[1]
-        self._thread = threading.Thread(target=self.server.serve_forever, name="image-server", daemon=True)
-        self._thread.start()
-
-    def url(self, path: str, host: str | None = None) -> str:
-        return f"{self.scheme}://{host or self.host}:{self.port}{path}"
+        super().__init__(Handler, host, tls, "image-server")
 
     def paths(self) -> list[str]:
         with self._lock:

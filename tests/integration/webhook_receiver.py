@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import socket
 import ssl
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
+
+from tests.integration.http_server import QuietHandler, ThreadedServer
 
 
 @dataclass(frozen=True)
@@ -35,7 +35,7 @@ class Reply:
     delay: float = 0.0  # seconds to wait before answering
 
 
-class Receiver:
+class Receiver(ThreadedServer):
     """Listens on ``host`` (loopback by default; HTTPS with ``tls``); ``script(path, replies)`` sets a path's answers.
 
     A path answers its replies one after another and repeats the last one; a path without a
@@ -49,12 +49,9 @@ class Receiver:
         self._scripts: dict[str, list[Reply]] = {}
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)
-        self._stopping = threading.Event()
         receiver = self
 
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
+        class Handler(QuietHandler):
             def do_POST(self) -> None:
                 length = int(self.headers.get("Content-Length") or 0)
                 body = self.rfile.read(length)
@@ -81,30 +78,10 @@ class Receiver:
 
             do_GET = do_POST
 
-            def log_message(self, *args: Any) -> None:
-                pass
-
-        server_class = ThreadingHTTPServer
-        if ":" in host:
-
-            class IPv6Server(ThreadingHTTPServer):
-                address_family = socket.AF_INET6
-
-            server_class = IPv6Server
-        self.server = server_class((host, 0), Handler)
-        self.server.daemon_threads = True
-        if tls is not None:
-            self.server.socket = tls.wrap_socket(self.server.socket, server_side=True)
-        self.scheme = "https" if tls is not None else "http"
-        self.host = host
-        self.port = self.server.server_address[1]
-        self._thread = threading.Thread(target=self.server.serve_forever, name="webhook-receiver", daemon=True)
-        self._thread.start()
+        super().__init__(Handler, host, tls, "webhook-receiver")
 
     def url(self, path: str = "/hook", host: str | None = None) -> str:
-        host = host or self.host
-        shown = f"[{host}]" if ":" in host else host
-        return f"{self.scheme}://{shown}:{self.port}{path}"
+        return super().url(path, host)
 
     def script(self, path: str, *replies: Reply) -> None:
         with self._lock:
@@ -135,8 +112,3 @@ class Receiver:
                 if remaining <= 0:
                     raise AssertionError(f"{path} did not get what the test waited for in {timeout:g}s; got {found}")
                 self._changed.wait(remaining)
-
-    def stop(self) -> None:
-        self._stopping.set()
-        self.server.shutdown()
-        self.server.server_close()
