@@ -129,6 +129,11 @@ class JobSystemCollector(Collector):
         for state in ("alive", "lost"):
             states.add_metric([state], sum(1 for w in rows if w.state == state))
         yield states
+        yield GaugeMetricFamily(
+            "gpujobs_workers_warming",
+            "Alive workers still loading and warming their models at start (GPUJOBS_WARM_SIZES): no jobs yet.",
+            value=sum(1 for w in rows if w.state == "alive" and w.row.warming),
+        )
         # Summed per stable label: two processes may share one (the same name on one host).
         used: dict[tuple[str, str], float] = defaultdict(float)
         total: dict[tuple[str, str], float] = defaultdict(float)

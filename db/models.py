@@ -14,6 +14,7 @@ from typing import Any, ClassVar
 from sqlalchemy import (
     JSON,
     BigInteger,
+    Boolean,
     DateTime,
     ForeignKey,
     Index,
@@ -23,6 +24,7 @@ from sqlalchemy import (
     Text,
     TypeDecorator,
     UniqueConstraint,
+    false,
     text,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
@@ -418,6 +420,8 @@ class WorkerProcess(Base):
     current_jobs: Mapped[list[Any]]
     # Jobs it runs at once (its concurrency): the scheduler's capacity of each queue it serves.
     slots: Mapped[int] = mapped_column(Integer, default=1, server_default="1")
+    # Loading and warming its models at start (``worker.warm``): alive, but the scheduler counts no slots.
+    warming: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
     started_at: Mapped[datetime] = mapped_column(default=utcnow)
     last_seen_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
     stopped_at: Mapped[datetime | None]

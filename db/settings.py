@@ -6,6 +6,7 @@ Every field's default is documented here and in the README's configuration table
 from __future__ import annotations
 
 import ipaddress
+import re
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
@@ -511,6 +512,28 @@ class Settings(BaseSettings):
     channels_last: bool = Field(
         False, description="Keep the diffusion UNet and VAE in channels-last memory format (often faster on CUDA)."
     )
+    warm_sizes: list[str] = Field(
+        [],
+        description="Image sizes (`WIDTHxHEIGHT`, JSON list) at which a worker runs each preloaded diffusion "
+        "model once before it takes jobs, and each preloaded segmentation model runs one batch: with "
+        "`torch_compile`, the graphs for these sizes are built (or read from the compile cache) at start, "
+        "not by the first job of each size. The heartbeat says `warming` meanwhile; no job is sent to it.",
+    )
+    warm_steps: int = Field(2, ge=1, le=50, description="Denoising steps of each diffusion warm-up run.")
+    compile_cache_dir: Path | None = Field(
+        None,
+        description="torch.compile's on-disk caches (Inductor's kernels and FX graphs), reused across restarts; "
+        "unset: an operator's `TORCHINDUCTOR_CACHE_DIR`, else `<model_dir>/torch-compile` (the model-cache volume).",
+    )
+
+    @field_validator("warm_sizes")
+    @classmethod
+    def _sizes(cls, value: list[str]) -> list[str]:
+        for size in value:
+            match = re.fullmatch(r"(\d+)x(\d+)", size)
+            if not match or not all(64 <= int(side) <= 4096 and int(side) % 8 == 0 for side in match.groups()):
+                raise ValueError(f"{size!r} is not WIDTHxHEIGHT with sides from 64 to 4096, multiples of 8")
+        return value
 
     @property
     def effective_redis_url(self) -> str | None:

@@ -137,7 +137,7 @@ monotonic: Callable[[], float] = time.monotonic  # the cache's clock (a unit tes
 
 
 def _live_slots(session: Session, queue: str, settings: Settings) -> int:
-    """The slots of the live workers serving ``queue`` (each worker's concurrency, at least 1).
+    """The slots of the live, warm workers serving ``queue`` (each worker's concurrency, at least 1).
 
     Read at most once every ``dispatch_slots_cache_seconds`` per process and queue: the workers change
     far less often than jobs are submitted, and every submit and job end runs a pass. A stale figure
@@ -152,7 +152,10 @@ def _live_slots(session: Session, queue: str, settings: Settings) -> int:
             cached = _slots.get(key)
         if cached is not None and now - cached[0] < ttl:
             return cached[1]
-    workers = session.execute(select(WorkerProcess.queues, WorkerProcess.slots).where(_live_workers(session, settings)))
+    warm = WorkerProcess.warming.is_(False)  # a worker still warming its models (worker.warm) takes no jobs yet
+    workers = session.execute(
+        select(WorkerProcess.queues, WorkerProcess.slots).where(_live_workers(session, settings), warm)
+    )
     slots: int = sum(max(int(count), 1) for queues, count in workers if queue in (queues or []))
     with _slots_lock:
         _slots[key] = (now, slots)

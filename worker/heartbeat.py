@@ -83,10 +83,11 @@ def loaded_models() -> dict[str, Any]:
 
 
 class Heartbeat:
-    def __init__(self, worker_id: str, queues: list[str], slots: int = 1) -> None:
+    def __init__(self, worker_id: str, queues: list[str], slots: int = 1, warming: bool = False) -> None:
         self.worker_id = worker_id
         self.queues = queues
         self.slots = slots  # jobs it runs at once: the scheduler's capacity (``worker.dispatcher``)
+        self.warming = warming  # loading and warming its models (``worker.warm``): no slots for the scheduler
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="heartbeat", daemon=True)
 
@@ -105,11 +106,17 @@ class Heartbeat:
                 session.add(row)
             row.queues = self.queues
             row.slots = self.slots
+            row.warming = self.warming and not stopped
             row.device = device_info()
             row.models = loaded_models()
             row.current_jobs = current
             row.last_seen_at = now
             row.stopped_at = now if stopped else None
+
+    def warmed(self) -> None:
+        """Warm: say so now (its slots count from this beat on), not at the next period."""
+        self.warming = False
+        self.beat()
 
     def stop(self) -> None:
         self._stop.set()

@@ -33,6 +33,7 @@ from worker.celery_app import RECONCILE, RETENTION, RUN_JOB, SEND_WEBHOOKS, SWEE
 from worker.drain import DRAIN
 from worker.heartbeat import Heartbeat
 from worker.hooks import install_hooks
+from worker.warm import configure_compile_cache
 
 log = logging.getLogger(__name__)
 
@@ -111,6 +112,7 @@ def worker_app(settings: Settings | None = None) -> Celery:
     """The Celery app a worker or beat process runs, with its tasks, signals and hooks in place."""
     settings = settings or get_settings()
     tracing.configure(logs.role(), settings.trace_file)
+    configure_compile_cache(settings)  # before torch reads Inductor's settings
     app = producer(settings)
     if RUN_JOB not in app.tasks:
         app.task(name=RUN_JOB, acks_late=True, reject_on_worker_lost=True, throws=(JobFailed,), Request=JobRequest)(
@@ -176,14 +178,15 @@ class _Lifecycle:
                 client.ping()
         except Exception as exc:  # not fatal: jobs retry these connections themselves
             log.warning("warm-up incomplete: %s", exc)
-        names = get_settings().preload_models
-        if names:
-            from worker.models.preload import preload
-
-            preload(names)
-        serve_metrics(get_settings(), self.queues)
-        self.heartbeat = Heartbeat(runner.worker_id(), self.queues, self.slots)
+        settings = get_settings()
+        serve_metrics(settings, self.queues)
+        self.heartbeat = Heartbeat(runner.worker_id(), self.queues, self.slots, warming=bool(settings.preload_models))
         self.heartbeat.start()
+        if settings.preload_models:  # the heartbeat says `warming`; the scheduler sends nothing meanwhile
+            from worker.warm import preload_and_warm
+
+            preload_and_warm(settings)
+            self.heartbeat.warmed()
         # Its slots count from this first heartbeat on: send it what waits for them.
         dispatcher.dispatch_all([queue for queue in self.queues if queue in dispatcher.JOB_QUEUES])
         hurry_first(signal.SIGQUIT, signal.SIGINT)

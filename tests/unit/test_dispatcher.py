@@ -40,11 +40,13 @@ def tenant(db: Any, **quota: Any) -> str:
     return row.id
 
 
-def worker(db: Any, slots: int, queues: tuple[str, ...] = ("gpu",), stopped: bool = False) -> None:
+def worker(
+    db: Any, slots: int, queues: tuple[str, ...] = ("gpu",), stopped: bool = False, warming: bool = False
+) -> None:
     now = clock.db_now(db)
     db.add(
         WorkerProcess(
-            id=f"w{slots}-{now.timestamp()}-{stopped}",
+            id=f"w{slots}-{now.timestamp()}-{stopped}-{warming}",
             hostname="h",
             pid=1,
             queues=list(queues),
@@ -55,6 +57,7 @@ def worker(db: Any, slots: int, queues: tuple[str, ...] = ("gpu",), stopped: boo
             started_at=now,
             last_seen_at=now,
             stopped_at=now if stopped else None,
+            warming=warming,
         )
     )
     db.commit()
@@ -100,6 +103,16 @@ def test_capacity_is_live_slots_plus_the_buffer_less_in_flight(db) -> None:
     db.commit()
     assert pick(db) == queued[2:3], "two in flight of three"
     assert dispatcher._capacity_if_waiting(db, "train", SETTINGS) is None, "nothing waits on train"
+
+
+def test_a_worker_warming_its_models_adds_no_slots_until_it_is_warm(db) -> None:
+    a = tenant(db)
+    queued = jobs(db, a, 10)
+    worker(db, slots=4, warming=True)
+    assert pick(db) == queued[:1], "warming: the buffer only, as with no worker"
+    db.execute(update(WorkerProcess).values(warming=False))
+    db.commit()
+    assert len(pick(db)) == 5
 
 
 def test_one_pass_spreads_the_slots_over_tenants(db) -> None:

@@ -184,7 +184,8 @@ class ModelKind:
     The catalog accepts its ``name`` as a ``kind``; the worker's model cache loads it with ``loader``
     (``module:function(entry, folder, device, dtype)``) under ``cache_key``; ``gpujobs models demo``
     builds a tiny one with ``demo`` (``module:function(directory) -> {name: catalog table}``);
-    ``/v1/models`` lists models of the kinds that are ``listed`` (the others are parts of those).
+    ``/v1/models`` lists models of the kinds that are ``listed`` (the others are parts of those);
+    ``warm`` runs a loaded one at the operator's warm sizes at worker start (``worker.warm``).
     """
 
     name: str
@@ -192,6 +193,9 @@ class ModelKind:
     demo: str | None = None
     listed: bool = True
     builtin: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)  # entries when no catalog is set
+    # ``module:function(model, sizes, settings) -> list[str]``: run a loaded model once per warm size
+    # (``GPUJOBS_WARM_SIZES``) before the worker takes jobs; returns what it warmed.
+    warm: str | None = None
 
     def cache_key(self, model: str, variant: str | None = None) -> str:
         return f"{self.name}:{model}" + (f"@{variant}" if variant else "")

@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 
-from db.settings import get_settings
+from db.settings import Settings, get_settings
 from worker.jobs.diffusion.ip_adapter import IPAdapter, load_ip_adapter, swapped_in
 from worker.jobs.diffusion.spec import DIFFUSION, INPAINTING_UNET, IP_ADAPTER
 from worker.jobs.diffusion.spec import SCHEDULERS as SCHEDULER_NAMES
@@ -228,6 +228,27 @@ def load_family(entry: ModelEntry, folder: Path, device: str, dtype: torch.dtype
         ip_adapter_model=ip_adapter_model,
         ip_adapter_scale=float(ip_adapter_scale),
     )
+
+
+def warm_family(family: Family, sizes: list[str], settings: Settings) -> list[str]:
+    """One text-to-image run per warm size (``warm_steps`` steps, guidance on, one image, decoded): the
+    shapes a job of that size runs, so with ``torch_compile`` the UNet's graph for it is built (or read
+    from the compile cache) here, before the worker takes jobs."""
+    warmed = []
+    for size in sizes:
+        width, height = (int(side) for side in size.split("x"))
+        with family.lock:
+            family.text_to_image(
+                "warm-up",
+                width=width,
+                height=height,
+                num_inference_steps=settings.warm_steps,
+                guidance_scale=7.5,
+                generator=torch.Generator("cpu").manual_seed(0),
+                output_type="np",
+            )
+        warmed.append(size)
+    return warmed
 
 
 def load_inpainting_unet(entry: ModelEntry, folder: Path, device: str, dtype: torch.dtype) -> Any:

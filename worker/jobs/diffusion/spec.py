@@ -77,6 +77,7 @@ DIFFUSION = ModelKind(
     name="diffusion",
     loader="worker.jobs.diffusion.pipeline:load_family",
     demo="worker.jobs.diffusion.demo:build",
+    warm="worker.jobs.diffusion.pipeline:warm_family",
     builtin={
         SD15: {
             "kind": "diffusion",

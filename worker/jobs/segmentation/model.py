@@ -61,6 +61,19 @@ def load_segmenter(entry: ModelEntry, folder: Path, device: str, dtype: torch.dt
     )
 
 
+def warm_segmenter(segmenter: Segmenter, sizes: list[str], settings: Any) -> list[str]:
+    """One forward pass of a batch of 1 and of a full batch on the canvas (``segmentation_image_size``:
+    every job's images are padded to it, so the operator's warm sizes change nothing here)."""
+    canvas = settings.segmentation_image_size
+    warmed = []
+    for batch in sorted({1, max(1, settings.segmentation_max_batch_size)}):
+        pixels = torch.zeros(batch, 3, canvas, canvas, device=segmenter.device, dtype=segmenter.dtype)
+        with torch.inference_mode():
+            segmenter.model(pixel_values=pixels)
+        warmed.append(f"{canvas}x{canvas} batch {batch}")
+    return warmed
+
+
 # --- batching -----------------------------------------------------------------------
 
 

@@ -15,6 +15,7 @@ SEGMENTATION = ModelKind(
     name="segmentation",
     loader="worker.jobs.segmentation.model:load_segmenter",
     demo="worker.jobs.segmentation.demo:build",
+    warm="worker.jobs.segmentation.model:warm_segmenter",
     builtin={
         "mask2former-swin-tiny-coco-instance": {
             "kind": "segmentation",
