@@ -512,6 +512,20 @@ class Settings(BaseSettings):
     channels_last: bool = Field(
         False, description="Keep the diffusion UNet and VAE in channels-last memory format (often faster on CUDA)."
     )
+    generation_max_batch_images: int = Field(
+        8,
+        ge=1,
+        le=64,
+        description="Most images in one text-to-image pipeline call shared by jobs that wait for the same model "
+        "with the same LoRAs, size, steps, sampler and guidance (1: each job alone).",
+    )
+    generation_batch_wait_ms: float = Field(
+        0.0,
+        ge=0,
+        le=5000,
+        description="How long a text-to-image call waits for more jobs to share it before it starts (0: it "
+        "takes only those already waiting for the model).",
+    )
     warm_sizes: list[str] = Field(
         [],
         description="Image sizes (`WIDTHxHEIGHT`, JSON list) at which a worker runs each preloaded diffusion "

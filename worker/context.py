@@ -163,7 +163,9 @@ class JobContext:
             self._milestone = message if message is not None else self._milestone
         if new_stage and message is not None:
             with self._sessions() as session:
-                recorded = transitions.progress_milestone(session, self.job_id, self.attempt, message, {"step": step})
+                recorded = transitions.progress_milestone(
+                    session, self.job_id, self.attempt, message, {"step": step, **extra}
+                )
             if not recorded:  # a stale attempt adds nothing to a newer run's timeline; it stops at its next check
                 self._lost()
 

@@ -32,6 +32,7 @@ from db.settings import get_settings
 from worker import metrics
 from worker.context import JobContext
 from worker.jobs.diffusion import lora
+from worker.jobs.diffusion.batching import denoise_shared
 from worker.jobs.diffusion.pipeline import Denoised, Family, StepHook, adain, decode, denoise, encode
 from worker.jobs.diffusion.spec import (
     DEFAULT_OUTPUT_QUALITY,
@@ -59,23 +60,28 @@ def text_to_image(ctx: JobContext, params: TextToImageInput) -> Output:
     family = _family(ctx, params.model)
     loras = _loras(ctx, params.loras, family.model)
     seeds = _seeds(params.seed, params.num_outputs)
-    with _turn(ctx, family):
-        result = denoise(
-            family,
-            family.text_to_image,
-            params.scheduler,
-            _on_step(ctx),
-            loras,
-            prompt=params.prompt,
-            negative_prompt=params.negative_prompt or None,
-            width=params.width,
-            height=params.height,
-            num_inference_steps=params.num_inference_steps,
-            guidance_scale=params.guidance_scale,
-            num_images_per_prompt=params.num_outputs,
-            generator=_generators(seeds),
-        )
-        pixels = _decoded(ctx, family, result)
+    ctx.check()
+    # Shared with the other text-to-image jobs waiting for this model that can share a call (batching.py).
+    result, shared_with, holding = denoise_shared(
+        family,
+        params.scheduler,
+        _on_step(ctx),
+        loras,
+        ctx.should_stop,
+        lambda: ctx.progress(0, None, "waiting for the model"),
+        prompt=params.prompt,
+        negative_prompt=params.negative_prompt,
+        generators=_generators(seeds),
+        width=params.width,
+        height=params.height,
+        num_inference_steps=params.num_inference_steps,
+        guidance_scale=params.guidance_scale,
+    )
+    try:
+        pixels = _decoded(ctx, family, result, shared_with=shared_with)
+    finally:
+        if holding:
+            family.lock.release()
     return _store(ctx, "text_to_image", params, family, pixels, seeds, result.total)
 
 
@@ -197,12 +203,12 @@ def _on_step(ctx: JobContext) -> StepHook:
     return on_step
 
 
-def _decoded(ctx: JobContext, family: Family, result: Denoised) -> Any:
+def _decoded(ctx: JobContext, family: Family, result: Denoised, **details: Any) -> Any:
     if result.stopped:
         ctx.progress(result.steps_run, result.total, "stopped", steps_run=result.steps_run)
         ctx.check()  # raises Canceled, DeadlineExceeded or LeaseLost: the reasons a run is stopped
         raise JobError("the run stopped before its last step", "interrupted")
-    ctx.progress(result.steps_run, result.total, "decoding", steps_run=result.steps_run)
+    ctx.progress(result.steps_run, result.total, "decoding", steps_run=result.steps_run, **details)
     get_cache().count(family.key, "batches")
     get_cache().count(family.key, "steps", result.steps_run)
     return decode(family, result.latents)
