@@ -227,10 +227,13 @@ def postprocess(
         )[:, 0].sigmoid()
         binary = chunk > mask_threshold
         mask_scores = (chunk * binary).flatten(1).sum(1) / (binary.flatten(1).sum(1) + 1e-6)
-        for i in range(len(chunk)):
-            score = float(top_scores[start + i] * mask_scores[i])
-            if score >= threshold and bool(binary[i].any()):
-                found.append(Found(int(labels[start + i]), score, binary[i].numpy()))
+        # Upsampling, thresholds and scores stay where the logits are (the GPU on a GPU worker); only the
+        # chunk's boolean masks and scores come to the host, once.
+        chunk_scores = (top_scores[start : start + len(chunk)] * mask_scores).tolist()
+        masks = binary.cpu().numpy()
+        for i, score in enumerate(chunk_scores):
+            if score >= threshold and masks[i].any():
+                found.append(Found(int(labels[start + i]), score, masks[i]))
 
     # Paint lowest score first so the most confident instance wins each pixel.
     found.sort(key=lambda f: f.score)
