@@ -298,7 +298,20 @@ def measure_service(args: argparse.Namespace, deployment: Deployment, settings: 
         "cold_job_s": round(cold_seconds, 3),
         "cold_run_s": cold_job["metrics"]["run_seconds"],
         "concurrency": concurrent(client, args) if args.concurrency > 1 else None,
+        "worker_device": heartbeat_device(deployment.database_url, "bench-diffusion"),
     }
+
+
+def heartbeat_device(database_url: str, name: str) -> dict[str, Any] | None:
+    """The device the worker's heartbeat recorded (from NVML on a GPU worker: ``source`` says so)."""
+    from sqlalchemy import select
+
+    from db.models import WorkerProcess
+    from db.session import session_scope
+
+    with session_scope(database_url) as session:
+        row = session.scalars(select(WorkerProcess).where(WorkerProcess.id.like(f"{name}@%"))).first()
+        return dict(row.device) if row is not None else None
 
 
 def concurrent(client: JobsClient, args: argparse.Namespace) -> dict[str, Any]:

@@ -285,6 +285,7 @@ def headline(results: dict[str, Any]) -> list[tuple[str, Any, str]]:
         ("segmentation instances per image", s.get("instances_per_image"), ""),
         ("fine-tuning gpujobs / plain loop (steps/s)", f.get("ratio"), "≥ 0.95"),
         ("fine-tuning resume: weights equal an uninterrupted run's", dig(f, "resume", "weights_equal"), "true"),
+        ("the GPU worker's heartbeat device, read from", dig(d, "worker_device", "source"), "nvml"),
     ]
 
 

@@ -37,6 +37,7 @@ def test_the_quick_run_drives_every_part_and_writes_the_summary(tmp_path: Path) 
     assert diffusion["mode"] == "service" and diffusion["pixels_identical"] is True
     assert diffusion["job_median_s"] > 0 and diffusion["raw_median_s"] > 0
     assert diffusion["concurrency"]["jobs"] == 2 and diffusion["concurrency"]["at_once_s"] > 0
+    assert diffusion["worker_device"]["type"] == "cpu", "the worker's heartbeat, as recorded (NVML on a GPU)"
 
     resume = parts["finetune"]["figures"]["resume"]
     assert resume["resumed_from"] >= 2 and resume["resumed_from"] < resume["steps"]
