@@ -429,7 +429,6 @@ LONGEST_MODULES = (
     "test_drain",  # 52
     "test_readme",  # 49
     "test_segmentation",  # 42
-    "test_bench_segmentation",  # 41 (its own run of bench.segmentation --quick; 2 cores at load 3.5)
     "test_diffusion",  # 34
     "test_replicate",  # 34
     "test_worker_faults",  # 34
