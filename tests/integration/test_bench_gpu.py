@@ -39,6 +39,10 @@ def test_the_quick_run_drives_every_part_and_writes_the_summary(tmp_path: Path) 
     assert diffusion["concurrency"]["jobs"] == 2 and diffusion["concurrency"]["at_once_s"] > 0
     assert diffusion["worker_device"]["type"] == "cpu", "the worker's heartbeat, as recorded (NVML on a GPU)"
 
+    segmentation = parts["segmentation"]["figures"]
+    assert segmentation["agreement"]["agree"] is True
+    assert segmentation["runs"]["gpujobs batch 1"]["instances_per_image"] > 0
+
     resume = parts["finetune"]["figures"]["resume"]
     assert resume["resumed_from"] >= 2 and resume["resumed_from"] < resume["steps"]
     assert resume["weights_equal"] is True and resume["max_abs_difference"] == 0
