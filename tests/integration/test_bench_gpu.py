@@ -11,20 +11,14 @@ a fine-tune killed after a checkpoint and resumed elsewhere ends with the uninte
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[2]
-ENV = {k: v for k, v in os.environ.items() if not k.startswith("GPUJOBS_")}  # as from a shell: its own services
+from tests.bench_runs import run_bench
 
 
 def test_the_quick_run_drives_every_part_and_writes_the_summary(tmp_path: Path) -> None:
     out = tmp_path / "out"
-    env = {**ENV, "PYTHONPATH": str(REPO) + os.pathsep + ENV.get("PYTHONPATH", "")}
-    command = [sys.executable, "-m", "bench.gpu", "run", "--quick", "--out", str(out), "--models", str(tmp_path)]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env, cwd=REPO)
+    done = run_bench("bench.gpu", "run", "--quick", "--out", str(out), "--models", str(tmp_path), timeout=600)
     assert done.returncode == 0, done.stderr[-4000:]
 
     summary = json.loads((out / "summary.json").read_text())

@@ -9,24 +9,13 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import psycopg
 import pytest
 
 from gpujobs.harness.databases import postgres_maintenance_conninfo, postgres_unavailable_reason
-
-REPO = Path(__file__).resolve().parents[2]
-ENV = {k: v for k, v in os.environ.items() if not k.startswith("GPUJOBS_")}  # as from a shell: its own services
-
-
-def _run(module: str, *args: str, timeout: float) -> subprocess.CompletedProcess[str]:
-    env = {**ENV, "PYTHONPATH": str(REPO) + os.pathsep + ENV.get("PYTHONPATH", "")}
-    return subprocess.run(
-        [sys.executable, "-m", module, *args], capture_output=True, text=True, timeout=timeout, env=env, cwd=REPO
-    )
+from tests.bench_runs import run_bench as _run
 
 
 def test_scale_loads_both_databases_times_every_row_and_drops_them(tmp_path: Path) -> None:

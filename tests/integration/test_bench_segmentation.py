@@ -10,34 +10,21 @@ check catching differences (a label, a score, a mask) on real encoded masks.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from bench import segmentation
+from tests.bench_runs import run_bench
 from worker.jobs.segmentation.model import Found
 from worker.jobs.segmentation.run import encode_instances
-
-REPO = Path(__file__).resolve().parents[2]
-ENV = {k: v for k, v in os.environ.items() if not k.startswith("GPUJOBS_")}  # as from a shell: its own services
 
 
 def test_quick_run_finds_instances_and_agrees_with_transformers(tmp_path: Path) -> None:
     out = tmp_path / "segmentation.json"
-    env = {**ENV, "PYTHONPATH": str(REPO) + os.pathsep + ENV.get("PYTHONPATH", "")}
-    command = ["bench.segmentation", "--quick", "--cache", str(tmp_path / "models"), "--json", str(out)]
-    done = subprocess.run(
-        [sys.executable, "-m", *command],
-        capture_output=True,
-        text=True,
-        timeout=240,
-        env=env,
-        cwd=REPO,
-    )
+    args = ["--quick", "--cache", str(tmp_path / "models"), "--json", str(out)]
+    done = run_bench("bench.segmentation", *args, timeout=240)
     assert done.returncode == 0, done.stderr[-3000:]
     figures = json.loads(out.read_text())
     assert figures["model"] == "tiny demo configuration" and figures["canvas"] == 384

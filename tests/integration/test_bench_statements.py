@@ -9,26 +9,14 @@ that adds a round trip to these paths shows here first.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[2]
-ENV = {k: v for k, v in os.environ.items() if not k.startswith("GPUJOBS_")}  # as from a shell: its own services
+from tests.bench_runs import run_bench
 
 
 def test_statements_per_job_are_counted_and_stay_cut(tmp_path: Path) -> None:
     out = tmp_path / "statements.json"
-    env = {**ENV, "PYTHONPATH": str(REPO) + os.pathsep + ENV.get("PYTHONPATH", "")}
-    done = subprocess.run(
-        [sys.executable, "-m", "bench.statements", "--jobs", "3", "--json", str(out)],
-        capture_output=True,
-        text=True,
-        timeout=180,
-        env=env,
-        cwd=REPO,
-    )
+    done = run_bench("bench.statements", "--jobs", "3", "--json", str(out), timeout=180)
     assert done.returncode == 0, done.stderr[-3000:]
     figures = json.loads(out.read_text())
     assert figures["outcomes"] == {"succeeded": 3}

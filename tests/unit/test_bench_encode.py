@@ -4,19 +4,14 @@ every picture × format row is timed, and each format's bytes are what that form
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[2]
+from tests.bench_runs import run_bench
 
 
 def test_bench_encode_times_every_format_of_both_pictures(tmp_path: Path) -> None:
     out = tmp_path / "encode.json"
-    env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    command = [sys.executable, "-m", "bench.encode", "--size", "64", "--samples", "2", "--json", str(out)]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=120, env=env, cwd=REPO)
+    done = run_bench("bench.encode", "--size", "64", "--samples", "2", "--json", str(out), timeout=120)
     assert done.returncode == 0, done.stderr[-3000:]
     figures = json.loads(out.read_text())
     assert figures["size"] == 64 and figures["quality"] == 90
