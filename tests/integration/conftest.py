@@ -424,9 +424,11 @@ def pytest_configure(config: pytest.Config) -> None:
 # From `--durations` of the parallel pass (2026-12-02, seconds of test time per module, longest first).
 LONGEST_MODULES = (
     "test_schemathesis",  # 156 (its bound was 150 s; 100 s now)
+    "test_bench_gpu",  # about 100 (2026-12-03: three benchmarks at toy sizes, each on its own services)
     "test_finetune",  # 87
     "test_webhooks",  # 75
     "test_drain",  # 52
+    "test_batching",  # about 35 (2026-12-03)
     "test_readme",  # 49
     "test_segmentation",  # 42
     "test_diffusion",  # 34
@@ -440,6 +442,7 @@ LONGEST_MODULES = (
     "test_remote_inputs",  # 28
     "test_drain_finetune",  # 27
     "test_events",  # 25
+    "test_warm_start",  # about 25 (2026-12-03)
     "test_database_outage",  # 25
     "test_bench_scale",  # 24
 )
