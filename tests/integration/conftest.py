@@ -404,6 +404,7 @@ SERIAL_MODULES = frozenset(
         "test_storage_outage",
         "test_up_supervision",
         "test_wait_flood",
+        "test_waiting",  # a wait answered within a second of the job's end: a loaded neighbour delays it
         "test_webhooks_fairness",
         "test_worker_failures",
     }
@@ -423,8 +424,8 @@ def pytest_configure(config: pytest.Config) -> None:
 # schedule keeps the processes busy to the end; every other module keeps its place after them.
 # From `--durations` of the parallel pass (2026-12-02, seconds of test time per module, longest first).
 LONGEST_MODULES = (
+    "test_bench_gpu",  # 196 in the fresh-clone CI of 2026-12-03 (three benchmarks at toy sizes)
     "test_schemathesis",  # 156 (its bound was 150 s; 100 s now)
-    "test_bench_gpu",  # about 100 (2026-12-03: three benchmarks at toy sizes, each on its own services)
     "test_finetune",  # 87
     "test_webhooks",  # 75
     "test_drain",  # 52
