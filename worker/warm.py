@@ -20,10 +20,8 @@ import time
 from pathlib import Path
 
 from db.settings import Settings
-from worker.jobs import model_kinds
 from worker.jobs.spec import resolve
-from worker.models.cache import get_cache
-from worker.models.catalog import load_catalog
+from worker.models.preload import preload
 
 log = logging.getLogger(__name__)
 
@@ -55,15 +53,11 @@ def preload_and_warm(settings: Settings) -> dict[str, list[str]]:
         if settings.warm_sizes:
             log.warning("GPUJOBS_WARM_SIZES is set but GPUJOBS_PRELOAD_MODELS names no model: nothing to warm")
         return {}
-    cache = get_cache()
-    kinds = model_kinds(settings)
     warmed: dict[str, list[str]] = {}
     for name in names:
         started = time.monotonic()
         try:
-            entry = load_catalog(settings).get(name)
-            kind = kinds[entry.kind]
-            model = cache.load(kind, entry.name)
+            kind, model = preload(name, settings)
             log.info("preloaded %s in %.1f s", name, time.monotonic() - started)
             if not settings.warm_sizes or kind.warm is None:
                 continue
