@@ -112,7 +112,6 @@ def worker_app(settings: Settings | None = None) -> Celery:
     """The Celery app a worker or beat process runs, with its tasks, signals and hooks in place."""
     settings = settings or get_settings()
     tracing.configure(logs.role(), settings.trace_file)
-    configure_compile_cache(settings)  # before torch reads Inductor's settings
     app = producer(settings)
     if RUN_JOB not in app.tasks:
         app.task(name=RUN_JOB, acks_late=True, reject_on_worker_lost=True, throws=(JobFailed,), Request=JobRequest)(
@@ -168,6 +167,8 @@ class _Lifecycle:
         runner.name_worker(sender)
 
     def warm_up(self, **_: object) -> None:
+        # A worker's, not beat's: before the preload or a job imports torch's compiler, which reads it.
+        configure_compile_cache(get_settings())
         # Open the database, storage and Redis clients now, so the first job does not pay for it.
         try:
             with get_engine().connect() as connection:
