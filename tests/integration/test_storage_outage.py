@@ -40,12 +40,18 @@ def _run_through_an_outage(client, keys, s3, workers: Workers, fault: str, worke
         s3.kill()
     else:
         s3.freeze()
-    time.sleep(OUTAGE_SECONDS)
+    # The last job's first store ends about OUTAGE_SECONDS after the fault (its sleep, then the tries'
+    # timeouts), so the spool is awaited rather than read at a fixed instant; the outage then lasts at
+    # least OUTAGE_SECONDS.
+    spool_deadline = time.monotonic() + OUTAGE_SECONDS + 30
+    while len(workers.spooled()) < JOBS and time.monotonic() < spool_deadline:
+        time.sleep(0.2)
+    assert len(workers.spooled()) == JOBS, "the outputs waiting for storage are kept in the spool"
+    time.sleep(max(0.0, down_at + OUTAGE_SECONDS - time.monotonic()))
     # Every job ran to its upload and is still running: none failed, none was requeued.
     for job in jobs:
         still = wait_for(client, admin, job["id"], "running", timeout=1)
         assert still["attempts"] == 1 and still["progress"]["step"] == 2, still
-    assert len(workers.spooled()) == JOBS, "the outputs waiting for storage are kept in the spool"
     if fault == "kill":
         s3.restart()
     else:
