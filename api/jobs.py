@@ -12,7 +12,7 @@ from typing import Any, Literal
 
 from flask import Blueprint, Response, g, jsonify, request
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, field_validator
-from sqlalchemy import select
+from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import joinedload, selectinload
 from werkzeug.routing import BaseConverter
@@ -24,7 +24,7 @@ from api.errors import ApiError, from_pydantic, validation_error
 from api.models import readable_catalog
 from api.openapi import document
 from api.presenters import job_json, page_params, paginate
-from db import tracing, transitions
+from db import clock, tracing, transitions
 from db.models import File, Job, JobStatus, Model, new_id
 from worker import metrics
 from worker.dispatcher import dispatch_soon
@@ -259,6 +259,7 @@ def insert_and_send(
     # starts without reading it back.
     with waiting.listener(settings).expecting(job.id) if wait else nullcontext() as registered:
         try:
+            _use_files(params, tenant_id)
             transitions.create(g.db, job)
             g.db.commit()
         except IntegrityError:
@@ -300,6 +301,31 @@ def _check_files(params: JobInput) -> None:
         if found[file_id] != purpose:
             raise validation_error(
                 ["body", "input", field], f"file {file_id!r} was uploaded as {found[file_id]}, not as {purpose}"
+            )
+
+
+def _use_files(params: JobInput, tenant_id: str) -> None:
+    """Mark the input's files used now, in the job's transaction (the clock of ``GPUJOBS_FILE_TTL``); 422 for
+    one that retention deleted since ``_check_files`` saw it.
+
+    The UPDATE locks the rows until the commit: a retention batch (``FOR UPDATE SKIP LOCKED``) passes them
+    by, and one that locked them first has deleted them when this statement reads them, so a job is never
+    committed naming a file that is gone."""
+    wanted: dict[str, str] = {}
+    for field in file_fields(type(params)):
+        value = getattr(params, field)
+        for file_id in value if isinstance(value, list) else [value]:
+            if file_id is not None:
+                wanted.setdefault(file_id, field)
+    if not wanted:
+        return
+    touched = update(File).where(File.id.in_(list(wanted)), File.tenant_id == tenant_id)
+    used = set(g.db.scalars(touched.values(used_at=clock.now(g.db)).returning(File.id)))
+    for file_id, field in wanted.items():
+        if file_id not in used:
+            g.db.rollback()
+            raise validation_error(
+                ["body", "input", field], f"no file {file_id!r} (it was deleted; upload it again with POST /v1/files)"
             )
 
 

@@ -141,7 +141,11 @@ class ApiKey(Base):
 
 class File(Base):
     __tablename__ = "files"
-    __table_args__ = (Index("ix_files_tenant_created", "tenant_id", "created_at", "id"),)
+    __table_args__ = (
+        Index("ix_files_tenant_created", "tenant_id", "created_at", "id"),
+        # Retention deletes the files no job used for ``file_ttl``, least recently used first.
+        Index("ix_files_used_at", "used_at", "id"),
+    )
 
     id: Mapped[str] = mapped_column(String(40), primary_key=True, default=lambda: new_id("file"))
     tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id"))
@@ -154,6 +158,9 @@ class File(Base):
     height: Mapped[int | None] = mapped_column(Integer)
     storage_key: Mapped[str] = mapped_column(String(300))
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    # When a job last named it (set by the submit that does, in the job's transaction; the upload's time
+    # before): the clock of ``GPUJOBS_FILE_TTL``.
+    used_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
 class Job(Base):

@@ -1,4 +1,5 @@
-"""The retention queries: which artifacts are due to expire, which jobs are due to be purged, and the writes.
+"""The retention queries: which artifacts are due to expire, which input files and which jobs are due to be
+deleted, and the writes.
 
 ``worker/retention.py`` drives them, one bounded batch per transaction, deleting the objects from storage
 between the select and the write. The selects lock what they return with ``FOR UPDATE SKIP LOCKED``
@@ -12,8 +13,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import timedelta
 
-from sqlalchemy import Delete, and_, delete, exists, select, update
+from sqlalchemy import Delete, and_, delete, exists, func, select, update
 from sqlalchemy.orm import Session
 
 from db import clock
@@ -22,6 +24,7 @@ from db.models import (
     Artifact,
     DeliveryStatus,
     EventKind,
+    File,
     Job,
     JobEvent,
     Model,
@@ -31,6 +34,8 @@ from db.models import (
 )
 
 FINISHED_VALUES = sorted(status.value for status in FINISHED)
+ACTIVE = ["queued", "running"]
+ACTIVE_JOB_MARGIN_SECONDS = 3600  # a file used up to this long before the oldest queued or running job is kept
 
 
 @dataclass(frozen=True)
@@ -203,3 +208,45 @@ def purge(session: Session, job_ids: Sequence[str]) -> Purged:
         artifacts=remove(delete(Artifact).where(Artifact.job_id.in_(ids))),
         jobs=remove(delete(Job).where(and_(Job.id.in_(ids), Job.status.in_(FINISHED_VALUES)))),
     )
+
+
+@dataclass(frozen=True)
+class DueFile:
+    file_id: str
+    storage_key: str
+
+
+def due_files(session: Session, ttl_seconds: int, limit: int) -> list[DueFile]:
+    """Up to ``limit`` input files that no job named for ``ttl_seconds``, least recently used first, locked.
+
+    ``used_at`` is set by every submit that names the file, in the job's transaction. A queued or running job
+    can be older than the TTL (a long backlog, an operator's retry), so the cutoff is also kept before the
+    oldest such job's creation: every file it names was used at or after it was created (its submit set
+    ``used_at``), so none of them is taken. ``ACTIVE_JOB_MARGIN_SECONDS`` covers what separates the two
+    times: the job's ``created_at`` is its API host's clock when the row is built, ``used_at`` the
+    database's at the start of the submit's transaction. The rows a submit is marking now are locked by it
+    and skipped (``SKIP LOCKED``); the submit commits its job after that."""
+    # One MIN per status: each is the first entry of ``ix_jobs_status_created``, however long the backlog.
+    oldest = [select(func.min(Job.created_at)).where(Job.status == status).scalar_subquery() for status in ACTIVE]
+    conditions = [File.used_at < clock.now(session, -ttl_seconds)]
+    for created_at in session.execute(select(*oldest)).one():
+        if created_at is not None:
+            conditions.append(File.used_at < created_at - timedelta(seconds=ACTIVE_JOB_MARGIN_SECONDS))
+    query = (
+        select(File.id, File.storage_key)
+        .where(*conditions)
+        .order_by(File.used_at, File.id)
+        .limit(limit)
+        .with_for_update(of=File, skip_locked=True)
+    )
+    return [DueFile(file_id, key) for file_id, key in session.execute(query).all()]
+
+
+def delete_files(session: Session, file_ids: Sequence[str]) -> int:
+    """Delete these files' rows (their objects are gone); how many were deleted."""
+    if not file_ids:
+        return 0
+    result = session.execute(
+        delete(File).where(File.id.in_(list(file_ids))).execution_options(synchronize_session=False)
+    )
+    return int(getattr(result, "rowcount", 0) or 0)

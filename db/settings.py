@@ -323,14 +323,25 @@ class Settings(BaseSettings):
         "events, artifacts, webhook deliveries and stored outputs are deleted (0: kept forever). A job a model "
         "was made by is kept while the model exists.",
     )
+    file_ttl: int = Field(
+        0,
+        ge=0,
+        description="Seconds an uploaded input file is kept after the last job that named it was submitted (or "
+        "after its upload, if none did) (`GPUJOBS_FILE_TTL`); then it is deleted from storage and its id "
+        "answers 404 (0: kept forever). A file a queued or running job needs is never deleted.",
+    )
     retention_interval_seconds: float = Field(
-        60.0, gt=0, le=86400, description="Period of the beat task that expires outputs and purges old jobs."
+        60.0,
+        gt=0,
+        le=86400,
+        description="Period of the beat task that expires outputs, deletes unused input files and purges old jobs.",
     )
     retention_batch_size: int = Field(
         500,
         ge=1,
         le=1000,
-        description="Artifacts expired, or jobs purged, per transaction of the retention task (a short one each).",
+        description="Artifacts expired, files deleted or jobs purged per transaction of the retention task "
+        "(a short one each).",
     )
     retention_max_batches: int = Field(
         20, ge=1, le=10_000, description="Most batches of each kind one run of the retention task does."

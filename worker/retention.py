@@ -4,6 +4,9 @@
   the tenant's ``artifact_ttl_seconds``) has its object deleted from storage and is marked ``expired_at``;
   the row stays, so the job says its outputs expired. A key that is a model's weights (a fine-tune's
   ``weights`` artifact) is marked but its object kept: it belongs to the model, which must keep working.
+- **Unused inputs.** An uploaded file that no job named for ``GPUJOBS_FILE_TTL`` (counted from the last
+  submit that named it, or its upload) has its object and its row deleted; never one a queued or running
+  job needs.
 - **Purge.** A job that ended more than ``GPUJOBS_JOB_RETENTION`` ago is deleted with its events,
   artifacts and webhook deliveries, its stored objects first (never a job a model points to).
 
@@ -30,6 +33,7 @@ class RetentionReport:
     artifacts_expired: int = 0
     objects_deleted: int = 0
     objects_kept_for_models: int = 0  # expired on their job, kept for the model that owns them
+    files_deleted: int = 0
     jobs_purged: int = 0
     events_purged: int = 0
     deliveries_purged: int = 0
@@ -67,6 +71,21 @@ def expire_batch(settings: Settings, storage: Storage, report: RetentionReport) 
         report.more = len(due) >= limit
 
 
+def files_batch(settings: Settings, storage: Storage, report: RetentionReport) -> None:
+    """Delete at most ``retention_batch_size`` input files unused for ``file_ttl``, in one transaction."""
+    if settings.file_ttl <= 0:
+        return
+    limit = settings.retention_batch_size
+    with session_scope() as session:
+        due = retention.due_files(session, settings.file_ttl, limit)
+        if not due:
+            return
+        # Storage first: an error here rolls the transaction back, so no row goes whose object still exists.
+        report.objects_deleted += storage.delete_many([d.storage_key for d in due])
+        report.files_deleted += retention.delete_files(session, [d.file_id for d in due])
+        report.more = report.more or len(due) >= limit
+
+
 def purge_batch(settings: Settings, storage: Storage, report: RetentionReport) -> None:
     """Purge at most ``retention_batch_size`` jobs older than ``job_retention``, in one transaction."""
     if settings.job_retention <= 0:
@@ -90,12 +109,13 @@ def purge_batch(settings: Settings, storage: Storage, report: RetentionReport) -
 
 
 def retention_batch(settings: Settings | None = None, storage: Storage | None = None) -> RetentionReport:
-    """One batch of expiry and one of purging (each at most ``retention_batch_size`` rows, each its own
-    transaction); a storage failure in either is logged and counted, and leaves that batch for the next run."""
+    """One batch of expiry, one of unused files and one of purging (each at most ``retention_batch_size`` rows,
+    each its own transaction); a storage failure in any is logged and counted, and leaves that batch for the next
+    run."""
     settings = settings or get_settings()
     storage = storage or get_storage(settings)
     report = RetentionReport()
-    for step in (expire_batch, purge_batch):
+    for step in (expire_batch, files_batch, purge_batch):
         try:
             step(settings, storage, report)
         except StorageError as exc:

@@ -17,10 +17,11 @@ from typing import Any
 
 import pytest
 from botocore.exceptions import ClientError
-from sqlalchemy import func, select, update
+from sqlalchemy import delete, func, select, update
 
 from db.models import (
     Artifact,
+    File,
     Job,
     JobEvent,
     Model,
@@ -33,7 +34,7 @@ from db.settings import Settings, get_settings
 from db.storage import Storage, get_storage
 from tests.integration import storage_faults, webhook_fixtures
 from tests.integration.admin_client import logged_in, page
-from tests.integration.client import auth, diagnostic, get_job, wait_for
+from tests.integration.client import assert_problem, auth, diagnostic, get_job, png_bytes, submit, upload, wait_for
 from tests.integration.conftest import Key, make_key
 from tests.integration.webhook_fixtures import job_with_webhook, wait_deliveries
 from worker.retention import RetentionReport, retention_batch
@@ -141,6 +142,82 @@ def constructed_job(tenant: str, storage: Storage, artifacts: int = 1, days_old:
             )
         session.add(JobEvent(job_id=job.id, kind="succeeded", attempt=1, at=ended))
         return job.id
+
+
+# --- unused input files ------------------------------------------------------------------------------
+
+
+def file_used(file_id: str, days_ago: float) -> None:
+    """Make this file look last used ``days_ago`` (as if no job had named it since)."""
+    used = datetime.now(UTC) - timedelta(days=days_ago)
+    with session_scope() as session:
+        session.execute(update(File).where(File.id == file_id).values(created_at=used, used_at=used))
+
+
+def file_row(file_id: str) -> File | None:
+    with session_scope() as session:
+        row = session.get(File, file_id)
+        if row is not None:
+            session.expunge(row)
+        return row
+
+
+def test_unused_input_files_are_deleted_and_those_a_job_needs_are_kept(client):
+    key = fresh_admin()
+    ids = {}
+    for name in ("unused", "named_again", "backlog", "young"):
+        answer = upload(client, key.secret, png_bytes(color=(len(name), 40, 90)), f"{name}.png")
+        assert answer.status_code == 201, answer.get_json()
+        ids[name] = answer.get_json()["id"]
+    storage = get_storage()
+    keys = {name: file_row(file_id).storage_key for name, file_id in ids.items()}  # type: ignore[union-attr]
+    file_used(ids["unused"], days_ago=12)
+    file_used(ids["named_again"], days_ago=12)
+    # A queued job as old as the file it names (a long backlog, or an operator's retry of an old job): both
+    # are past the TTL, and the file stays while the job may still run. Its queue has no consumer.
+    file_used(ids["backlog"], days_ago=10)
+    ten_days_ago = datetime.now(UTC) - timedelta(days=10)
+    with session_scope() as session:
+        backlog = Job(
+            tenant_id=key.tenant,
+            type="segmentation",
+            queue="retention-test-nobody",
+            status="queued",
+            input={"image": ids["backlog"]},
+            max_attempts=1,
+            deadline_seconds=60,
+            created_at=ten_days_ago,
+        )
+        session.add(backlog)
+        session.flush()
+        backlog_id = backlog.id
+    try:
+        # A submit that names a file marks it used now, in its own transaction (no worker needs to run it).
+        named = submit(client, key.secret, {"type": "segmentation", "input": {"image": ids["named_again"]}})
+        assert named.status_code == 202, named.get_json()
+        row = file_row(ids["named_again"])
+        assert row is not None and row.used_at > datetime.now(UTC) - timedelta(minutes=5)
+
+        off = retention_batch(settings(file_ttl=0))
+        assert off.files_deleted == 0, "GPUJOBS_FILE_TTL=0 keeps every file"
+        report = retention_batch(settings(file_ttl=2 * DAY))
+        assert report.files_deleted == 1 and report.storage_errors == 0, report
+        assert file_row(ids["unused"]) is None and not exists_in(storage, keys["unused"])
+        for kept in ("named_again", "backlog", "young"):
+            assert file_row(ids[kept]) is not None and exists_in(storage, keys[kept]), kept
+        assert retention_batch(settings(file_ttl=2 * DAY)).files_deleted == 0
+
+        # The deleted file's id is gone everywhere: its description, its content and a new job naming it.
+        assert_problem(client.get(f"/v1/files/{ids['unused']}", headers=auth(key.secret)), 404)
+        assert_problem(client.get(f"/v1/files/{ids['unused']}/content", headers=auth(key.secret)), 404)
+        refused = submit(client, key.secret, {"type": "segmentation", "input": {"image": ids["unused"]}})
+        assert_problem(refused, 422, ["body", "input", "image"])
+    finally:
+        with session_scope() as session:
+            session.execute(delete(Job).where(Job.id == backlog_id))
+    # Once the backlog's job is gone, its file is an unused one like any other.
+    assert retention_batch(settings(file_ttl=2 * DAY)).files_deleted == 1
+    assert file_row(ids["backlog"]) is None and not exists_in(storage, keys["backlog"])
 
 
 # --- expiry ------------------------------------------------------------------------------------------
