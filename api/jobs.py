@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -12,7 +13,7 @@ from typing import Any, Literal
 
 from flask import Blueprint, Response, g, jsonify, request
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, field_validator
-from sqlalchemy import select, update
+from sqlalchemy import bindparam, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import joinedload, selectinload
 from werkzeug.routing import BaseConverter
@@ -126,13 +127,19 @@ def _reserve_wait(wait: float | None) -> AbstractContextManager[None]:
     return waiting.listener(config.settings()).reserve(key.id, key.tenant_id, wait, config.settings())
 
 
+@functools.cache
+def _status() -> Any:
+    """A waiting submit's read of its job's status, built once."""
+    return select(Job.status).where(Job.id == bindparam("job_id"))
+
+
 def _wait_for_finish(job_id: str, seconds: float, registered: threading.Event | None = None) -> None:
     """Park until the job finishes or ``seconds`` pass (see ``api.waiting``), holding no database connection.
 
     ``registered``: the waiter a submit registered before its commit (no first read of the job)."""
 
     def finished() -> bool:
-        status = g.db.execute(select(Job.status).where(Job.id == job_id)).scalar_one()
+        status = g.db.execute(_status(), {"job_id": job_id}).scalar_one()
         if JobStatus(status).finished:
             return True  # the wait is over: the answer's read follows on this connection (no checkout)
         # End the read: the connection goes back to the pool while the request waits, and the

@@ -27,7 +27,12 @@ from db.models import UTCDateTime
 
 def now(session: Session, plus_seconds: float = 0.0) -> ColumnElement[datetime]:
     """The database's current time, plus ``plus_seconds``, as an SQL expression the database evaluates."""
-    if session.get_bind().dialect.name == "sqlite":
+    return now_on(session.get_bind().dialect.name, plus_seconds)
+
+
+def now_on(dialect: str, plus_seconds: float = 0.0) -> ColumnElement[datetime]:
+    """``now`` for a dialect by name: for statements built once per dialect, before any session."""
+    if dialect == "sqlite":
         modifier = f"{plus_seconds:+.6f} seconds"
         # SQLite gives milliseconds; SQLAlchemy stores microseconds: padded, the two compare as text.
         stamp = func.strftime("%Y-%m-%d %H:%M:%f", "now", modifier, type_=String) + "000"

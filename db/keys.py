@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import secrets
 from dataclasses import dataclass
+from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import bindparam, select
 from sqlalchemy.orm import Session
 
 from db.models import ApiKey, Role, Tenant, utcnow
@@ -47,12 +49,16 @@ class Identity:
     role: str
 
 
+@functools.cache
+def _active_key() -> Any:
+    """Every request's first statement, built once (building it cost more CPU than running it)."""
+    return select(ApiKey.id, ApiKey.tenant_id, ApiKey.role).where(
+        ApiKey.key_hash == bindparam("key_hash"), ApiKey.revoked_at.is_(None)
+    )
+
+
 def find_active_key(session: Session, plaintext: str) -> Identity | None:
-    row = session.execute(
-        select(ApiKey.id, ApiKey.tenant_id, ApiKey.role).where(
-            ApiKey.key_hash == hash_key(plaintext), ApiKey.revoked_at.is_(None)
-        )
-    ).first()
+    row = session.execute(_active_key(), {"key_hash": hash_key(plaintext)}).first()
     return Identity(*row) if row is not None else None
 
 

@@ -6,11 +6,12 @@ Every field of a ``TenantQuota`` row that is NULL falls back to its setting (``G
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, cast
 
-from sqlalchemy import Table, literal, select
+from sqlalchemy import Table, bindparam, literal, select
 from sqlalchemy.orm import Session
 
 from db import usage
@@ -67,17 +68,23 @@ def effective(session: Session, tenant_ids: Iterable[str], settings: Settings) -
     return {tenant_id: merge(rows.get(tenant_id), settings) for tenant_id in ids}
 
 
+@functools.cache
+def _at_submit(counted: bool) -> Any:
+    """The tenant's quota row (NULLs without one) and, if ``counted``, its queued jobs up to ``up_to``: one
+    statement, built once (a submit's hot path)."""
+    tenant_id = bindparam("tenant_id", type_=QUOTAS.c.tenant_id.type)
+    overrides = [QUOTAS.c[name].label(name) for name in FIELDS]
+    count = [usage.queued_count(tenant_id, bindparam("up_to")).label("queued")] if counted else []
+    one = select(literal(1).label("one")).subquery()
+    return select(*overrides, *count).select_from(one.outerjoin(QUOTAS, QUOTAS.c.tenant_id == tenant_id))
+
+
 def at_submit(session: Session, tenant_id: str, settings: Settings) -> tuple[Quotas, int | None]:
     """The tenant's quotas and its queued jobs (counted up to its ``max_queued_jobs``; None when that is 0), in
     one statement for a tenant on the default ``max_queued_jobs``: the quota row and a count up to the default
     limit are read together (a submit's hot path). A tenant with its own limit costs a second count."""
     default_limit = settings.quota_max_queued_jobs
-    overrides = [QUOTAS.c[name].label(name) for name in FIELDS]
-    counted = [usage.queued_count(tenant_id, default_limit).label("queued")] if default_limit else []
-    one = select(literal(1).label("one")).subquery()
-    row = session.execute(
-        select(*overrides, *counted).select_from(one.outerjoin(QUOTAS, QUOTAS.c.tenant_id == tenant_id))
-    ).one()
+    row = session.execute(_at_submit(bool(default_limit)), {"tenant_id": tenant_id, "up_to": default_limit}).one()
     quotas = merge(row, settings)
     if not quotas.max_queued_jobs:
         return quotas, None

@@ -126,26 +126,40 @@ def create(session: Session, job: Job) -> Job:
         for attr in Job.__mapper__.column_attrs
         if getattr(job, attr.key) is not None
     }
-    when = clock.now(session)
-    columns.setdefault("created_at", when)
-    if "dispatched_at" in columns:
-        columns["dispatched_at"] = when
-    row = insert(JOBS).values(**columns).returning(JOBS.c.id, JOBS.c.created_at, JOBS.c.dispatched_at)
-    if session.get_bind().dialect.name == "postgresql":
-        # One round trip for the job and its first event: the INSERT of the job as a data-modifying CTE,
-        # the event's INSERT … SELECT reading its id and created_at.
-        job_row = row.cte("new_job")
-        queued = select(job_row.c.id, literal(EventKind.QUEUED.value), literal(0), job_row.c.created_at)
-        both = (
-            insert(EVENTS)
-            .from_select(["job_id", "kind", "attempt", "at"], queued)
-            .returning(EVENTS.c.at, select(job_row.c.dispatched_at).scalar_subquery())
-        )
-        job.created_at, job.dispatched_at = session.execute(both).one()
+    dialect = session.get_bind().dialect.name
+    statement = _insert_job(dialect, tuple(sorted(columns)))
+    params = {f"p_{name}": value for name, value in columns.items()}
+    if dialect == "postgresql":
+        job.created_at, job.dispatched_at = session.execute(statement, params).one()
         return job
-    _, job.created_at, job.dispatched_at = session.execute(row).one()
+    _, job.created_at, job.dispatched_at = session.execute(statement, params).one()
     record_event(session, job.id, EventKind.QUEUED, 0, at=job.created_at)
     return job
+
+
+@functools.lru_cache(maxsize=64)
+def _insert_job(dialect: str, names: tuple[str, ...]) -> Any:
+    """The INSERT of a job with these columns given (bound as ``p_<column>``), built once per column set: a
+    submit's hot path, where building the statement cost more CPU than running it.
+
+    ``created_at`` (unless given) is the database's time, and so is a given ``dispatched_at``. On
+    PostgreSQL, one round trip for the job and its first event: the INSERT of the job as a data-modifying
+    CTE, the event's INSERT … SELECT reading its id and created_at."""
+    values: dict[str, Any] = {name: bindparam(f"p_{name}", type_=JOBS.c[name].type) for name in names}
+    when = clock.now_on(dialect)
+    values.setdefault("created_at", when)
+    if "dispatched_at" in values:
+        values["dispatched_at"] = when
+    row = insert(JOBS).values(**values).returning(JOBS.c.id, JOBS.c.created_at, JOBS.c.dispatched_at)
+    if dialect != "postgresql":
+        return row
+    job_row = row.cte("new_job")
+    queued = select(job_row.c.id, literal(EventKind.QUEUED.value), literal(0), job_row.c.created_at)
+    return (
+        insert(EVENTS)
+        .from_select(["job_id", "kind", "attempt", "at"], queued)
+        .returning(EVENTS.c.at, select(job_row.c.dispatched_at).scalar_subquery())
+    )
 
 
 @functools.cache
@@ -236,8 +250,14 @@ def renew_lease(
 def owns(session: Session, job_id: str, attempt: int) -> bool:
     """Whether ``attempt`` still runs the job (the fence, read without a write): a worker asks before and
     after it stores an output, so a stale attempt stops instead of working on."""
-    found = session.execute(select(Job.id).where(Job.id == job_id, *_running(attempt))).first()
-    return found is not None
+    return session.execute(_owns(), {"job_id": job_id, "attempt": attempt}).first() is not None
+
+
+@functools.cache
+def _owns() -> Any:
+    """The fence of every store, built once."""
+    running = Job.status == JobStatus.RUNNING.value
+    return select(Job.id).where(Job.id == bindparam("job_id"), running, Job.attempts == bindparam("attempt"))
 
 
 def record_attempt_event(
@@ -285,19 +305,8 @@ def succeed(
     Fenced by the attempt like every worker transition: the artifact rows are replaced only together with the
     status change, so a stale attempt can never change what a finished job's artifacts point to (and each
     attempt stores under its own keys, ``jobs/<id>/<attempt>/…``, so neither can it change the objects)."""
-    finished = session.execute(
-        update(JOBS)
-        .where(Job.id == job_id, *_running(attempt))
-        .values(
-            status=JobStatus.SUCCEEDED.value,
-            output=output,
-            progress=progress,
-            finished_at=clock.now(session),
-            lease_expires_at=None,
-        )
-        # The time of its rows and events, and whom to tell: no second round trip to read them.
-        .returning(JOBS.c.finished_at, JOBS.c.webhook, JOBS.c.webhook_events_filter)
-    ).first()
+    params = {"job_id": job_id, "attempt": attempt, "p_output": output, "p_progress": progress}
+    finished = session.execute(_succeed(session.get_bind().dialect.name), params).first()
     if finished is None:
         return False
     now = finished[0]
@@ -319,6 +328,25 @@ def succeed(
     session.execute(insert(EVENTS).values([{**e, "job_id": job_id, "attempt": attempt, "at": now} for e in events]))
     _finished(session, job_id, (finished[1], finished[2]))
     return True
+
+
+@functools.cache
+def _succeed(dialect: str) -> Any:
+    """The success's UPDATE, built once per dialect (every job's end)."""
+    running = Job.status == JobStatus.RUNNING.value
+    return (
+        update(JOBS)
+        .where(Job.id == bindparam("job_id"), running, Job.attempts == bindparam("attempt"))
+        .values(
+            status=JobStatus.SUCCEEDED.value,
+            output=bindparam("p_output", type_=JOBS.c.output.type),
+            progress=bindparam("p_progress", type_=JOBS.c.progress.type),
+            finished_at=clock.now_on(dialect),
+            lease_expires_at=None,
+        )
+        # The time of its rows and events, and whom to tell: no second round trip to read them.
+        .returning(JOBS.c.finished_at, JOBS.c.webhook, JOBS.c.webhook_events_filter)
+    )
 
 
 def fail(session: Session, job_id: str, attempt: int, code: str, message: str, traceback: str | None = None) -> bool:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Collection
 from dataclasses import dataclass, field
+from typing import Any
 
 from sqlalchemy import ScalarSelect, func, select
 from sqlalchemy.orm import Session
@@ -29,8 +30,9 @@ def queued_jobs(session: Session, tenant_id: str, up_to: int | None = None) -> i
     return int(session.execute(select(queued_count(tenant_id, up_to))).scalar_one())
 
 
-def queued_count(tenant_id: str, up_to: int | None = None) -> ScalarSelect[int]:
-    """``queued_jobs`` as a scalar subquery, for a caller that reads it with other values in one statement."""
+def queued_count(tenant_id: Any, up_to: Any = None) -> ScalarSelect[int]:
+    """``queued_jobs`` as a scalar subquery, for a caller that reads it with other values in one statement
+    (``tenant_id`` and ``up_to`` may be bind parameters, for a statement built once)."""
     # Only indexed columns: PostgreSQL answers from the index (an index-only scan), without reading rows.
     rows = select(Job.tenant_id).where(Job.tenant_id == tenant_id, Job.status == JobStatus.QUEUED.value)
     if up_to is not None:
