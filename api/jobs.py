@@ -92,11 +92,23 @@ def _visible(query: Any) -> Any:
     return query if is_admin() else query.where(Job.tenant_id == current_key().tenant_id)
 
 
+@functools.cache
+def _job_query(scoped: bool) -> Any:
+    """A job with its artifacts and retries, built once (every read and every waited answer): one statement,
+    both collections joined (a job has a few artifacts and rarely a retry, so the product of the two stays
+    small), where a second SELECT for the retries cost every read a round trip. ``scoped``: the caller's
+    tenant's only."""
+    query = select(Job).where(Job.id == bindparam("job_id"))
+    if scoped:
+        query = query.where(Job.tenant_id == bindparam("tenant_id"))
+    options = (joinedload(Job.artifacts), joinedload(Job.retries))
+    return query.options(*options).execution_options(populate_existing=True)
+
+
 def _load(job_id: str) -> Job:
-    # One statement: both collections joined (a job has a few artifacts and rarely a retry, so the product
-    # of the two stays small), where a second SELECT for the retries cost every read a round trip.
-    query = _visible(select(Job).where(Job.id == job_id)).options(joinedload(Job.artifacts), joinedload(Job.retries))
-    job: Job | None = g.db.scalars(query.execution_options(populate_existing=True)).unique().one_or_none()
+    scoped = not is_admin()
+    params = {"job_id": job_id, "tenant_id": current_key().tenant_id} if scoped else {"job_id": job_id}
+    job: Job | None = g.db.scalars(_job_query(scoped), params).unique().one_or_none()
     if job is None:
         raise ApiError(404, f"No job {job_id!r}.")
     return job

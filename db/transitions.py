@@ -325,7 +325,7 @@ def succeed(
     if models:
         session.execute(insert(MODELS), [{**m, "job_id": job_id, "created_at": now} for m in models])
     # One INSERT for the transition's events (stored, then succeeded), in timeline order.
-    session.execute(insert(EVENTS).values([{**e, "job_id": job_id, "attempt": attempt, "at": now} for e in events]))
+    session.execute(_insert_events(), [{**e, "job_id": job_id, "attempt": attempt, "at": now} for e in events])
     _finished(session, job_id, (finished[1], finished[2]))
     return True
 
@@ -560,12 +560,7 @@ def mark_dispatched(
     Returns the ids marked; one that another pass sent, or that was canceled meanwhile, is left out."""
     if not job_ids:
         return set()
-    marked = session.execute(
-        update(JOBS)
-        .where(Job.id.in_(list(job_ids)), Job.status == JobStatus.QUEUED.value, Job.dispatched_at.is_(None))
-        .values(dispatched_at=clock.now(session))
-        .returning(JOBS.c.id, JOBS.c.attempts, JOBS.c.dispatched_at)
-    ).all()
+    marked = session.execute(_mark(session.get_bind().dialect.name), {"ids": list(job_ids)}).all()
     if by is not None:
         message = f"dispatched by {by}"
         events = [
@@ -574,8 +569,26 @@ def mark_dispatched(
             if job_id not in silent
         ]
         if events:
-            session.execute(insert(EVENTS).values(events))
+            session.execute(_insert_events(), events)
     return {row[0] for row in marked}
+
+
+@functools.cache
+def _mark(dialect: str) -> Any:
+    """The dispatch mark, built once per dialect (every pass that sends)."""
+    waiting = and_(Job.status == JobStatus.QUEUED.value, Job.dispatched_at.is_(None))
+    return (
+        update(JOBS)
+        .where(Job.id.in_(bindparam("ids", expanding=True)), waiting)
+        .values(dispatched_at=clock.now_on(dialect))
+        .returning(JOBS.c.id, JOBS.c.attempts, JOBS.c.dispatched_at)
+    )
+
+
+@functools.cache
+def _insert_events() -> Any:
+    """Several events in one round trip (executemany: one INSERT … VALUES with a row each), built once."""
+    return insert(EVENTS)
 
 
 def _lost_message(session: Session, settings: Settings, idle_queues: Collection[str]) -> Any:
