@@ -575,7 +575,8 @@ class Settings(BaseSettings):
     warm_sizes: list[str] = Field(
         [],
         description="Image sizes (`WIDTHxHEIGHT`, JSON list) at which a worker runs each preloaded diffusion "
-        "model once before it takes jobs, and each preloaded segmentation model runs one batch: with "
+        "model once before it takes jobs; each preloaded segmentation model then runs each of its "
+        "`segmentation_buckets` at batch 1 and the full batch (the sizes aside): with "
         "`torch_compile`, the graphs for these sizes are built (or read from the compile cache) at start, "
         "not by the first job of each size. The heartbeat says `warming` meanwhile; no job is sent to it.",
     )
