@@ -19,11 +19,19 @@ Three measurements:
    per-image latency);
 3. per-job overhead: whole ``segmentation`` jobs run by the real job runner (claim,
    S3 download, preprocess, forward, post-process, RLE, two PNGs, S3 upload, database)
-   on SQLite + an embedded S3 server (``bench.deployment``), minus the forward pass of the same image.
+   on SQLite + an embedded S3 server (``bench.deployment``), minus the forward pass of the same image;
+4. an aspect-ratio mix (``MIX``: 4:3, 16:9, square, 3:4, 3:2, 9:16 crops of the scenes, at least two of
+   each): the batcher at the largest batch size, ``--mix-in-flight`` requests at a time (a loaded worker:
+   4 batches' worth by default), with the default padding buckets against the square canvas only
+   (buckets ``NxN``), side by side: images/s, the share of input pixels that is padding, and the ratio.
 
 Every image's instances, from gpujobs' batcher at every batch size and from the whole job, are
 checked against transformers' (``agreement``; on a canvas other than 384×384, in a pass of its own at
-384×384, where both paths upsample alike): the run fails (exit 1) when they differ.
+384×384, where both paths upsample alike): the run fails (exit 1) when they differ. The aspect-ratio mix is
+not: transformers stretches every mask to 384×384 before its target size, so on non-square images the two
+paths upsample differently whatever the padding (and a bucket's padding is not the canvas's, so its logits
+differ from the square run's by design; tests/unit/test_segmentation_buckets.py holds each image's to its
+single run's).
 """
 
 from __future__ import annotations
@@ -71,6 +79,11 @@ BOUNDARY_BAND = 1
 # at 512×512, scores differed by up to 0.016, small masks' IoU fell to 0.5 and instances near the overlap
 # threshold were kept by one side only.
 AGREEMENT_CANVAS = 384
+
+# The aspect-ratio mix (width:height), cycled over the scenes: landscape photos and video frames first, as
+# they come; 3:2 fits no default bucket exactly (it pads to 4:3's).
+MIX = ((4, 3), (16, 9), (1, 1), (3, 4), (3, 2), (9, 16))
+SQUARE_ONLY = "square canvas only"
 
 
 def build_full_size(
@@ -344,6 +357,88 @@ def batched(segmenter, cache, pictures: list, batch: int, canvas: int) -> dict: 
     }
 
 
+def mixed_pictures(pictures: list) -> list:
+    """The scenes cropped (centred) to the aspect ratios of ``MIX``, in turn: the largest crop of each."""
+    cropped = []
+    for index, picture in enumerate(pictures):
+        across, down = MIX[index % len(MIX)]
+        width, height = picture.size
+        if width * down > height * across:
+            width = height * across // down
+        else:
+            height = width * down // across
+        left, top = (picture.width - width) // 2, (picture.height - height) // 2
+        cropped.append(picture.crop((left, top, left + width, top + height)))
+    return cropped
+
+
+def aspect_mix(segmenter, cache, pictures: list, batch: int, canvas: int, in_flight: int) -> dict:  # type: ignore[no-untyped-def]
+    """The mix of aspect ratios through the batcher, batches of up to ``batch``, ``in_flight`` requests at a
+    time (a worker with that many job threads): with the default buckets, then with the square canvas only. Each run warms its buckets
+    first (an untimed pass over the images), then times a pass; the padding share is the batcher's own
+    count (``input_pixels``, ``padding_pixels``) over the timed pass."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from db.settings import Bucket, default_segmentation_buckets
+    from worker.jobs.segmentation import model as seg
+
+    configurations = {
+        "buckets " + ", ".join(map(str, default_segmentation_buckets(canvas))): default_segmentation_buckets(canvas),
+        SQUARE_ONLY: [Bucket(canvas, canvas)],
+    }
+    mix = mixed_pictures(pictures)
+    runs: dict[str, Any] = {}
+    for name, buckets in configurations.items():
+        batcher = seg.Batcher(segmenter, cache, max_batch_size=batch, max_wait_ms=50)
+        latencies: list[float] = []
+        found: list[int] = [0] * len(mix)
+
+        def one(
+            index: int,
+            buckets: list = buckets,
+            batcher: Any = batcher,
+            latencies: list = latencies,
+            found: list = found,
+        ) -> None:
+            image = mix[index]
+            started = time.perf_counter()
+            pixels, valid = seg.preprocess(segmenter, image, canvas, buckets)
+            classes, masks = batcher.submit(pixels, valid).result()
+            kept = seg.postprocess(
+                classes, masks, valid, pixels.shape[-1], (image.height, image.width), THRESHOLD, MASK_THRESHOLD, OVERLAP
+            )
+            latencies.append(time.perf_counter() - started)
+            found[index] = len(kept)
+
+        with ThreadPoolExecutor(in_flight) as pool:
+            list(pool.map(one, range(len(mix))))  # warm-up: every bucket's first pass
+            latencies.clear()
+            before = dict(cache.stats[segmenter.key].counters)
+            started = time.perf_counter()
+            list(pool.map(one, range(len(mix))))
+            total = time.perf_counter() - started
+        after = cache.stats[segmenter.key].counters
+        delta = {key: after.get(key, 0) - before.get(key, 0) for key in after}
+        runs[name] = {
+            "images_per_s": len(mix) / total,
+            "latency_ms": median(latencies) * 1000,
+            "padding": delta["padding_pixels"] / delta["input_pixels"],
+            "forward_passes": delta["forward_passes"],
+            "images_per_pass": delta["batched_images"] / delta["forward_passes"],
+            "instances_per_image": sum(found) / len(found),
+        }
+    bucketed, square = (runs[name] for name in configurations)
+    return {
+        "mix": [f"{across}:{down}" for across, down in MIX],
+        "images": len(mix),
+        "batch": batch,
+        "in_flight": in_flight,
+        "runs": runs,
+        "buckets_over_square": bucketed["images_per_s"] / square["images_per_s"],
+        "padding": {"buckets": bucketed["padding"], "square": square["padding"]},
+    }
+
+
 def compare(ours: list, reference: dict) -> tuple[list[str], float, float]:
     """gpujobs' instances of one image (``Instance``s) against transformers' (``reference_instances``):
     the differences found (none: they agree), the lowest mask IoU and the largest score difference.
@@ -508,6 +603,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--jobs", type=int, help="whole jobs for the overhead measurement (default 5, 2 quick; 0: skip)"
     )
+    parser.add_argument(
+        "--mix-in-flight", type=int, help="requests at a time in the aspect-ratio mix (default 4 × the largest batch)"
+    )
     parser.add_argument("--config", type=Path, default=CONFIG, help="the real checkpoint's config.json")
     parser.add_argument("--quick", action="store_true", help="the tiny demo configuration and few images: seconds")
     parser.add_argument(
@@ -565,6 +663,10 @@ def measure(args: argparse.Namespace, deployment: Deployment) -> dict[str, Any]:
         runs[name] = batched(segmenter, cache, pictures, batch, canvas)
         checked[name] = runs[name].pop("instances")
         log(f"batch {batch}: {runs[name]}")
+    largest = max(int(b) for b in args.batches.split(","))
+    mixed = pictures if len(pictures) >= 2 * len(MIX) else images(2 * len(MIX), canvas)
+    mix = aspect_mix(segmenter, cache, mixed, largest, canvas, args.mix_in_flight or 4 * largest)
+    log(f"aspect-ratio mix: {mix}")
     overhead = job_overhead(deployment, folder, pictures, canvas, args.device, args.jobs) if args.jobs else None
     if overhead is not None:
         checked["whole job"] = [overhead.pop("instances")]
@@ -583,6 +685,7 @@ def measure(args: argparse.Namespace, deployment: Deployment) -> dict[str, Any]:
         "target_instances": args.instances,
         "runs": runs,
         "job_overhead": overhead,
+        "aspect_mix": mix,
         "agreement": agreed,
         "load_average": {"start": load[0], "end": load[1]},
     }
@@ -633,6 +736,18 @@ def report(r: dict[str, Any]) -> None:
         f"(transformers listed {r['runs'][BASELINE]['listed_per_image']:.1f} instances per image before overlaps "
         f"were resolved by the rule gpujobs applies, overlap_mask_area_threshold {OVERLAP})"
     )
+    mix = r["aspect_mix"]
+    print(
+        f"\nAspect-ratio mix ({', '.join(mix['mix'])}; {mix['images']} images, {mix['in_flight']} in flight, "
+        f"batches of up to {mix['batch']})"
+    )
+    print(f"{'run':<58}{'images/s':>10}{'median latency':>16}{'padding':>9}{'images/pass':>13}")
+    for name, figures in mix["runs"].items():
+        print(
+            f"{name:<58}{figures['images_per_s']:>10.2f}{figures['latency_ms']:>13.0f} ms"
+            f"{figures['padding'] * 100:>8.1f}%{figures['images_per_pass']:>13.2f}"
+        )
+    print(f"buckets / square canvas only: {mix['buckets_over_square']:.2f}× images/s")
     overhead = r["job_overhead"]
     if overhead is not None:
         print(

@@ -6,13 +6,45 @@ Every field's default is documented here and in the README's configuration table
 from __future__ import annotations
 
 import ipaddress
+import math
 import re
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
+from typing import Literal, NamedTuple
 
-from pydantic import Field, field_validator
+from pydantic import Field, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Bucket(NamedTuple):
+    """A padded input shape of the segmentation model (``segmentation_buckets``)."""
+
+    width: int
+    height: int
+
+    @property
+    def area(self) -> int:
+        return self.width * self.height
+
+    def __str__(self) -> str:
+        return f"{self.width}x{self.height}"
+
+
+# The default buckets' aspect ratios (short side / long side): 4:3 (phones, compact cameras; 3:2 DSLR photos
+# fit it with 11% padding) and 16:9 (video frames, screenshots; 2:1 panoramas fit it with 11%). With the
+# square they cover the common shapes in five buckets (five graphs per batch size when compiled); an image
+# between two ratios goes to the next squarer bucket, as wasteful at worst as the gap between them.
+DEFAULT_BUCKET_RATIOS = (3 / 4, 9 / 16)
+
+
+def default_segmentation_buckets(canvas: int) -> list[Bucket]:
+    """N×N, and for each of ``DEFAULT_BUCKET_RATIOS`` a landscape N×(rN rounded up to 32) and its portrait
+    transpose: for N=384, 384x384, 384x288, 288x384, 384x224, 224x384."""
+    buckets = [Bucket(canvas, canvas)]
+    for ratio in DEFAULT_BUCKET_RATIOS:
+        short = min(canvas, math.ceil(canvas * ratio / 32) * 32)
+        buckets += [Bucket(canvas, short), Bucket(short, canvas)]
+    return list(dict.fromkeys(buckets))
 
 
 class Settings(BaseSettings):
@@ -476,7 +508,15 @@ class Settings(BaseSettings):
         ge=64,
         le=2048,
         multiple_of=32,
-        description="Images are resized to fit an N×N canvas and padded to it, so concurrent jobs batch exactly.",
+        description="The canvas N: each image is resized to fit N×N (aspect kept), then padded to the smallest "
+        "of `segmentation_buckets` that holds it.",
+    )
+    segmentation_buckets: list[str] = Field(
+        [],
+        description="Padded shapes (`WIDTHxHEIGHT`, JSON list; sides multiples of 32, at most the canvas) that "
+        "segmentation images are padded to: an image goes to the smallest that holds it, always the same one, "
+        "and only images of one bucket share a batch. The N×N canvas is always one. Empty: N×N, N×3N/4 and "
+        "N×9N/16 (4:3 and 16:9, rounded up to 32) and their portrait transposes.",
     )
     segmentation_max_wait_ms: float = Field(
         10.0, ge=0, le=5000, description="How long a segmentation batch waits for more images before it runs."
@@ -517,8 +557,14 @@ class Settings(BaseSettings):
     )
     torch_compile: bool = Field(
         False,
-        description="Compile the diffusion UNet with `torch.compile` (CUDA): faster steps after a slow first run "
-        "per image size; measure with `bench/diffusion.py` before enabling.",
+        description="Compile the diffusion UNet and the segmentation model's forward with `torch.compile` (CUDA): "
+        "faster after a slow first run per image size (segmentation: per bucket and padded batch size, built by "
+        "the warm-up); measure with `bench/diffusion.py` before enabling.",
+    )
+    torch_compile_backend: str = Field(
+        "inductor",
+        description="The `torch.compile` backend of `torch_compile`: `inductor` (CUDA; segmentation captures CUDA "
+        "graphs, mode `reduce-overhead`), or `eager` / `aot_eager` (no code generation: tests on a CPU).",
     )
     channels_last: bool = Field(
         False, description="Keep the diffusion UNet and VAE in channels-last memory format (often faster on CUDA)."
@@ -540,7 +586,8 @@ class Settings(BaseSettings):
     warm_sizes: list[str] = Field(
         [],
         description="Image sizes (`WIDTHxHEIGHT`, JSON list) at which a worker runs each preloaded diffusion "
-        "model once before it takes jobs, and each preloaded segmentation model runs one batch: with "
+        "model once before it takes jobs; each preloaded segmentation model then runs each of its "
+        "`segmentation_buckets` at batch 1 and the full batch (the sizes aside): with "
         "`torch_compile`, the graphs for these sizes are built (or read from the compile cache) at start, "
         "not by the first job of each size. The heartbeat says `warming` meanwhile; no job is sent to it.",
     )
@@ -550,6 +597,30 @@ class Settings(BaseSettings):
         description="torch.compile's on-disk caches (Inductor's kernels and FX graphs), reused across restarts; "
         "unset: an operator's `TORCHINDUCTOR_CACHE_DIR`, else `<model_dir>/torch-compile` (the model-cache volume).",
     )
+
+    @field_validator("segmentation_buckets")
+    @classmethod
+    def _buckets(cls, value: list[str], info: ValidationInfo) -> list[str]:
+        canvas = info.data.get("segmentation_image_size")  # absent when it was invalid (reported on its own)
+        for size in value:
+            match = re.fullmatch(r"(\d+)x(\d+)", size)
+            sides = [int(side) for side in match.groups()] if match else []
+            if not sides or not all(side % 32 == 0 and 32 <= side <= (canvas or 2048) for side in sides):
+                raise ValueError(
+                    f"{size!r} is not WIDTHxHEIGHT with sides multiples of 32, from 32 to the canvas "
+                    f"(GPUJOBS_SEGMENTATION_IMAGE_SIZE={canvas})"
+                )
+        return value
+
+    @property
+    def segmentation_buckets_in_effect(self) -> list[Bucket]:
+        """``segmentation_buckets`` (or the default for the canvas) with the canvas itself, smallest area first."""
+        canvas = self.segmentation_image_size
+        if self.segmentation_buckets:
+            listed = [Bucket(*(int(side) for side in size.split("x"))) for size in self.segmentation_buckets]
+        else:
+            listed = default_segmentation_buckets(canvas)
+        return sorted({*listed, Bucket(canvas, canvas)}, key=lambda b: (b.area, b.height, b.width))
 
     @field_validator("warm_sizes")
     @classmethod

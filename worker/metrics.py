@@ -76,6 +76,13 @@ BATCH_SIZE = Histogram(
     ["model"],
     buckets=BATCH_BUCKETS,
 )
+SEGMENTATION_PADDING = Histogram(
+    "gpujobs_segmentation_padding_ratio",
+    "Share of a segmentation batch's input pixels that is padding (its images' pixels within their bucket "
+    "against the bucket's), by bucket: the padded shape, `WIDTHxHEIGHT` (a few, from the settings).",
+    ["model", "bucket"],
+    buckets=(0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.75),
+)
 HTTP_REQUESTS = Counter(
     "gpujobs_http_requests", "HTTP requests answered, by URL rule (never the raw path).", ["route", "method", "status"]
 )

@@ -2,7 +2,8 @@
 
 ``GPUJOBS_PRELOAD_MODELS`` names the catalog models a worker loads at start; with ``GPUJOBS_WARM_SIZES``
 each of them is also run once per size by its kind's ``warm`` hook (a diffusion model: a short
-text-to-image run per size; a segmentation model: a batch of 1 and a full batch on its canvas). With
+text-to-image run per size; a segmentation model: each of its padding buckets, whatever the sizes, at a
+batch of 1 and a full batch, and compiled at each padded batch size). With
 ``GPUJOBS_TORCH_COMPILE`` that is when the compiled graphs are built, so the first job of a size does
 not pay for them. The compile caches (Inductor's kernels and FX graphs) live on the model-cache volume
 (``compile_cache_dir``), so a restarted worker reads them back rather than compiling again.

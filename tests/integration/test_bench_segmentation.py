@@ -2,8 +2,9 @@
 
 Its figures are for docs/benchmarks.md; here only what it must get right is asserted: the random-weight
 model finds instances (random weights alone find none, which left the post-processing nothing to do), both
-transformers and gpujobs find them on every image, and the agreement check between the two ran on every
-image of every run (the batcher at each batch size and a whole job) and passed. A second test shows the
+transformers and gpujobs find them on every image, the agreement check between the two ran on every
+image of every run (the batcher at each batch size and a whole job) and passed, and the aspect-ratio mix
+ran with padding buckets and with the square canvas only, the buckets padding far less. A second test shows the
 check catching differences (a label, a score, a mask) on real encoded masks.
 """
 
@@ -38,6 +39,18 @@ def test_quick_run_finds_instances_and_agrees_with_transformers(tmp_path: Path) 
     overhead = figures["job_overhead"]
     assert overhead["instances_per_job"] > 0
     assert {"forward_ms", "job_ms", "overhead_ms", "overhead_ratio"} <= set(overhead)
+
+    # The aspect-ratio mix: the default buckets against the square canvas, on the same images.
+    mix = figures["aspect_mix"]
+    assert mix["mix"] == ["4:3", "16:9", "1:1", "3:4", "3:2", "9:16"] and mix["images"] == 12
+    bucketed, square = mix["runs"].values()
+    assert list(mix["runs"]) == ["buckets 384x384, 384x288, 288x384, 384x224, 224x384", segmentation.SQUARE_ONLY]
+    # 4:3 and 16:9 fill their buckets (16:9's 216 rows pad to 224); 3:2 pads to 4:3's; the square pads nothing.
+    assert 0.02 < bucketed["padding"] < 0.04 and 0.25 < square["padding"] < 0.32
+    assert all(run["images_per_s"] > 0 and run["instances_per_image"] > 0 for run in (bucketed, square))
+    assert square["images_per_pass"] == 2 and 1 <= bucketed["images_per_pass"] <= 2
+    assert mix["buckets_over_square"] == bucketed["images_per_s"] / square["images_per_s"]
+    assert "buckets / square canvas only:" in done.stdout
 
     agreement = figures["agreement"]
     assert agreement["agree"] and agreement["problems"] == []

@@ -161,8 +161,11 @@ def test_label_filter_keeps_only_the_named_categories(client, keys, gpu_worker):
 
 
 def test_concurrent_jobs_batch_and_match_sequential_runs(client, keys, no_gpu_worker, seg_stack):
-    """N jobs of different sizes in one process: one padded batch, the same instances as one at a time."""
+    """N jobs of different sizes in one process: each image padded to its bucket (the default ones: 384x288
+    for the 3:2 image, 288x384 for the two portrait ones, the 384x384 canvas for the square one), one batch
+    per bucket, and the same instances as one at a time."""
     sizes = [(96, 64), (50, 80), (120, 120), (33, 47)]
+    buckets = [(384, 288), (288, 384), (384, 384), (288, 384)]  # (width, height) after the resize to fit 384
     key = keys.user_a.secret
     files = [uploaded(client, key, picture(w, h, seed=i)) for i, (w, h) in enumerate(sizes)]
     stack = seg_stack(GPUJOBS_SEGMENTATION_MAX_WAIT_MS="1500", GPUJOBS_SEGMENTATION_MAX_BATCH_SIZE="8")
@@ -179,6 +182,8 @@ def test_concurrent_jobs_batch_and_match_sequential_runs(client, keys, no_gpu_wo
     )
     passes_before = before["segmentation:demo-mask2former"]["forward_passes"]
     assert passes_before == len(sizes)
+    # The smaller buckets, not the canvas, for the non-square images (the square canvas: 4 × 384 × 384).
+    assert before["segmentation:demo-mask2former"]["input_pixels"] == sum(w * h for w, h in buckets)
 
     # Concurrent: all jobs at once; the worker's threads hand them to one batcher.
     concurrent = [segment(client, key, file_id)["id"] for file_id in files]
@@ -188,7 +193,8 @@ def test_concurrent_jobs_batch_and_match_sequential_runs(client, keys, no_gpu_wo
         lambda m: m["segmentation:demo-mask2former"].get("batched_images", 0) >= 2 * len(sizes),
     )["segmentation:demo-mask2former"]
     batched_passes = after["forward_passes"] - passes_before
-    assert batched_passes < len(sizes), f"{len(sizes)} concurrent jobs took {batched_passes} forward passes"
+    # Three buckets: never fewer passes (a batch stacks one bucket), and the two portrait images in one.
+    assert batched_passes == 3, f"{len(sizes)} concurrent jobs of 3 buckets took {batched_passes} forward passes"
     assert after["loads"] == 1, after
 
     for one, many in zip(sequential, concurrent, strict=True):

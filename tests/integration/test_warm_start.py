@@ -1,5 +1,6 @@
 """Warm at start (issue 18 item 2, worker/warm.py): a worker with ``GPUJOBS_PRELOAD_MODELS`` and
-``GPUJOBS_WARM_SIZES`` loads its models and runs them at each size before it takes a job.
+``GPUJOBS_WARM_SIZES`` loads its models and runs them at each size before it takes a job (a
+segmentation model: at each of its padding buckets instead).
 
 A real worker process on the demo models (the CPU here; on a GPU with ``GPUJOBS_TORCH_COMPILE`` these
 runs are when the compiled graphs are built). Meanwhile its heartbeat says ``warming``, the admin page
@@ -46,9 +47,10 @@ def test_a_worker_warms_its_models_before_it_takes_a_job(no_gpu_worker, services
     stack = Stack(dict(os.environ), services.root / "logs", label="warm")
     stack.env.pop("TORCHINDUCTOR_CACHE_DIR", None)  # torch writes it into a process that compiled: not an operator's
     stack.env.update(
-        GPUJOBS_PRELOAD_MODELS=json.dumps(["demo-sd"]),
+        GPUJOBS_PRELOAD_MODELS=json.dumps(["demo-sd", "demo-mask2former"]),
         GPUJOBS_WARM_SIZES=json.dumps(SIZES),
         GPUJOBS_WARM_STEPS=str(STEPS),
+        GPUJOBS_SEGMENTATION_MAX_BATCH_SIZE="2",
     )
     browser = logged_in(app.test_client(), keys.admin.secret)
     name = "warm-start"
@@ -78,6 +80,10 @@ def test_a_worker_warms_its_models_before_it_takes_a_job(no_gpu_worker, services
         assert done["status"] == "succeeded", done
         log = worker.log()
         assert f"warmed demo-sd ({', '.join(SIZES)})" in log
+        # A segmentation model runs each of its buckets (not the warm sizes) at batch 1 and the full batch.
+        buckets = ["384x224", "224x384", "384x288", "288x384", "384x384"]
+        warmed = ", ".join(f"{bucket} batch {size}" for bucket in buckets for size in (1, 2))
+        assert f"warmed demo-mask2former ({warmed})" in log
         assert log.index("warmed demo-sd") < log.index(job_id), "the job ran after the warm-up"
         row = _row(name)
         assert row is not None and not row.warming and row.slots == 1

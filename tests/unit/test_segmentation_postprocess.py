@@ -261,6 +261,46 @@ def test_padding_is_cropped_and_masks_are_made_at_the_original_size(m2f: SimpleN
     assert_same(mine, resolve_overlaps(reference, overlap=0.0), edge=2, score_tolerance=0.01)
 
 
+@pytest.mark.parametrize(
+    ("bucket", "valid", "original"),
+    [
+        ((224, 384), (216, 384), (180, 320)),  # 16:9 in the 384x224 bucket: mask rows past 54 (of 56) are padding
+        ((384, 288), (384, 256), (300, 200)),  # 2:3 in the 288x384 bucket: mask columns past 64 (of 72)
+    ],
+)
+def test_a_non_square_bucket_is_cropped_and_masks_are_made_at_the_original_size(
+    m2f: SimpleNamespace, bucket: tuple[int, int], valid: tuple[int, int], original: tuple[int, int]
+) -> None:
+    """An image padded to a bucket smaller than the canvas (``segmentation_buckets``): its masks are at 1/4
+    of the bucket, ``padded_width`` is the bucket's, and what lies past the image is cropped away. The same
+    instances as transformers given the cropped masks (which it stretches to 384×384, then to the original
+    size), scores within 0.01, masks equal but along edges; a query only in the padding is not one."""
+    torch = m2f.torch
+    rows, cols = bucket[0] // 4, bucket[1] // 4
+    keep_rows, keep_cols = math.ceil(valid[0] / 4), math.ceil(valid[1] / 4)
+    assert (keep_rows, keep_cols) != (rows, cols), "some padding to crop"
+
+    def box(top: int, bottom: int, left: int, right: int) -> Any:
+        logits = torch.full((rows, cols), -6.0)
+        logits[top:bottom, left:right] = 6.0
+        return logits
+
+    padding = box(keep_rows, rows, 0, cols) if keep_rows < rows else box(0, rows, keep_cols, cols)
+    queries = [
+        ({1: 0.95}, box(2, keep_rows // 2, 3, keep_cols // 2)),
+        ({2: 0.99}, box(keep_rows // 3, keep_rows - 2, keep_cols // 3, keep_cols - 1)),
+        ({3: 0.90}, padding),  # in the padding only
+        ({}, box(0, rows, 0, cols)),
+    ]
+    classes, masks = outputs(m2f, queries)
+    reference = theirs(m2f, classes, masks[:, :keep_rows, :keep_cols], target_sizes=[original])
+    assert [i.label for i in reference] == [2, 1]
+    found = m2f.segmentation.postprocess(classes, masks, valid, bucket[1], original, 0.5, 0.5, 0.0)
+    mine = [Instance(f.label_id, f.score, f.mask) for f in found]
+    assert all(i.mask.shape == original for i in mine)
+    assert_same(mine, resolve_overlaps(reference, overlap=0.0), edge=2, score_tolerance=0.01)
+
+
 # --- the outputs of a real (tiny, random) Mask2Former -------------------------------------------------------
 
 

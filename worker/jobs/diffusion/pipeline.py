@@ -199,7 +199,8 @@ def load_family(entry: ModelEntry, folder: Path, device: str, dtype: torch.dtype
         base.unet.to(memory_format=torch.channels_last)
         base.vae.to(memory_format=torch.channels_last)
     if settings.torch_compile:
-        base.unet.compile()  # in place: the module keeps its type, so from_pipe shares it as is
+        # In place: the module keeps its type, so from_pipe shares it as is.
+        base.unet.compile(backend=settings.torch_compile_backend)
     # from_pipe casts the shared modules to its dtype argument (float32 by default): pass ours.
     image_to_image = StableDiffusionImg2ImgPipeline.from_pipe(base, **dtype_kwargs(dtype))
     inpaint = StableDiffusionInpaintPipeline.from_pipe(base, **dtype_kwargs(dtype))

@@ -1,4 +1,5 @@
-"""``segmentation``: one image through the shared batcher, then its instances, map and overlay stored."""
+"""``segmentation``: one image padded to its bucket, through the shared batcher, then its instances, map and
+overlay stored."""
 
 from __future__ import annotations
 
@@ -20,15 +21,16 @@ STAGES = ("preprocess", "model", "postprocess", "upload")
 def run(ctx: JobContext, params: Input) -> Output:
     cache = get_cache()
     segmenter = cache.load(SEGMENTATION, params.model)
-    canvas = cache.settings.segmentation_image_size
+    settings = cache.settings
 
     ctx.progress(0, len(STAGES), STAGES[0])
     image = decode_image(ctx.input_file(params.image))
-    pixel_values, valid = preprocess(segmenter, image, canvas)
+    buckets = settings.segmentation_buckets_in_effect
+    pixel_values, valid = preprocess(segmenter, image, settings.segmentation_image_size, buckets)
 
     ctx.check()
     ctx.progress(1, len(STAGES), STAGES[1])
-    future = batcher_for(segmenter, cache).submit(pixel_values)
+    future = batcher_for(segmenter, cache).submit(pixel_values, valid)
     while True:
         try:
             class_logits, mask_logits = future.result(timeout=0.05)
@@ -46,7 +48,7 @@ def run(ctx: JobContext, params: Input) -> Output:
         class_logits,
         mask_logits,
         valid,
-        canvas,
+        pixel_values.shape[-1],
         size,
         params.threshold,
         params.mask_threshold,
