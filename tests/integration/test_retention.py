@@ -162,6 +162,29 @@ def file_row(file_id: str) -> File | None:
         return row
 
 
+def constructed_file(tenant: str, storage: Storage, days_unused: float) -> str:
+    """An input file really stored (in ``storage``), last used ``days_unused`` ago."""
+    used = datetime.now(UTC) - timedelta(days=days_unused)
+    file_id = f"file_{secrets.token_hex(8)}"
+    obj = storage.put(f"inputs/{file_id}", png_bytes(), "image/png")
+    with session_scope() as session:
+        session.add(
+            File(
+                id=file_id,
+                tenant_id=tenant,
+                purpose="input",
+                filename="old.png",
+                content_type="image/png",
+                size=obj.size,
+                sha256=obj.sha256,
+                storage_key=obj.key,
+                created_at=used,
+                used_at=used,
+            )
+        )
+    return file_id
+
+
 def test_unused_input_files_are_deleted_and_those_a_job_needs_are_kept(client):
     key = fresh_admin()
     ids = {}
@@ -507,6 +530,7 @@ def test_storage_down_leaves_the_batch_for_the_next_run_with_nothing_marked(priv
     config = settings(
         artifact_ttl=DAY,
         job_retention=5 * DAY,
+        file_ttl=2 * DAY,
         s3_max_attempts=1,
         s3_connect_timeout_seconds=1.0,
         s3_read_timeout_seconds=2.0,
@@ -517,10 +541,13 @@ def test_storage_down_leaves_the_batch_for_the_next_run_with_nothing_marked(priv
     expiring = constructed_job(key.tenant, storage, artifacts=2, days_old=3)  # past the TTL, not the retention
     purged = constructed_job(key.tenant, storage, artifacts=1, days_old=10)
     keys = [a.storage_key for job_id in (expiring, purged) for a in artifact_rows(job_id)]
+    unused = constructed_file(key.tenant, storage, days_unused=3)
+    keys.append(f"inputs/{unused}")
 
     private_s3.kill()
     down = retention_batch(config, storage)
-    assert down.storage_errors == 2 and down.artifacts_expired == 0 and down.jobs_purged == 0
+    assert down.storage_errors == 3 and down.artifacts_expired == 0 and down.jobs_purged == 0
+    assert down.files_deleted == 0 and file_row(unused) is not None
     assert count(Artifact, Artifact.job_id.in_([expiring, purged]), Artifact.expired_at.is_not(None)) == 0
     assert count(Job, Job.id == purged) == 1
 
@@ -530,4 +557,5 @@ def test_storage_down_leaves_the_batch_for_the_next_run_with_nothing_marked(priv
     assert sum(r.storage_errors for r in reports) == 0
     assert count(Artifact, Artifact.job_id == expiring, Artifact.expired_at.is_not(None)) == 2
     assert count(Job, Job.id == purged) == 0
+    assert file_row(unused) is None
     assert not any(exists_in(storage, k) for k in keys)
