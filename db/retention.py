@@ -35,7 +35,7 @@ from db.models import (
 
 FINISHED_VALUES = sorted(status.value for status in FINISHED)
 ACTIVE = ["queued", "running"]
-ACTIVE_JOB_MARGIN_SECONDS = 3600  # a file used up to this long before the oldest queued or running job is kept
+ACTIVE_JOB_MARGIN_SECONDS = 3600  # files used this long before the oldest active job's creation are kept
 
 
 @dataclass(frozen=True)
@@ -221,11 +221,11 @@ def due_files(session: Session, ttl_seconds: int, limit: int) -> list[DueFile]:
 
     ``used_at`` is set by every submit that names the file, in the job's transaction. A queued or running job
     can be older than the TTL (a long backlog, an operator's retry), so the cutoff is also kept before the
-    oldest such job's creation: every file it names was used at or after it was created (its submit set
-    ``used_at``), so none of them is taken. ``ACTIVE_JOB_MARGIN_SECONDS`` covers what separates the two
-    times: the job's ``created_at`` is its API host's clock when the row is built, ``used_at`` the
-    database's at the start of the submit's transaction. The rows a submit is marking now are locked by it
-    and skipped (``SKIP LOCKED``); the submit commits its job after that."""
+    oldest such job's creation: every file it names was used when it was created (its submit sets both
+    ``used_at`` and the job's ``created_at`` to the database's time of the same transaction), so none of
+    them is taken. ``ACTIVE_JOB_MARGIN_SECONDS`` keeps a margin under that: a job row made another way (a
+    ``created_at`` given by its writer) may be a little younger than its files' use. The rows a submit is
+    marking now are locked by it and skipped (``SKIP LOCKED``); the submit commits its job after that."""
     # One MIN per status: each is the first entry of ``ix_jobs_status_created``, however long the backlog.
     oldest = [select(func.min(Job.created_at)).where(Job.status == status).scalar_subquery() for status in ACTIVE]
     conditions = [File.used_at < clock.now(session, -ttl_seconds)]
