@@ -6,6 +6,10 @@ Create Date: 2026-12-03 14:00:00.000000
 
 ``files.used_at`` starts as the upload's time (existing rows: their ``created_at``); a submit that names
 a file sets it. Retention walks ``ix_files_used_at`` oldest first and stops at the cutoff.
+
+The back-fill rewrites ``files`` in one transaction, so uploads (and submits that name a file) wait for the
+migration: measured on PostgreSQL 15 here, 11.4 s for 1,000,000 files (the UPDATE 10.1 s, NOT NULL 0.5 s,
+the index 0.8 s).
 """
 
 from __future__ import annotations
