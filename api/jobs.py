@@ -300,14 +300,22 @@ def insert_and_send(
     return job, 202
 
 
-def _check_files(params: JobInput) -> None:
-    """Every file id in the input names an upload of this tenant, with the right purpose (else 422)."""
-    wanted: dict[str, tuple[str, str]] = {}
+def _input_files(params: JobInput) -> dict[str, tuple[str, str]]:
+    """Each value of the input's file fields (a file id, or a URL or data URI not resolved yet): its field and
+    the purpose the field takes."""
+    found: dict[str, tuple[str, str]] = {}
     for field, purpose in file_fields(type(params)).items():
         value = getattr(params, field)
         for file_id in value if isinstance(value, list) else [value]:
-            if file_id is not None and not remote_inputs.is_remote(file_id):  # URLs: resolved after the checks
-                wanted[file_id] = (field, purpose)
+            if file_id is not None:
+                found[file_id] = (field, purpose)
+    return found
+
+
+def _check_files(params: JobInput) -> None:
+    """Every file id in the input names an upload of this tenant, with the right purpose (else 422)."""
+    # URLs and data URIs are resolved into files after the checks.
+    wanted = {value: where for value, where in _input_files(params).items() if not remote_inputs.is_remote(value)}
     if not wanted:
         return
     rows = g.db.execute(
@@ -330,19 +338,13 @@ def _use_files(params: JobInput, tenant_id: str) -> None:
     The UPDATE locks the rows until the commit: a retention batch (``FOR UPDATE SKIP LOCKED``) passes them
     by, and one that locked them first has deleted them when this statement reads them, so a job is never
     committed naming a file that is gone."""
-    wanted: dict[str, str] = {}
-    for field in file_fields(type(params)):
-        value = getattr(params, field)
-        for file_id in value if isinstance(value, list) else [value]:
-            if file_id is not None:
-                wanted.setdefault(file_id, field)
+    wanted = _input_files(params)
     if not wanted:
         return
     touched = update(File).where(File.id.in_(list(wanted)), File.tenant_id == tenant_id)
     used = set(g.db.scalars(touched.values(used_at=clock.now(g.db)).returning(File.id)))
-    for file_id, field in wanted.items():
-        if file_id not in used:
-            g.db.rollback()
+    for file_id, (field, _) in wanted.items():
+        if file_id not in used:  # the request's session is rolled back as it closes
             raise validation_error(
                 ["body", "input", field], f"no file {file_id!r} (it was deleted; upload it again with POST /v1/files)"
             )

@@ -27,6 +27,7 @@ from db.models import (
     File,
     Job,
     JobEvent,
+    JobStatus,
     Model,
     TenantQuota,
     WebhookAttempt,
@@ -34,7 +35,7 @@ from db.models import (
 )
 
 FINISHED_VALUES = sorted(status.value for status in FINISHED)
-ACTIVE = ["queued", "running"]
+ACTIVE = [JobStatus.QUEUED.value, JobStatus.RUNNING.value]
 ACTIVE_JOB_MARGIN_SECONDS = 3600  # files used this long before the oldest active job's creation are kept
 
 

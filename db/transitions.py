@@ -104,7 +104,7 @@ def _finished(session: Session, job_id: str, target: tuple[Any, Any] | None = No
     notify.after_commit(session, job_id)
 
 
-def _running(attempt: int) -> tuple[Any, ...]:
+def _running(attempt: Any) -> tuple[Any, ...]:
     return (Job.status == JobStatus.RUNNING.value, Job.attempts == attempt)
 
 
@@ -256,8 +256,7 @@ def owns(session: Session, job_id: str, attempt: int) -> bool:
 @functools.cache
 def _owns() -> Any:
     """The fence of every store, built once."""
-    running = Job.status == JobStatus.RUNNING.value
-    return select(Job.id).where(Job.id == bindparam("job_id"), running, Job.attempts == bindparam("attempt"))
+    return select(Job.id).where(Job.id == bindparam("job_id"), *_running(bindparam("attempt")))
 
 
 def record_attempt_event(
@@ -324,8 +323,8 @@ def succeed(
         events.insert(0, stored)
     if models:
         session.execute(insert(MODELS), [{**m, "job_id": job_id, "created_at": now} for m in models])
-    # One INSERT for the transition's events (stored, then succeeded), in timeline order.
-    session.execute(_insert_events(), [{**e, "job_id": job_id, "attempt": attempt, "at": now} for e in events])
+    # The transition's events (stored, then succeeded) in one round trip (executemany), in timeline order.
+    session.execute(insert(EVENTS), [{**e, "job_id": job_id, "attempt": attempt, "at": now} for e in events])
     _finished(session, job_id, (finished[1], finished[2]))
     return True
 
@@ -333,10 +332,9 @@ def succeed(
 @functools.cache
 def _succeed(dialect: str) -> Any:
     """The success's UPDATE, built once per dialect (every job's end)."""
-    running = Job.status == JobStatus.RUNNING.value
     return (
         update(JOBS)
-        .where(Job.id == bindparam("job_id"), running, Job.attempts == bindparam("attempt"))
+        .where(Job.id == bindparam("job_id"), *_running(bindparam("attempt")))
         .values(
             status=JobStatus.SUCCEEDED.value,
             output=bindparam("p_output", type_=JOBS.c.output.type),
@@ -569,7 +567,7 @@ def mark_dispatched(
             if job_id not in silent
         ]
         if events:
-            session.execute(_insert_events(), events)
+            session.execute(insert(EVENTS), events)  # executemany: one round trip
     return {row[0] for row in marked}
 
 
@@ -583,12 +581,6 @@ def _mark(dialect: str) -> Any:
         .values(dispatched_at=clock.now_on(dialect))
         .returning(JOBS.c.id, JOBS.c.attempts, JOBS.c.dispatched_at)
     )
-
-
-@functools.cache
-def _insert_events() -> Any:
-    """Several events in one round trip (executemany: one INSERT … VALUES with a row each), built once."""
-    return insert(EVENTS)
 
 
 def _lost_message(session: Session, settings: Settings, idle_queues: Collection[str]) -> Any:

@@ -313,8 +313,8 @@ def batcher_for(segmenter: Segmenter, cache: ModelCache) -> Batcher:
 
 
 def choose_bucket(height: int, width: int, buckets: Sequence[Bucket]) -> Bucket:
-    """The smallest-area bucket that holds an ``height``×``width`` image (``buckets`` smallest first, as
-    ``Settings.segmentation_buckets_in_effect`` lists them; the canvas among them holds every image)."""
+    """The smallest-area bucket that holds an ``height``×``width`` image (``buckets`` in any order; with the
+    canvas among them, as ``Settings.segmentation_buckets_in_effect`` lists it, one holds every image)."""
     for bucket in sorted(buckets, key=lambda b: (b.area, b.height, b.width)):
         if bucket.height >= height and bucket.width >= width:
             return bucket
