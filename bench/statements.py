@@ -11,8 +11,9 @@ test client: authentication, quotas at submit, the insert, the dispatch pass; Re
 so the per-key rate limit's counter is not sent), then run in this process by
 ``worker.runner.execute``: the claim, the control thread's lease renewals, the run with its artifact
 stored in S3, the success and the dispatch pass after it. Every statement is counted by SQLAlchemy's
-``before_cursor_execute`` event, grouped by its verb and table, and every pool checkout (each costs a
-ping round trip on PostgreSQL, ``db/session.py``); ``read`` is a ``GET`` of the finished job (a
+``before_cursor_execute`` event, grouped by its verb and table, and every pool checkout (on PostgreSQL
+each costs a ping round trip, unless its connection came back to the pool in the last half second:
+``db/session.py``); ``read`` is a ``GET`` of the finished job (a
 poll's last read). Counts, not times: they do not depend on the machine's load.
 """
 

@@ -16,8 +16,14 @@ caller a few seconds and an error, never a hang (``db/settings.py``, "PostgreSQL
   as well: it ends a connection whose peer vanished (host down, network cut) even between calls.
 - **checkout**: before a pooled connection is handed out it is pinged with a short bound (the
   connect timeout), so a dead or hung server is noticed in seconds rather than at the statement
-  bound; a failed ping replaces the connection once. ``database_pool_timeout_seconds`` bounds the
-  wait for a free connection when all are in use.
+  bound; a failed ping replaces the connection once. A connection checked in less than
+  :data:`PING_AFTER_IDLE_SECONDS` ago is handed out without a ping: it answered a moment ago (HikariCP
+  skips its check for 500 ms the same way; PgBouncer's ``server_check_delay`` is 30 s). So a server
+  that froze more than that before a checkout is still noticed at the ping's bound; one that froze
+  within it costs that caller the statement bound, as it does a caller whose statement was already on
+  the wire. The pool hands out the most recently returned connection first (LIFO), so a busy process
+  mostly reuses connections inside that window, and the extra ones age out. ``database_pool_timeout_seconds``
+  bounds the wait for a free connection when all are in use.
 
 The client-side bound works the same in threads and gevent greenlets: it is checked by the
 generator that psycopg's wait loop drives, on each of its 0.1 s ticks.
@@ -42,6 +48,9 @@ from db.settings import Settings, get_settings
 # How much longer than the server's statement_timeout the client waits for any answer: the
 # server's own cancel (a clean error, the connection kept) must normally come first.
 CLIENT_GRACE_SECONDS = 2.0
+# A pooled connection returned less than this long ago is handed out again without a ping (see above):
+# a job's four short transactions, or a request's, then cost no round trip each before their work.
+PING_AFTER_IDLE_SECONDS = 0.5
 
 _lock = threading.Lock()
 _engines: dict[tuple[str, bool], Engine] = {}
@@ -61,6 +70,7 @@ class BoundedConnection(psycopg.Connection[Any]):
     """
 
     response_timeout: float | None = None
+    returned_at = float("-inf")  # when the pool last took it back (time.monotonic); never: -inf
 
     def wait(self, gen: Any, *args: Any, **kwargs: Any) -> Any:
         if self.response_timeout is None:
@@ -119,6 +129,7 @@ def _postgres_engine(url: URL, settings: Settings, bounded: bool) -> Engine:
         pool_size=10,
         max_overflow=20,
         pool_timeout=settings.database_pool_timeout_seconds,
+        pool_use_lifo=True,  # the connection returned last goes out first: mostly inside the no-ping window
         connect_args=connect_args,
     )
     ping_timeout = float(settings.database_connect_timeout_seconds)
@@ -129,9 +140,17 @@ def _postgres_engine(url: URL, settings: Settings, bounded: bool) -> Engine:
         connection.response_timeout = response_timeout
         return connection
 
+    @event.listens_for(engine, "checkin")
+    def _returned(dbapi_connection, _record):  # type: ignore[no-untyped-def]
+        if dbapi_connection is not None:  # None: invalidated on its way back
+            dbapi_connection.returned_at = time.monotonic()
+
     @event.listens_for(engine, "checkout")
     def _ping(dbapi_connection, _record, _proxy):  # type: ignore[no-untyped-def]
-        # Like pool_pre_ping, with a ping bounded by the connect timeout instead of the statement bound.
+        # Like pool_pre_ping, with a ping bounded by the connect timeout instead of the statement bound,
+        # and none for a connection that answered moments ago.
+        if time.monotonic() - dbapi_connection.returned_at < PING_AFTER_IDLE_SECONDS:
+            return
         try:
             with dbapi_connection.bounded_by(ping_timeout), dbapi_connection.cursor() as cursor:
                 cursor.execute(";")

@@ -15,6 +15,7 @@ import pytest
 from sqlalchemy import exc as sa
 from sqlalchemy import text
 
+from db.session import PING_AFTER_IDLE_SECONDS
 from tests.integration.admin_client import HTML, logged_in
 from tests.integration.client import assert_problem, auth
 from tests.integration.conftest import make_key
@@ -118,6 +119,35 @@ def test_a_frozen_server_costs_a_query_the_client_bound_then_a_connect_the_conne
     assert time.monotonic() - started < 1
 
 
+def test_a_connection_returned_moments_ago_goes_out_unpinged_and_an_idle_one_is_pinged(
+    postgres: PrivatePostgres, engine: Any
+) -> None:
+    engine.dispose()
+    with engine.connect() as connection:
+        connection.execute(text("SELECT 1"))
+    postgres.freeze()
+    # Returned a moment ago: handed out at once, no ping; its first statement then meets the client bound.
+    started = time.monotonic()
+    connection = engine.connect()
+    assert time.monotonic() - started < 0.2
+    with pytest.raises(sa.OperationalError) as raised:
+        connection.execute(text("SELECT 2"))
+    assert raised.value.connection_invalidated
+    assert CLIENT_BOUND <= time.monotonic() - started < CLIENT_BOUND + 1
+    connection.close()
+    postgres.thaw()
+
+    with engine.connect() as connection:
+        connection.execute(text("SELECT 3"))
+    time.sleep(PING_AFTER_IDLE_SECONDS + 0.1)
+    postgres.freeze()
+    # Idle past the window: the checkout pings (the connect timeout), then tries one fresh connection.
+    started = time.monotonic()
+    with pytest.raises(sa.OperationalError):
+        engine.connect()
+    assert 2 * CONNECT <= time.monotonic() - started < REQUEST_BOUND
+
+
 def _timed(client: Any, path: str, **kwargs: Any) -> tuple[Any, float]:
     started = time.monotonic()
     response = client.get(path, **kwargs)
@@ -134,6 +164,7 @@ def test_the_api_answers_503_while_the_database_is_down_and_200_once_it_is_back(
     response, _ = _timed(client, "/v1/jobs", headers=headers)
     assert response.status_code == 200, response.get_data(as_text=True)
     dashboard = logged_in(outage_app.test_client(), key.secret)
+    time.sleep(PING_AFTER_IDLE_SECONDS)  # the pooled connections are pinged at their next checkout
 
     postgres.freeze() if fault == "frozen" else postgres.kill()
     page, elapsed = _timed(dashboard, "/admin/jobs", headers=HTML)
