@@ -241,6 +241,27 @@ def test_two_dispatchers_racing_never_send_a_job_twice_nor_overfill(services) ->
     assert max(peaks) <= capacity, f"in flight peaked at {max(peaks)} > capacity {capacity}"
 
 
+def test_a_pass_commits_without_waiting_for_the_disk_and_only_its_own_transaction(services) -> None:
+    """The lock turns ``synchronous_commit`` off for the pass's transaction (worker/dispatcher.py ``_lock``);
+    the connection's next transaction, whoever uses it, waits for its commit again."""
+    from sqlalchemy import text
+
+    from db.session import session_scope
+    from worker import dispatcher
+
+    with session_scope() as session:
+        if session.get_bind().dialect.name != "postgresql":
+            pytest.skip("SQLite has no advisory lock nor synchronous_commit (CI runs this on PostgreSQL)")
+        raw = session.connection().connection.dbapi_connection
+        assert session.execute(text("SHOW synchronous_commit")).scalar_one() == "on"
+        dispatcher._lock(session, f"sync-{uuid.uuid4().hex[:8]}")
+        assert session.execute(text("SHOW synchronous_commit")).scalar_one() == "off"
+        session.commit()
+        # The next transaction, on the same connection (the pool hands back the one returned last).
+        assert session.connection().connection.dbapi_connection is raw
+        assert session.execute(text("SHOW synchronous_commit")).scalar_one() == "on"
+
+
 @pytest.mark.parametrize("value", [-1, 10, "5", 5.5, True, None, 10**30])
 def test_a_bad_priority_is_a_422_naming_it(client, keys, value: Any) -> None:
     response = submit(client, keys.admin.secret, {"type": "diagnostic", "input": {}, "priority": value})
