@@ -27,7 +27,7 @@ def test_the_queue_overhead_benchmark_runs_small_and_its_profile_splits_into_the
     figures_path, profiles = tmp_path / "qo.json", tmp_path / "profiles"
     done = run_bench(
         "bench.queue_overhead",
-        *("--submissions", "60", "--latency-samples", "6", "--load-samples", "160", "--rounds", "1"),
+        *("--submissions", "40", "--latency-samples", "5", "--load-samples", "100", "--rounds", "1"),
         *("--warmup", "5", "--json", str(figures_path), "--py-spy", py_spy, "--profile-dir", str(profiles)),
         timeout=300,
     )
@@ -38,7 +38,7 @@ def test_the_queue_overhead_benchmark_runs_small_and_its_profile_splits_into_the
     modes = {mode.split(":")[0] for mode in figures["latency"]}  # "gpujobs: POST Prefer: wait", …
     assert modes == SYSTEMS and all(m["errors"] == 0 for m in figures["latency"].values()), figures["latency"]
     for system in SYSTEMS:
-        assert figures["load"][system]["errors"] == 0 and figures["load"][system]["n"] == 160
+        assert figures["load"][system]["errors"] == 0 and figures["load"][system]["n"] == 100
     assert figures["load"]["gpujobs"]["cpu_ms_per_op"]["gpujobs worker"] > 0
 
     report = run_bench("bench.profile_report", str(profiles), "--json", str(figures_path), timeout=60)
