@@ -8,7 +8,9 @@
 #      (the compose, Kubernetes, alert-rule and dashboard checks);
 #   3. deploy/docker/build.sh: the debootstrap base, the wheelhouses, gpujobs-api and gpujobs-worker;
 #   4. pytest tests/deploy/test_images.py: migrate, api, a worker and beat as containers, two model jobs
-#      over HTTP (and test_apt_mirror.py, test_wheelhouse.py: the scripts build.sh uses);
+#      over HTTP (and test_apt_mirror.py, test_wheelhouse.py: the scripts build.sh uses); then
+#      tests/deploy/test_compose.py: deploy/compose.yaml up with docker-compose (stand-ins for the registry
+#      images, host networking, no GPU), a job and its webhook through it, and down;
 #   5. beside 2-4, tests/deploy/test_gpu_bundle.py: `python -m bench.gpu bundle`, which needs PyPI like the
 #      builds (its log is printed at the end).
 #
@@ -77,7 +79,7 @@ make deploy-lint BIN="$BIN"
 PIP="$BIN/pip" deploy/docker/build.sh
 # shellcheck disable=SC2086  # PYTEST_ARGS is a list of options
 "$BIN/pytest" -p no:cacheprovider -s tests/deploy/test_apt_mirror.py tests/deploy/test_wheelhouse.py \
-    tests/deploy/test_images.py ${PYTEST_ARGS:-}
+    tests/deploy/test_images.py tests/deploy/test_compose.py ${PYTEST_ARGS:-}
 bundle_status=0
 wait "$bundle" || bundle_status=$?
 bundle=
