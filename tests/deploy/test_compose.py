@@ -45,10 +45,10 @@ import pytest
 import requests
 import yaml
 
-from gpujobs.harness.ports import free_port
+from gpujobs.harness.ports import free_port, port_free
 from gpujobs.harness.servers import weed_executable
 from tests.deploy.containers import API_IMAGE, WORKER_IMAGE, docker
-from tests.deploy.test_images import artifacts
+from tests.deploy.jobs import artifacts
 from tests.integration.webhook_receiver import Receiver
 
 REPO = Path(__file__).resolve().parents[2]
@@ -67,18 +67,6 @@ class Ports:
     redis: int
     gpu_metrics: int
     cpu_metrics: int
-
-
-def _loopback_free(port: int) -> bool:
-    import socket
-
-    with socket.socket() as probe:
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            probe.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
 
 
 def derive(shipped: dict[str, Any], standin: str, weed: str, ports: Ports) -> dict[str, Any]:
@@ -206,7 +194,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         if docker("image", "inspect", image, check=False).returncode != 0:
             pytest.fail(f"image {image} is not built: run `make deploy-test` (deploy/docker/build.sh builds it)")
     for port in (8000, 8333):
-        if not _loopback_free(port):
+        if not port_free(port):
             pytest.fail(f"127.0.0.1:{port} is taken: the shipped stack serves it (stop `make up` or what holds it)")
     root = tmp_path_factory.mktemp("compose")
     ports = Ports(postgres=free_port(), redis=free_port(), gpu_metrics=free_port(), cpu_metrics=free_port())

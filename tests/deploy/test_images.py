@@ -31,6 +31,7 @@ from gpujobs.harness.databases import provision_database, provision_redis
 from gpujobs.harness.ports import free_port
 from gpujobs.harness.servers import start_s3
 from tests.deploy.containers import API_IMAGE, WORKER_IMAGE, Containers, docker, inspect
+from tests.deploy.jobs import artifacts
 from tests.integration.conftest import demo_models
 
 JOB_TIMEOUT = 240.0  # a worker on a loaded 2-core machine: torch import, model load, then the job
@@ -135,17 +136,6 @@ def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]
         )
         containers.start("beat", WORKER_IMAGE, "gpujobs", "beat", mounts=mounts)
         yield Deployment(containers=containers, url=url, admin_key=admin_key, ready_seconds=ready)
-
-
-def artifacts(value: Any) -> list[dict[str, Any]]:
-    """Every artifact (an object with a presigned ``url`` and a ``sha256``) anywhere in a job's output."""
-    if isinstance(value, dict):
-        if "url" in value and "sha256" in value:
-            return [value]
-        return [found for item in value.values() for found in artifacts(item)]
-    if isinstance(value, list):
-        return [found for item in value for found in artifacts(item)]
-    return []
 
 
 def finished(deployment: Deployment, job_id: str) -> dict[str, Any]:
